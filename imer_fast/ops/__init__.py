@@ -1,0 +1,25 @@
+"""imer_fast operators (``torch.ops.imer_fast.*``) and their public Python entry points.
+
+Each operator has a pure-torch ``<op>_ref`` twin, a C++ CPU kernel, a Triton GPU kernel, a fake
+implementation, autograd where it is differentiable, and one ``select_<op>_backend`` function.
+"""
+from ._runtime import triton_on_cpu
+from .dialogue_graph import (
+    RELATION_KINDS,
+    DialogueGraph,
+    build_dialogue_graph,
+    build_dialogue_graph_ref,
+    num_relations_of,
+    relation_map_from_names,
+    relation_names,
+    select_build_dialogue_graph_backend,
+)
+from .relational_csr import RelationalGraph, relational_csr, relational_csr_ref, select_relational_csr_backend
+from .rgcn import graph_conv, graph_conv_ref, rgcn_conv, rgcn_conv_ref, select_rgcn_conv_backend
+
+__all__ = [
+    "RELATION_KINDS", "DialogueGraph", "RelationalGraph", "build_dialogue_graph", "build_dialogue_graph_ref",
+    "graph_conv", "graph_conv_ref", "num_relations_of", "relation_map_from_names", "relation_names",
+    "relational_csr", "relational_csr_ref", "rgcn_conv", "rgcn_conv_ref", "select_build_dialogue_graph_backend",
+    "select_relational_csr_backend", "select_rgcn_conv_backend", "triton_on_cpu",
+]

@@ -1,0 +1,83 @@
+"""What this process can run: the compiled extension, Triton, and Triton-on-CPU for tests."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+
+_triton_cpu_routes: Dict[str, Callable] = {}
+_triton_on_cpu = False
+
+
+@functools.lru_cache(maxsize=None)
+def cpp_error() -> Optional[str]:
+    """None when ``imer_fast._C`` (the C++ kernels and the operator schemas) is loaded."""
+    try:
+        importlib.import_module("imer_fast._C")
+    except ImportError as err:  # pragma: no cover - only without a built extension
+        return f"imer_fast._C is not built ({err}); run `pip install --no-build-isolation -e .`"
+    return None
+
+
+def require_cpp() -> None:
+    err = cpp_error()
+    if err is not None:
+        raise ImportError(err)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_error() -> Optional[str]:
+    """None when Triton can be imported."""
+    try:
+        importlib.import_module("triton")
+    except ImportError as err:
+        return f"triton is not installed ({err})"
+    return None
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_cannot_run(device: torch.device) -> Optional[str]:
+    """Why Triton kernels cannot run on tensors of ``device``, or None."""
+    err = triton_error()
+    if err is not None:
+        return err
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and _triton_on_cpu:
+        return None
+    return f"tensors are on {device.type}; Triton runs on cuda (or on cpu inside imer_fast.ops.triton_on_cpu())"
+
+
+def register_triton_cpu_route(op: str, kernel: Callable) -> None:
+    """Record the Triton implementation that :func:`triton_on_cpu` installs for ``op``'s CPU key."""
+    _triton_cpu_routes[op] = kernel
+
+
+@contextlib.contextmanager
+def triton_on_cpu() -> Iterator[None]:
+    """Route every imer_fast op's CPU dispatch to its Triton kernels, run by the Triton interpreter.
+
+    For tests on machines without a GPU: needs ``TRITON_INTERPRET=1`` in the environment before
+    Triton is first imported. Leaving the block restores the C++ kernels.
+    """
+    global _triton_on_cpu
+    if not triton_interpreter():
+        raise RuntimeError("triton_on_cpu() needs TRITON_INTERPRET=1 set before triton is imported")
+    if _triton_on_cpu:
+        yield
+        return
+    with torch.library._scoped_library("imer_fast", "IMPL") as lib:
+        for op, kernel in _triton_cpu_routes.items():
+            lib.impl(op, kernel, "CPU")
+        _triton_on_cpu = True
+        try:
+            yield
+        finally:
+            _triton_on_cpu = False

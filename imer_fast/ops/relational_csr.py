@@ -1,0 +1,185 @@
+"""``imer_fast::relational_csr`` and :class:`RelationalGraph`, the graph form every graph op consumes.
+
+A typed edge list ``edge_index [2, E]`` (row 0 source, row 1 target, PyG convention) and
+``edge_type [E]`` become a CSR keyed by ``(target, relation)``:
+
+- ``seg_ptr [N * R + 1]``: edges ``seg_ptr[i * R + r] : seg_ptr[i * R + r + 1]`` enter node ``i`` with
+  relation ``r``; ``col`` holds their sources and ``perm`` their ids in the original edge list;
+- the transpose keyed by ``(source, relation)``: ``t_seg_ptr``, ``t_col`` (targets) and ``t_eid``
+  (positions in the forward-sorted order), which backward passes gather over without atomics.
+
+Both sorts are stable, so equal keys keep their original edge order and results are repeatable.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from . import _runtime
+
+_runtime.require_cpp()
+
+CSR = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def relational_csr_ref(edge_index: Tensor, edge_type: Tensor, num_nodes: int, num_relations: int) -> CSR:
+    """Pure-torch twin of ``imer_fast::relational_csr`` (stable sorts)."""
+    src, tgt = edge_index[0], edge_index[1]
+    num_keys = num_nodes * num_relations
+    key = tgt * num_relations + edge_type
+    perm = torch.sort(key, stable=True).indices
+    seg_ptr = _ptr_from_sorted_keys(key[perm], num_keys)
+    t_key = (src * num_relations + edge_type)[perm]
+    t_eid = torch.sort(t_key, stable=True).indices
+    t_seg_ptr = _ptr_from_sorted_keys(t_key[t_eid], num_keys)
+    return seg_ptr, src[perm], perm, t_seg_ptr, tgt[perm][t_eid], t_eid
+
+
+def _ptr_from_sorted_keys(sorted_keys: Tensor, num_keys: int) -> Tensor:
+    counts = torch.bincount(sorted_keys, minlength=num_keys)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+@torch.library.register_fake("imer_fast::relational_csr")
+def _relational_csr_fake(edge_index, edge_type, num_nodes, num_relations):
+    num_edges = edge_index.shape[1]
+    seg = edge_index.new_empty(num_nodes * num_relations + 1)
+    edges = lambda: edge_index.new_empty(num_edges)  # noqa: E731
+    return seg, edges(), edges(), seg.clone(), edges(), edges()
+
+
+def _relational_csr_cuda(edge_index, edge_type, num_nodes, num_relations):
+    # A stable sort is what this op is; torch's CUDA radix sort is the fastest GPU path there is,
+    # so the GPU backend is the torch composite rather than a hand-written Triton sort.
+    return relational_csr_ref(edge_index, edge_type, num_nodes, num_relations)
+
+
+torch.library.register_kernel("imer_fast::relational_csr", "cuda", _relational_csr_cuda)
+_runtime.register_triton_cpu_route("relational_csr", _relational_csr_cuda)
+
+
+@backends.register_selector("relational_csr")
+def select_relational_csr_backend(edge_index: Tensor) -> backends.Choice:
+    on = edge_index.device
+    return backends.choose(
+        "relational_csr",
+        [
+            ("cpp", lambda: None if on.type == "cpu" else f"tensors are on {on.type}, not cpu"),
+            # On GPU this op is a stable sort, and torch's radix sort (the reference) is the fastest.
+            ("reference", lambda: None),
+        ],
+    )
+
+
+def relational_csr(edge_index: Tensor, edge_type: Tensor, num_nodes: int, num_relations: int) -> CSR:
+    """Sort a typed edge list into the forward and transposed relational CSR (see module doc)."""
+    if select_relational_csr_backend(edge_index).backend == "reference":
+        return relational_csr_ref(edge_index, edge_type, num_nodes, num_relations)
+    return torch.ops.imer_fast.relational_csr(edge_index, edge_type, num_nodes, num_relations)
+
+
+def _check_edges(edge_index: Tensor, edge_type: Tensor, num_nodes: int, num_relations: int, op: str) -> None:
+    if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        got = f"shape {tuple(edge_index.shape)}" if isinstance(edge_index, Tensor) else type(edge_index).__name__
+        raise ValueError(f"{op}: edge_index must be a tensor of shape [2, E]; got {got}")
+    if edge_index.dtype != torch.long:
+        raise TypeError(f"{op}: edge_index must be int64 (node indices); got {edge_index.dtype}")
+    if edge_type.dtype != torch.long:
+        raise TypeError(f"{op}: edge_type must be int64; got {edge_type.dtype}")
+    if edge_type.shape != (edge_index.shape[1],):
+        raise ValueError(f"{op}: edge_type must have shape [E = {edge_index.shape[1]}]; got {tuple(edge_type.shape)}")
+    if edge_type.device != edge_index.device:
+        raise ValueError(f"{op}: edge_type is on {edge_type.device} but edge_index on {edge_index.device}")
+    if num_nodes < 0 or num_relations < 1:
+        raise ValueError(f"{op}: num_nodes must be >= 0 and num_relations >= 1; got {num_nodes} and {num_relations}")
+    if edge_index.numel():
+        lo, hi = int(edge_index.min()), int(edge_index.max())
+        if lo < 0 or hi >= num_nodes:
+            raise ValueError(f"{op}: edge_index entries must lie in [0, num_nodes = {num_nodes}); got range [{lo}, {hi}]")
+        tlo, thi = int(edge_type.min()), int(edge_type.max())
+        if tlo < 0 or thi >= num_relations:
+            raise ValueError(
+                f"{op}: edge_type must lie in [0, num_relations = {num_relations}); got range [{tlo}, {thi}]"
+            )
+
+
+@dataclass(frozen=True)
+class RelationalGraph:
+    """A typed graph in the sorted form imer_fast's graph kernels consume. Build it once per batch
+    with :meth:`from_edges` (or ``build_dialogue_graph(...).graph``) and reuse it across layers."""
+
+    edge_index: Tensor
+    edge_type: Tensor
+    num_nodes: int
+    num_relations: int
+    seg_ptr: Tensor
+    col: Tensor
+    perm: Tensor
+    t_seg_ptr: Tensor
+    t_col: Tensor
+    t_eid: Tensor
+    max_degree: int
+
+    @classmethod
+    def from_edges(
+        cls, edge_index: Tensor, edge_type: Optional[Tensor] = None, num_nodes: Optional[int] = None,
+        num_relations: Optional[int] = None,
+    ) -> "RelationalGraph":
+        op = "RelationalGraph.from_edges"
+        if edge_type is None:
+            edge_type = torch.zeros(edge_index.shape[1] if edge_index.dim() == 2 else 0, dtype=torch.long,
+                                    device=edge_index.device)
+        if num_nodes is None:
+            num_nodes = int(edge_index.max()) + 1 if edge_index.numel() else 0
+        if num_relations is None:
+            num_relations = int(edge_type.max()) + 1 if edge_type.numel() else 1
+        _check_edges(edge_index, edge_type, num_nodes, num_relations, op)
+        csr = relational_csr(edge_index, edge_type, num_nodes, num_relations)
+        seg_ptr, t_seg_ptr = csr[0], csr[3]
+        degree = torch.cat([seg_ptr.diff(), t_seg_ptr.diff()])
+        max_degree = int(degree.max()) if degree.numel() else 0
+        return cls(edge_index, edge_type, num_nodes, num_relations, *csr, max_degree)
+
+    @property
+    def num_edges(self) -> int:
+        return self.col.numel()
+
+    def segment_counts(self) -> Tensor:
+        """Number of edges entering each (target, relation) pair, per sorted edge."""
+        counts = self.seg_ptr.diff()
+        return torch.repeat_interleave(counts, counts, output_size=self.num_edges)
+
+    def edge_scale(self, edge_weight: Optional[Tensor], aggr: str, dtype: torch.dtype) -> Optional[Tensor]:
+        """Per-edge factor in sorted order: edge weight, divided by the segment size for 'mean'."""
+        scale = None if edge_weight is None else edge_weight[self.perm]
+        if aggr == "mean":
+            inv = self.segment_counts().to(dtype).reciprocal()
+            scale = inv if scale is None else scale * inv
+        return scale
+
+    def single_relation(self) -> "RelationalGraph":
+        """The same edges with their types ignored (for GraphConv layers sharing the graph): the
+        (target, relation) segments of a node are contiguous, so every R-th pointer is the CSR."""
+        return self._single_relation
+
+    @cached_property
+    def _single_relation(self) -> "RelationalGraph":
+        if self.num_relations == 1:
+            return self
+        step = self.num_relations
+        seg_ptr, t_seg_ptr = self.seg_ptr[::step].contiguous(), self.t_seg_ptr[::step].contiguous()
+        degree = torch.cat([seg_ptr.diff(), t_seg_ptr.diff()])
+        return RelationalGraph(
+            self.edge_index, torch.zeros_like(self.edge_type), self.num_nodes, 1, seg_ptr, self.col, self.perm,
+            t_seg_ptr, self.t_col, self.t_eid, int(degree.max()) if degree.numel() else 0,
+        )
+
+    def to(self, device) -> "RelationalGraph":
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return RelationalGraph(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in moved.items()})
