@@ -15,7 +15,6 @@ not chosen with ``imer_fast.backends.explain(op_name, *example_args)``.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -25,7 +24,8 @@ BACKENDS = ("triton", "cpp", "reference")
 # A condition returns None when the backend can run, else the reason it cannot.
 Condition = Callable[[], Optional[str]]
 
-_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("imer_fast_forced_backend", default=None)
+# A plain module global rather than a ContextVar: torch.compile can trace (and guard on) a global.
+_forced: List[str] = []
 _selectors: Dict[str, Callable[..., "Choice"]] = {}
 
 
@@ -51,18 +51,18 @@ def _check_name(backend: str) -> str:
 
 def forced_backend() -> Optional[str]:
     """The backend forced by :func:`force` or by ``IMER_FAST_BACKEND``, if any."""
-    name = _forced.get() or os.environ.get("IMER_FAST_BACKEND") or None
+    name = (_forced[-1] if _forced else None) or os.environ.get("IMER_FAST_BACKEND") or None
     return _check_name(name) if name else None
 
 
 @contextlib.contextmanager
 def force(backend: str) -> Iterator[None]:
     """Run every imer_fast op inside the block on ``backend`` (an error if it cannot run there)."""
-    token = _forced.set(_check_name(backend))
+    _forced.append(_check_name(backend))
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced.pop()
 
 
 def choose(op: str, candidates: Sequence[Tuple[str, Condition]]) -> Choice:

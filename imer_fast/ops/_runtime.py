@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
+import importlib.util
 import os
+import warnings
 from typing import Callable, Dict, Iterator, Optional
 
 import torch
@@ -13,9 +14,7 @@ _triton_cpu_routes: Dict[str, Callable] = {}
 _triton_on_cpu = False
 
 
-@functools.lru_cache(maxsize=None)
-def cpp_error() -> Optional[str]:
-    """None when ``imer_fast._C`` (the C++ kernels and the operator schemas) is loaded."""
+def _probe_cpp() -> Optional[str]:
     try:
         importlib.import_module("imer_fast._C")
     except ImportError as err:  # pragma: no cover - only without a built extension
@@ -23,24 +22,29 @@ def cpp_error() -> Optional[str]:
     return None
 
 
+# Probed once at import, and kept in plain globals so torch.compile can trace the selection functions.
+_CPP_ERROR = _probe_cpp()
+_TRITON_ERROR = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+
+def cpp_error() -> Optional[str]:
+    """None when ``imer_fast._C`` (the C++ kernels and the operator schemas) is loaded."""
+    return _CPP_ERROR
+
+
 def require_cpp() -> None:
-    err = cpp_error()
-    if err is not None:
-        raise ImportError(err)
+    if _CPP_ERROR is not None:
+        raise ImportError(_CPP_ERROR)
 
 
-@functools.lru_cache(maxsize=None)
 def triton_error() -> Optional[str]:
-    """None when Triton can be imported."""
-    try:
-        importlib.import_module("triton")
-    except ImportError as err:
-        return f"triton is not installed ({err})"
-    return None
+    """None when Triton is installed."""
+    return _TRITON_ERROR
 
 
 def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
 
 
 def triton_cannot_run(device: torch.device) -> Optional[str]:
@@ -74,8 +78,10 @@ def triton_on_cpu() -> Iterator[None]:
         yield
         return
     with torch.library._scoped_library("imer_fast", "IMPL") as lib:
-        for op, kernel in _triton_cpu_routes.items():
-            lib.impl(op, kernel, "CPU")
+        with warnings.catch_warnings():  # overriding the C++ CPU kernels is the point here
+            warnings.filterwarnings("ignore", message="(?s).*Overriding a previously registered kernel")
+            for op, kernel in _triton_cpu_routes.items():
+                lib.impl(op, kernel, "CPU")
         _triton_on_cpu = True
         try:
             yield

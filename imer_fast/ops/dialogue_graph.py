@@ -21,6 +21,7 @@ run's id), e.g. from :func:`relation_map_from_names` with the release's ``edge_t
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -153,7 +154,11 @@ IntSequence = Union[Sequence[int], Tensor]
 def _as_lengths(lengths: IntSequence, device) -> Tensor:
     op = "imer_fast.build_dialogue_graph"
     if not isinstance(lengths, Tensor):
-        lengths = torch.as_tensor(list(lengths), dtype=torch.long, device=device)
+        values = list(lengths)
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+        if bad:
+            raise TypeError(f"{op}: lengths must hold integers; got {bad[0]!r} ({type(bad[0]).__name__})")
+        lengths = torch.tensor(values, dtype=torch.long, device=device)
     if lengths.dtype.is_floating_point or lengths.dtype == torch.bool or lengths.is_complex():
         raise TypeError(f"{op}: lengths must hold integers; got dtype {lengths.dtype}")
     if lengths.dim() != 1:
