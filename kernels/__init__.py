@@ -1,0 +1,1 @@
+"""Triton GPU kernels of imer_fast (installed as ``imer_fast._kernels``)."""
