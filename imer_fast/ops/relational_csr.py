@@ -13,8 +13,7 @@ Both sorts are stable, so equal keys keep their original edge order and results 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
@@ -125,6 +124,9 @@ class RelationalGraph:
     t_col: Tensor
     t_eid: Tensor
     max_degree: int
+    # Derived tensors built on first use. A plain dict, not functools.cached_property: that one
+    # takes an RLock on Python < 3.12, which torch.compile cannot trace.
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_edges(
@@ -157,21 +159,24 @@ class RelationalGraph:
 
     def edge_scale(self, edge_weight: Optional[Tensor], aggr: str, dtype: torch.dtype) -> Optional[Tensor]:
         """Per-edge factor in sorted order: edge weight, divided by the segment size for 'mean'."""
-        scale = None if edge_weight is None else edge_weight[self.perm]
-        if aggr == "mean":
-            inv = self.segment_counts().to(dtype).reciprocal()
-            scale = inv if scale is None else scale * inv
-        return scale
+        if aggr != "mean":
+            return None if edge_weight is None else edge_weight[self.perm]
+        key = ("inverse_counts", dtype)  # 1 / (edges in the edge's segment), per sorted edge
+        if key not in self._cache:
+            self._cache[key] = self.segment_counts().to(dtype).reciprocal()
+        inv = self._cache[key]
+        return inv if edge_weight is None else edge_weight[self.perm] * inv
 
     def single_relation(self) -> "RelationalGraph":
         """The same edges with their types ignored (for GraphConv layers sharing the graph): the
         (target, relation) segments of a node are contiguous, so every R-th pointer is the CSR."""
-        return self._single_relation
-
-    @cached_property
-    def _single_relation(self) -> "RelationalGraph":
         if self.num_relations == 1:
             return self
+        if "single_relation" not in self._cache:
+            self._cache["single_relation"] = self._merge_relations()
+        return self._cache["single_relation"]
+
+    def _merge_relations(self) -> "RelationalGraph":
         step = self.num_relations
         seg_ptr, t_seg_ptr = self.seg_ptr[::step].contiguous(), self.t_seg_ptr[::step].contiguous()
         degree = torch.cat([seg_ptr.diff(), t_seg_ptr.diff()])
@@ -181,5 +186,5 @@ class RelationalGraph:
         )
 
     def to(self, device) -> "RelationalGraph":
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_cache"}
         return RelationalGraph(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in moved.items()})

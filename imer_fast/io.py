@@ -1,0 +1,39 @@
+"""Atomic file writes: a crash or a full disk mid-write never leaves a truncated file behind, and
+never destroys the previous version (write to a temporary file in the same folder, then rename)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = False) -> Path:
+    """Call ``write(file)`` on a temporary file next to ``path`` and rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> Path:
+    return atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))
+
+
+def atomic_torch_save(path: PathLike, obj: Any) -> Path:
+    import torch
+
+    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
