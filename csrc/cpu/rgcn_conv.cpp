@@ -1,14 +1,19 @@
 // CPU kernels of imer_fast::rgcn_conv (relational graph convolution, PyG RGCNConv/GraphConv
-// semantics). Forward: one deterministic gather of the typed neighbourhood sums of the non-empty
-// (target, relation) segments into a compact, relation-major H [S, Fin], then one GEMM per relation
-// on its rows only. Dialogue graphs leave many segments empty (a target meets only its own speaker
-// pairings), so this skips that share of the FLOPs that PyG (and a dense [N, R * Fin] product) spend
-// on zero rows. No per-edge weight copies. Backward gathers over the transposed CSR, so every output
-// row is written by one thread: no atomics, bitwise-repeatable results.
+// semantics): out[i] = x[i] @ root + bias + sum_r sum_{k in seg(i, r)} scale[k] * x[col[k]] @ weight[r].
+//
+// Only the (node, relation) pairs that have edges are multiplied: dialogue graphs leave many empty
+// (a target meets only its own speaker pairings), and PyG, like a dense [N, R * Fin] product, spends
+// FLOPs on those zero rows. The work is one GEMM per relation on the compact rows plus gathers, with
+// the order chosen by width so the gathers move the narrower side:
+// - aggregate-first (Fin <= Fout): H[(i, r)] = sum_k scale * x[src], then out += H_r @ W_r;
+// - transform-first (Fout < Fin): Y[(j, r)] = x[j] @ W_r for sources j, then out[i] += sum_k scale * Y.
+// No per-edge weight copies. Every output row is written by one thread (the transposed CSR serves
+// the backward gathers): no atomics, bitwise-repeatable results.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 namespace imer_fast {
@@ -65,14 +70,17 @@ Problem check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::o
   return p;
 }
 
-// The non-empty (target, relation) segments, relation-major: rows rel_offset[r]..rel_offset[r+1]
+// The non-empty (node, relation) segments of a CSR, relation-major: rows rel_offset[r]..rel_offset[r+1]
 // of the compact layout belong to relation r; row_of_segment maps a segment id to its row or -1.
 struct CompactSegments {
   std::vector<int64_t> rel_offset, segment_of_row, row_of_segment;
-  at::Tensor target_of_row;
+  at::Tensor node_of_row;
+  int64_t rows() const { return rel_offset.back(); }
+  int64_t rows_in(int64_t r) const { return rel_offset[r + 1] - rel_offset[r]; }
+  at::Tensor of(const at::Tensor& t, int64_t r) const { return t.narrow(0, rel_offset[r], rows_in(r)); }
 };
 
-CompactSegments compact_segments(const Problem& p, const int64_t* seg_ptr, const at::TensorOptions& index_options) {
+CompactSegments compact_segments(const Problem& p, const int64_t* ptr, const at::TensorOptions& index_options) {
   CompactSegments c;
   c.rel_offset.assign(p.num_relations + 1, 0);
   c.row_of_segment.assign(p.num_nodes * p.num_relations, -1);
@@ -80,50 +88,126 @@ CompactSegments compact_segments(const Problem& p, const int64_t* seg_ptr, const
     c.rel_offset[r + 1] = c.rel_offset[r];
     for (int64_t i = 0; i < p.num_nodes; ++i) {
       const int64_t seg = i * p.num_relations + r;
-      if (seg_ptr[seg + 1] > seg_ptr[seg]) {
+      if (ptr[seg + 1] > ptr[seg]) {
         c.row_of_segment[seg] = c.rel_offset[r + 1]++;
         c.segment_of_row.push_back(seg);
       }
     }
   }
-  const int64_t rows = c.rel_offset[p.num_relations];
-  c.target_of_row = at::empty({rows}, index_options);
-  int64_t* tgt = c.target_of_row.data_ptr<int64_t>();
-  for (int64_t row = 0; row < rows; ++row) tgt[row] = c.segment_of_row[row] / p.num_relations;
+  c.node_of_row = at::empty({c.rows()}, index_options);
+  int64_t* node = c.node_of_row.data_ptr<int64_t>();
+  for (int64_t row = 0; row < c.rows(); ++row) node[row] = c.segment_of_row[row] / p.num_relations;
   return c;
 }
 
-// H[row] = sum_{k in segment_of_row[row]} scale[k] * x[col[k]]
-at::Tensor aggregate(const Problem& p, const CompactSegments& c, const at::Tensor& x, const int64_t* seg_ptr,
-                     const int64_t* col, const at::Tensor& scale) {
-  const int64_t rows = c.rel_offset[p.num_relations];
-  // Every compact row has at least one edge: its first edge initialises the row (no zero fill).
-  auto h = at::empty({rows, p.fin}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rgcn_conv_aggregate", [&] {
-    const scalar_t* x_p = x.data_ptr<scalar_t>();
-    const scalar_t* scale_p = scale.defined() ? scale.data_ptr<scalar_t>() : nullptr;
-    scalar_t* h_p = h.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        scalar_t* __restrict__ out = h_p + row * p.fin;
-        const int64_t seg = c.segment_of_row[row];
-        const int64_t first = seg_ptr[seg];
-        const scalar_t s0 = scale_p == nullptr ? scalar_t(1) : scale_p[first];
-        const scalar_t* __restrict__ in0 = x_p + col[first] * p.fin;
-        for (int64_t f = 0; f < p.fin; ++f) out[f] = s0 * in0[f];
-        for (int64_t k = first + 1; k < seg_ptr[seg + 1]; ++k) {
-          const scalar_t s = scale_p == nullptr ? scalar_t(1) : scale_p[k];
-          const scalar_t* __restrict__ in = x_p + col[k] * p.fin;
-          for (int64_t f = 0; f < p.fin; ++f) out[f] += s * in[f];
-        }
-      }
-    });
-  });
-  return h;
+// Edge k's factor; scale_idx re-indexes it when walking the transposed CSR.
+template <typename T>
+inline T edge_scale(const T* scale, const int64_t* scale_idx, int64_t k) {
+  return scale == nullptr ? T(1) : scale[scale_idx == nullptr ? k : scale_idx[k]];
 }
 
-at::Tensor rows_of(const at::Tensor& t, const CompactSegments& c, int64_t r) {
-  return t.narrow(0, c.rel_offset[r], c.rel_offset[r + 1] - c.rel_offset[r]);
+// dst[row] = sum_{k in segment_of_row[row]} scale_k * src[idx[k]] for every compact row. Each row has
+// at least one edge, whose term initialises it (no zero fill).
+template <typename T>
+void gather_to_rows(const CompactSegments& c, const int64_t* ptr, const int64_t* idx, const T* scale,
+                    const int64_t* scale_idx, const T* src, int64_t width, T* dst) {
+  at::parallel_for(0, c.rows(), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      T* __restrict__ out = dst + row * width;
+      const int64_t seg = c.segment_of_row[row];
+      const int64_t first = ptr[seg];
+      const T s0 = edge_scale(scale, scale_idx, first);
+      const T* __restrict__ in0 = src + idx[first] * width;
+      for (int64_t f = 0; f < width; ++f) out[f] = s0 * in0[f];
+      for (int64_t k = first + 1; k < ptr[seg + 1]; ++k) {
+        const T s = edge_scale(scale, scale_idx, k);
+        const T* __restrict__ in = src + idx[k] * width;
+        for (int64_t f = 0; f < width; ++f) out[f] += s * in[f];
+      }
+    }
+  });
+}
+
+// dst[n] += sum_r sum_{k in seg(n, r)} scale_k * src[src_rows.row_of_segment[idx[k] * R + r]] for every node.
+template <typename T>
+void gather_to_nodes(const Problem& p, const int64_t* ptr, const int64_t* idx, const T* scale,
+                     const int64_t* scale_idx, const CompactSegments& src_rows, const T* src, int64_t width, T* dst) {
+  at::parallel_for(0, p.num_nodes, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      T* __restrict__ out = dst + n * width;
+      for (int64_t r = 0; r < p.num_relations; ++r) {
+        const int64_t seg = n * p.num_relations + r;
+        for (int64_t k = ptr[seg]; k < ptr[seg + 1]; ++k) {
+          const T s = edge_scale(scale, scale_idx, k);
+          const T* __restrict__ in = src + src_rows.row_of_segment[idx[k] * p.num_relations + r] * width;
+          for (int64_t f = 0; f < width; ++f) out[f] += s * in[f];
+        }
+      }
+    }
+  });
+}
+
+// out[k] = <a[a_row(k)], b[b_row(k)]> for every edge k of the forward CSR.
+template <typename T, typename RowA, typename RowB>
+void edge_dots(const Problem& p, const CompactSegments& targets, const int64_t* seg_ptr, const T* a, RowA a_row,
+               const T* b, RowB b_row, int64_t width, T* out) {
+  at::parallel_for(0, targets.rows(), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t seg = targets.segment_of_row[row];
+      const int64_t i = seg / p.num_relations, r = seg % p.num_relations;
+      for (int64_t k = seg_ptr[seg]; k < seg_ptr[seg + 1]; ++k) {
+        const T* __restrict__ ar = a + a_row(k, i, r, row) * width;
+        const T* __restrict__ br = b + b_row(k, i, r, row) * width;
+        T acc = 0;
+        for (int64_t f = 0; f < width; ++f) acc += ar[f] * br[f];
+        out[k] = acc;
+      }
+    }
+  });
+}
+
+// out_r (the rows of relation r in a compact layout) = in_r @ (transpose ? W_r^T : W_r), per relation.
+void per_relation_mm(const Problem& p, const CompactSegments& c, const at::Tensor& in, const at::Tensor& weight,
+                     bool transpose, at::Tensor& out) {
+  for (int64_t r = 0; r < p.num_relations; ++r) {
+    if (c.rows_in(r) == 0) continue;
+    auto out_r = c.of(out, r);
+    at::mm_out(out_r, c.of(in, r), transpose ? weight[r].t() : weight[r]);
+  }
+}
+
+// dst[c.node_of_row[row]] += rows[row]. Nodes are unique within a relation, so the rows of one
+// relation are added in parallel without conflicts, relation after relation: deterministic.
+void add_rows_to_nodes(const Problem& p, const CompactSegments& c, const at::Tensor& rows, at::Tensor& dst) {
+  const int64_t width = rows.size(1);
+  const int64_t* node = c.node_of_row.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "rgcn_conv_add_rows", [&] {
+    const scalar_t* src = rows.data_ptr<scalar_t>();
+    scalar_t* out = dst.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < p.num_relations; ++r) {
+      at::parallel_for(c.rel_offset[r], c.rel_offset[r + 1], 64, [&](int64_t begin, int64_t end) {
+        for (int64_t row = begin; row < end; ++row) {
+          scalar_t* __restrict__ o = out + node[row] * width;
+          const scalar_t* __restrict__ in = src + row * width;
+          for (int64_t f = 0; f < width; ++f) o[f] += in[f];
+        }
+      });
+    }
+  });
+}
+
+// src rows c.node_of_row, one per compact row, copied in parallel.
+at::Tensor rows_of_nodes(const CompactSegments& c, const at::Tensor& src) {
+  const int64_t width = src.size(1);
+  auto out = at::empty({c.rows(), width}, src.options());
+  const int64_t* node = c.node_of_row.data_ptr<int64_t>();
+  const size_t bytes = width * src.element_size();
+  const char* in = static_cast<const char*>(src.data_ptr());
+  char* o = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, c.rows(), 256, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) std::memcpy(o + row * bytes, in + node[row] * bytes, bytes);
+  });
+  return out;
 }
 
 at::Tensor in_compute(const at::Tensor& t, at::ScalarType dtype) { return t.to(dtype).contiguous(); }
@@ -131,20 +215,37 @@ at::Tensor in_compute(const c10::optional<at::Tensor>& t, at::ScalarType dtype) 
   return t.has_value() ? in_compute(*t, dtype) : at::Tensor();
 }
 
+bool transform_first(const Problem& p) { return p.fout < p.fin; }
+
+struct Graph {
+  at::Tensor seg_ptr, col, t_seg_ptr, t_col, t_eid;
+  const int64_t* ptr() const { return seg_ptr.data_ptr<int64_t>(); }
+  const int64_t* cols() const { return col.data_ptr<int64_t>(); }
+  const int64_t* t_ptr() const { return t_seg_ptr.data_ptr<int64_t>(); }
+  const int64_t* t_cols() const { return t_col.data_ptr<int64_t>(); }
+  const int64_t* t_eids() const { return t_eid.data_ptr<int64_t>(); }
+};
+
+// Y[(j, r)] = x[j] @ W_r for the compact source rows (transform-first).
+at::Tensor transform_sources(const Problem& p, const CompactSegments& sources, const at::Tensor& x,
+                             const at::Tensor& weight) {
+  auto xs = rows_of_nodes(sources, x);
+  auto y = at::empty({sources.rows(), p.fout}, x.options());
+  per_relation_mm(p, sources, xs, weight, false, y);
+  return y;
+}
+
 at::Tensor rgcn_conv_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& root_in,
-                         const c10::optional<at::Tensor>& bias_in, const at::Tensor& seg_ptr_in,
-                         const at::Tensor& col_in, const c10::optional<at::Tensor>& scale_in,
-                         const at::Tensor& t_seg_ptr, const at::Tensor& t_col, const at::Tensor& t_eid,
-                         int64_t max_degree) {
-  const Problem p = check_inputs(x_in, weight_in, root_in, bias_in, seg_ptr_in, col_in, scale_in, t_seg_ptr, t_col,
-                                 t_eid);
+                         const c10::optional<at::Tensor>& bias_in, const at::Tensor& seg_ptr, const at::Tensor& col,
+                         const c10::optional<at::Tensor>& scale_in, const at::Tensor& t_seg_ptr,
+                         const at::Tensor& t_col, const at::Tensor& t_eid, int64_t max_degree) {
+  const Problem p = check_inputs(x_in, weight_in, root_in, bias_in, seg_ptr, col, scale_in, t_seg_ptr, t_col, t_eid);
   auto x = in_compute(x_in, p.compute);
   auto weight = in_compute(weight_in, p.compute);
   auto root = in_compute(root_in, p.compute);
   auto bias = in_compute(bias_in, p.compute);
-  auto seg_ptr = seg_ptr_in.contiguous(), col = col_in.contiguous();
-  const auto c = compact_segments(p, seg_ptr.data_ptr<int64_t>(), seg_ptr.options());
-  auto h = aggregate(p, c, x, seg_ptr.data_ptr<int64_t>(), col.data_ptr<int64_t>(), in_compute(scale_in, p.compute));
+  auto scale = in_compute(scale_in, p.compute);
+  const Graph g{seg_ptr.contiguous(), col.contiguous(), t_seg_ptr.contiguous(), t_col.contiguous(), t_eid.contiguous()};
   at::Tensor out;
   if (root.defined()) {
     out = bias.defined() ? at::addmm(bias, x, root) : at::mm(x, root);
@@ -152,104 +253,115 @@ at::Tensor rgcn_conv_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, co
     out = bias.defined() ? bias.unsqueeze(0).expand({p.num_nodes, p.fout}).contiguous()
                          : at::zeros({p.num_nodes, p.fout}, x.options());
   }
-  for (int64_t r = 0; r < p.num_relations; ++r) {
-    if (c.rel_offset[r + 1] == c.rel_offset[r]) continue;
-    // Targets are unique within a relation's rows, so this index_add_ is a deterministic row add.
-    out.index_add_(0, rows_of(c.target_of_row, c, r), at::mm(rows_of(h, c, r), weight[r]));
+  if (transform_first(p)) {
+    const auto sources = compact_segments(p, g.t_ptr(), g.t_seg_ptr.options());
+    auto y = transform_sources(p, sources, x, weight);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rgcn_conv_forward", [&] {
+      gather_to_nodes<scalar_t>(p, g.ptr(), g.cols(), scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
+                                nullptr, sources, y.data_ptr<scalar_t>(), p.fout, out.data_ptr<scalar_t>());
+    });
+  } else {
+    const auto targets = compact_segments(p, g.ptr(), g.seg_ptr.options());
+    auto h = at::empty({targets.rows(), p.fin}, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rgcn_conv_forward", [&] {
+      gather_to_rows<scalar_t>(targets, g.ptr(), g.cols(), scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
+                               nullptr, x.data_ptr<scalar_t>(), p.fin, h.data_ptr<scalar_t>());
+    });
+    auto hw = at::empty({targets.rows(), p.fout}, x.options());
+    per_relation_mm(p, targets, h, weight, false, hw);
+    add_rows_to_nodes(p, targets, hw, out);
   }
   return out.to(x_in.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rgcn_conv_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& weight_in,
-    const c10::optional<at::Tensor>& root_in, const at::Tensor& seg_ptr_in, const at::Tensor& col_in,
-    const c10::optional<at::Tensor>& scale_in, const at::Tensor& t_seg_ptr_in, const at::Tensor& t_col_in,
-    const at::Tensor& t_eid_in, int64_t max_degree, std::array<bool, 4> output_mask) {
-  const Problem p = check_inputs(x_in, weight_in, root_in, c10::nullopt, seg_ptr_in, col_in, scale_in,
-                                 t_seg_ptr_in, t_col_in, t_eid_in);
+    const c10::optional<at::Tensor>& root_in, const at::Tensor& seg_ptr, const at::Tensor& col,
+    const c10::optional<at::Tensor>& scale_in, const at::Tensor& t_seg_ptr, const at::Tensor& t_col,
+    const at::Tensor& t_eid, int64_t max_degree, std::array<bool, 4> output_mask) {
+  const Problem p = check_inputs(x_in, weight_in, root_in, c10::nullopt, seg_ptr, col, scale_in, t_seg_ptr, t_col,
+                                 t_eid);
   TORCH_CHECK(grad_out_in.dim() == 2 && grad_out_in.size(0) == p.num_nodes && grad_out_in.size(1) == p.fout, kOp,
               "grad_out must have shape [", p.num_nodes, ", ", p.fout, "]; got ", grad_out_in.sizes());
-  auto g = in_compute(grad_out_in, p.compute);
+  auto go = in_compute(grad_out_in, p.compute);
   auto x = in_compute(x_in, p.compute);
   auto weight = in_compute(weight_in, p.compute);
   auto root = in_compute(root_in, p.compute);
   auto scale = in_compute(scale_in, p.compute);
-  auto seg_ptr = seg_ptr_in.contiguous(), col = col_in.contiguous();
-  auto t_seg_ptr = t_seg_ptr_in.contiguous(), t_col = t_col_in.contiguous(), t_eid = t_eid_in.contiguous();
-  const int64_t* seg_p = seg_ptr.data_ptr<int64_t>();
-  const int64_t* col_p = col.data_ptr<int64_t>();
-  const auto c = compact_segments(p, seg_p, seg_ptr.options());
-  auto g_rows = g.index_select(0, c.target_of_row);  // grad of each compact row's target
+  const Graph g{seg_ptr.contiguous(), col.contiguous(), t_seg_ptr.contiguous(), t_col.contiguous(), t_eid.contiguous()};
   const auto empty = at::empty({0}, x_in.options());
+  at::Tensor grad_x = empty, grad_weight = empty, grad_root = empty, grad_scale = empty;
+  const bool need_x = output_mask[0], need_w = output_mask[1], need_s = output_mask[3] && scale.defined();
+  if (output_mask[2] && root.defined()) grad_root = at::mm(x.t(), go).to(x_in.scalar_type());
+  const auto targets = compact_segments(p, g.ptr(), g.seg_ptr.options());
+  at::Tensor gx = need_x ? (root.defined() ? at::mm(go, root.t()) : at::zeros({p.num_nodes, p.fin}, x.options()))
+                         : at::Tensor();
+  auto gw = need_w ? at::zeros({p.num_relations, p.fin, p.fout}, x.options()) : at::Tensor();
 
-  at::Tensor grad_weight = empty, grad_root = empty, grad_x = empty, grad_scale = empty;
-  if (output_mask[1]) {
-    auto h = aggregate(p, c, x, seg_p, col_p, scale);
-    auto gw = at::empty({p.num_relations, p.fin, p.fout}, x.options());
-    for (int64_t r = 0; r < p.num_relations; ++r) {
-      auto gw_r = gw[r];
-      if (c.rel_offset[r + 1] > c.rel_offset[r]) {
-        at::mm_out(gw_r, rows_of(h, c, r).t(), rows_of(g_rows, c, r));
-      } else {
-        gw_r.zero_();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rgcn_conv_backward", [&] {
+    const scalar_t* scale_p = scale.defined() ? scale.data_ptr<scalar_t>() : nullptr;
+    at::Tensor gs = need_s ? at::empty({p.num_edges}, x.options()) : at::Tensor();
+    if (transform_first(p)) {
+      const auto sources = compact_segments(p, g.t_ptr(), g.t_seg_ptr.options());
+      // dY[(j, r)] = sum_{k in tseg(j, r)} scale * grad_out[target]: the gradient of Y's rows.
+      auto dy = at::empty({sources.rows(), p.fout}, x.options());
+      gather_to_rows<scalar_t>(sources, g.t_ptr(), g.t_cols(), scale_p, g.t_eids(), go.data_ptr<scalar_t>(), p.fout,
+                               dy.data_ptr<scalar_t>());
+      if (need_w) {
+        auto xs = rows_of_nodes(sources, x);
+        for (int64_t r = 0; r < p.num_relations; ++r) {
+          if (sources.rows_in(r) == 0) continue;
+          auto gw_r = gw[r];
+          at::mm_out(gw_r, sources.of(xs, r).t(), sources.of(dy, r));
+        }
+      }
+      if (need_x) {
+        auto dx_rows = at::empty({sources.rows(), p.fin}, x.options());
+        per_relation_mm(p, sources, dy, weight, true, dx_rows);
+        add_rows_to_nodes(p, sources, dx_rows, gx);
+      }
+      if (need_s) {
+        auto y = transform_sources(p, sources, x, weight);
+        const int64_t* cols = g.cols();
+        edge_dots<scalar_t>(
+            p, targets, g.ptr(), y.data_ptr<scalar_t>(),
+            [&](int64_t k, int64_t, int64_t r, int64_t) { return sources.row_of_segment[cols[k] * p.num_relations + r]; },
+            go.data_ptr<scalar_t>(), [](int64_t, int64_t i, int64_t, int64_t) { return i; }, p.fout,
+            gs.data_ptr<scalar_t>());
+      }
+    } else {
+      auto go_rows = rows_of_nodes(targets, go);  // grad of each compact row's target
+      if (need_w) {
+        auto h = at::empty({targets.rows(), p.fin}, x.options());
+        gather_to_rows<scalar_t>(targets, g.ptr(), g.cols(), scale_p, nullptr, x.data_ptr<scalar_t>(), p.fin,
+                                 h.data_ptr<scalar_t>());
+        for (int64_t r = 0; r < p.num_relations; ++r) {
+          if (targets.rows_in(r) == 0) continue;
+          auto gw_r = gw[r];
+          at::mm_out(gw_r, targets.of(h, r).t(), targets.of(go_rows, r));
+        }
+      }
+      if (need_x || need_s) {
+        // proj[(i, r)] = grad_out[i] @ W_r^T: what each edge of that segment sends back to its source.
+        auto proj = at::empty({targets.rows(), p.fin}, x.options());
+        per_relation_mm(p, targets, go_rows, weight, true, proj);
+        if (need_x) {
+          gather_to_nodes<scalar_t>(p, g.t_ptr(), g.t_cols(), scale_p, g.t_eids(), targets, proj.data_ptr<scalar_t>(),
+                                    p.fin, gx.data_ptr<scalar_t>());
+        }
+        if (need_s) {
+          const int64_t* cols = g.cols();
+          edge_dots<scalar_t>(
+              p, targets, g.ptr(), x.data_ptr<scalar_t>(), [&](int64_t k, int64_t, int64_t, int64_t) { return cols[k]; },
+              proj.data_ptr<scalar_t>(), [](int64_t, int64_t, int64_t, int64_t row) { return row; }, p.fin,
+              gs.data_ptr<scalar_t>());
+        }
       }
     }
-    grad_weight = gw.to(x_in.scalar_type());
-  }
-  if (output_mask[2] && root.defined()) grad_root = at::mm(x.t(), g).to(x_in.scalar_type());
-  const bool need_scale_grad = output_mask[3] && scale.defined();
-  if (!(output_mask[0] || need_scale_grad)) return {grad_x, grad_weight, grad_root, grad_scale};
-
-  // proj[row] = g[target] @ weight[r]^T: what each edge of that segment sends back to its source.
-  auto proj = at::empty({c.rel_offset[p.num_relations], p.fin}, x.options());
-  for (int64_t r = 0; r < p.num_relations; ++r) {
-    auto proj_r = rows_of(proj, c, r);
-    if (proj_r.size(0) > 0) at::mm_out(proj_r, rows_of(g_rows, c, r), weight[r].t());
-  }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rgcn_conv_backward", [&] {
-    const scalar_t* proj_p = proj.data_ptr<scalar_t>();
-    const scalar_t* scale_p = scale.defined() ? scale.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* x_p = x.data_ptr<scalar_t>();
-    if (output_mask[0]) {
-      auto gx = root.defined() ? at::mm(g, root.t()) : at::zeros({p.num_nodes, p.fin}, x.options());
-      scalar_t* gx_p = gx.data_ptr<scalar_t>();
-      const int64_t* t_seg_p = t_seg_ptr.data_ptr<int64_t>();
-      const int64_t* t_col_p = t_col.data_ptr<int64_t>();
-      const int64_t* t_eid_p = t_eid.data_ptr<int64_t>();
-      at::parallel_for(0, p.num_nodes, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t j = begin; j < end; ++j) {
-          scalar_t* __restrict__ out = gx_p + j * p.fin;
-          for (int64_t r = 0; r < p.num_relations; ++r) {
-            const int64_t seg = j * p.num_relations + r;
-            for (int64_t k = t_seg_p[seg]; k < t_seg_p[seg + 1]; ++k) {
-              const scalar_t s = scale_p == nullptr ? scalar_t(1) : scale_p[t_eid_p[k]];
-              const scalar_t* __restrict__ in = proj_p + c.row_of_segment[t_col_p[k] * p.num_relations + r] * p.fin;
-              for (int64_t f = 0; f < p.fin; ++f) out[f] += s * in[f];
-            }
-          }
-        }
-      });
-      grad_x = gx.to(x_in.scalar_type());
-    }
-    if (need_scale_grad) {
-      auto gs = at::empty({p.num_edges}, x.options());
-      scalar_t* gs_p = gs.data_ptr<scalar_t>();
-      const int64_t rows = c.rel_offset[p.num_relations];
-      at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end; ++row) {
-          const scalar_t* pr = proj_p + row * p.fin;
-          const int64_t seg = c.segment_of_row[row];
-          for (int64_t k = seg_p[seg]; k < seg_p[seg + 1]; ++k) {
-            const scalar_t* xr = x_p + col_p[k] * p.fin;
-            scalar_t acc = 0;
-            for (int64_t f = 0; f < p.fin; ++f) acc += xr[f] * pr[f];
-            gs_p[k] = acc;
-          }
-        }
-      });
-      grad_scale = gs.to(x_in.scalar_type());
-    }
+    if (need_s) grad_scale = gs.to(x_in.scalar_type());
   });
+  if (need_x) grad_x = gx.to(x_in.scalar_type());
+  if (need_w) grad_weight = gw.to(x_in.scalar_type());
   return {grad_x, grad_weight, grad_root, grad_scale};
 }
 
