@@ -5,8 +5,8 @@
 // (a target meets only its own speaker pairings), and PyG, like a dense [N, R * Fin] product, spends
 // FLOPs on those zero rows. The work is one GEMM per relation on the compact rows plus gathers, with
 // the order chosen by width so the gathers move the narrower side:
-// - aggregate-first (Fin <= Fout): H[(i, r)] = sum_k scale * x[src], then out += H_r @ W_r;
-// - transform-first (Fout < Fin): Y[(j, r)] = x[j] @ W_r for sources j, then out[i] += sum_k scale * Y.
+// - aggregate-first (Fin < Fout): H[(i, r)] = sum_k scale * x[src], then out += H_r @ W_r;
+// - transform-first (Fout <= Fin): Y[(j, r)] = x[j] @ W_r for sources j, then out[i] += sum_k scale * Y.
 // No per-edge weight copies. Every output row is written by one thread (the transposed CSR serves
 // the backward gathers): no atomics, bitwise-repeatable results.
 #include <ATen/ATen.h>
@@ -75,6 +75,7 @@ Problem check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::o
 struct CompactSegments {
   std::vector<int64_t> rel_offset, segment_of_row, row_of_segment;
   at::Tensor node_of_row;
+  bool identity = false;  // one relation and every node has edges: row == node
   int64_t rows() const { return rel_offset.back(); }
   int64_t rows_in(int64_t r) const { return rel_offset[r + 1] - rel_offset[r]; }
   at::Tensor of(const at::Tensor& t, int64_t r) const { return t.narrow(0, rel_offset[r], rows_in(r)); }
@@ -97,6 +98,7 @@ CompactSegments compact_segments(const Problem& p, const int64_t* ptr, const at:
   c.node_of_row = at::empty({c.rows()}, index_options);
   int64_t* node = c.node_of_row.data_ptr<int64_t>();
   for (int64_t row = 0; row < c.rows(); ++row) node[row] = c.segment_of_row[row] / p.num_relations;
+  c.identity = p.num_relations == 1 && c.rows() == p.num_nodes;
   return c;
 }
 
@@ -179,6 +181,10 @@ void per_relation_mm(const Problem& p, const CompactSegments& c, const at::Tenso
 // dst[c.node_of_row[row]] += rows[row]. Nodes are unique within a relation, so the rows of one
 // relation are added in parallel without conflicts, relation after relation: deterministic.
 void add_rows_to_nodes(const Problem& p, const CompactSegments& c, const at::Tensor& rows, at::Tensor& dst) {
+  if (c.identity) {
+    dst.add_(rows);
+    return;
+  }
   const int64_t width = rows.size(1);
   const int64_t* node = c.node_of_row.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "rgcn_conv_add_rows", [&] {
@@ -198,6 +204,7 @@ void add_rows_to_nodes(const Problem& p, const CompactSegments& c, const at::Ten
 
 // src rows c.node_of_row, one per compact row, copied in parallel.
 at::Tensor rows_of_nodes(const CompactSegments& c, const at::Tensor& src) {
+  if (c.identity) return src;
   const int64_t width = src.size(1);
   auto out = at::empty({c.rows(), width}, src.options());
   const int64_t* node = c.node_of_row.data_ptr<int64_t>();
@@ -215,7 +222,7 @@ at::Tensor in_compute(const c10::optional<at::Tensor>& t, at::ScalarType dtype) 
   return t.has_value() ? in_compute(*t, dtype) : at::Tensor();
 }
 
-bool transform_first(const Problem& p) { return p.fout < p.fin; }
+bool transform_first(const Problem& p) { return p.fout <= p.fin; }
 
 struct Graph {
   at::Tensor seg_ptr, col, t_seg_ptr, t_col, t_eid;
