@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -70,35 +71,49 @@ Problem check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::o
   return p;
 }
 
-// The non-empty (node, relation) segments of a CSR, relation-major: rows rel_offset[r]..rel_offset[r+1]
-// of the compact layout belong to relation r; row_of_segment maps a segment id to its row or -1.
+// The non-empty (node, relation) segments of a CSR in a relation-major row layout: relation r owns
+// rows rel_offset[r] .. rel_offset[r] + rel_count[r]; row_of_segment maps a segment id to its row
+// (-1: empty segment). When the relations hold similar numbers of rows, each gets the same
+// `stride` of rows (the spare ones zero) so that all relations go through one batched GEMM, which
+// runs markedly faster than R separate ones at these sizes; padding is allowed up to 2x the rows.
 struct CompactSegments {
-  std::vector<int64_t> rel_offset, segment_of_row, row_of_segment;
-  at::Tensor node_of_row;
+  std::vector<int64_t> rel_offset, rel_count, segment_of_row, row_of_segment;
+  at::Tensor node_of_row;  // node of each row; 0 on padding rows
+  int64_t num_rows = 0, stride = 0;
   bool identity = false;  // one relation and every node has edges: row == node
-  int64_t rows() const { return rel_offset.back(); }
-  int64_t rows_in(int64_t r) const { return rel_offset[r + 1] - rel_offset[r]; }
-  at::Tensor of(const at::Tensor& t, int64_t r) const { return t.narrow(0, rel_offset[r], rows_in(r)); }
+  int64_t rows() const { return num_rows; }
+  int64_t rows_in(int64_t r) const { return rel_count[r]; }
+  bool padded() const { return stride > 0; }
+  at::Tensor of(const at::Tensor& t, int64_t r) const { return t.narrow(0, rel_offset[r], rel_count[r]); }
 };
 
 CompactSegments compact_segments(const Problem& p, const int64_t* ptr, const at::TensorOptions& index_options) {
+  const int64_t R = p.num_relations;
   CompactSegments c;
-  c.rel_offset.assign(p.num_relations + 1, 0);
-  c.row_of_segment.assign(p.num_nodes * p.num_relations, -1);
-  for (int64_t r = 0; r < p.num_relations; ++r) {
-    c.rel_offset[r + 1] = c.rel_offset[r];
-    for (int64_t i = 0; i < p.num_nodes; ++i) {
-      const int64_t seg = i * p.num_relations + r;
-      if (ptr[seg + 1] > ptr[seg]) {
-        c.row_of_segment[seg] = c.rel_offset[r + 1]++;
-        c.segment_of_row.push_back(seg);
-      }
+  c.rel_count.assign(R, 0);
+  for (int64_t seg = 0; seg < p.num_nodes * R; ++seg) c.rel_count[seg % R] += ptr[seg + 1] > ptr[seg];
+  int64_t used = 0, widest = 0;
+  for (int64_t r = 0; r < R; ++r) used += c.rel_count[r], widest = std::max(widest, c.rel_count[r]);
+  c.stride = (R > 1 && used > 0 && R * widest <= 2 * used) ? widest : 0;
+  c.rel_offset.assign(R, 0);
+  for (int64_t r = 1; r < R; ++r) c.rel_offset[r] = c.padded() ? r * c.stride : c.rel_offset[r - 1] + c.rel_count[r - 1];
+  c.num_rows = c.padded() ? R * c.stride : used;
+  c.segment_of_row.assign(c.num_rows, -1);
+  c.row_of_segment.assign(p.num_nodes * R, -1);
+  c.node_of_row = at::zeros({c.num_rows}, index_options);
+  int64_t* node = c.node_of_row.data_ptr<int64_t>();
+  std::vector<int64_t> next(c.rel_offset);
+  for (int64_t i = 0; i < p.num_nodes; ++i) {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t seg = i * R + r;
+      if (ptr[seg + 1] == ptr[seg]) continue;
+      const int64_t row = next[r]++;
+      c.row_of_segment[seg] = row;
+      c.segment_of_row[row] = seg;
+      node[row] = i;
     }
   }
-  c.node_of_row = at::empty({c.rows()}, index_options);
-  int64_t* node = c.node_of_row.data_ptr<int64_t>();
-  for (int64_t row = 0; row < c.rows(); ++row) node[row] = c.segment_of_row[row] / p.num_relations;
-  c.identity = p.num_relations == 1 && c.rows() == p.num_nodes;
+  c.identity = R == 1 && c.num_rows == p.num_nodes;
   return c;
 }
 
@@ -108,8 +123,8 @@ inline T edge_scale(const T* scale, const int64_t* scale_idx, int64_t k) {
   return scale == nullptr ? T(1) : scale[scale_idx == nullptr ? k : scale_idx[k]];
 }
 
-// dst[row] = sum_{k in segment_of_row[row]} scale_k * src[idx[k]] for every compact row. Each row has
-// at least one edge, whose term initialises it (no zero fill).
+// dst[row] = sum_{k in segment_of_row[row]} scale_k * src[idx[k]] for every compact row: a row's first
+// edge initialises it (no separate zero fill); padding rows are zeroed.
 template <typename T>
 void gather_to_rows(const CompactSegments& c, const int64_t* ptr, const int64_t* idx, const T* scale,
                     const int64_t* scale_idx, const T* src, int64_t width, T* dst) {
@@ -117,6 +132,10 @@ void gather_to_rows(const CompactSegments& c, const int64_t* ptr, const int64_t*
     for (int64_t row = begin; row < end; ++row) {
       T* __restrict__ out = dst + row * width;
       const int64_t seg = c.segment_of_row[row];
+      if (seg < 0) {
+        std::fill(out, out + width, T(0));
+        continue;
+      }
       const int64_t first = ptr[seg];
       const T s0 = edge_scale(scale, scale_idx, first);
       const T* __restrict__ in0 = src + idx[first] * width;
@@ -156,6 +175,7 @@ void edge_dots(const Problem& p, const CompactSegments& targets, const int64_t* 
   at::parallel_for(0, targets.rows(), 64, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t seg = targets.segment_of_row[row];
+      if (seg < 0) continue;
       const int64_t i = seg / p.num_relations, r = seg % p.num_relations;
       for (int64_t k = seg_ptr[seg]; k < seg_ptr[seg + 1]; ++k) {
         const T* __restrict__ ar = a + a_row(k, i, r, row) * width;
@@ -168,14 +188,38 @@ void edge_dots(const Problem& p, const CompactSegments& targets, const int64_t* 
   });
 }
 
-// out_r (the rows of relation r in a compact layout) = in_r @ (transpose ? W_r^T : W_r), per relation.
-void per_relation_mm(const Problem& p, const CompactSegments& c, const at::Tensor& in, const at::Tensor& weight,
+// out_r = in_r @ (transpose ? W_r^T : W_r) for every relation r (the rows of r in a compact layout).
+void relation_matmul(const Problem& p, const CompactSegments& c, const at::Tensor& in, const at::Tensor& weight,
                      bool transpose, at::Tensor& out) {
+  const auto w = transpose ? weight.transpose(1, 2) : weight;
+  if (c.padded()) {
+    auto out3 = out.view({p.num_relations, c.stride, out.size(1)});
+    at::bmm_out(out3, in.view({p.num_relations, c.stride, in.size(1)}), w);
+    return;
+  }
   for (int64_t r = 0; r < p.num_relations; ++r) {
     if (c.rows_in(r) == 0) continue;
     auto out_r = c.of(out, r);
-    at::mm_out(out_r, c.of(in, r), transpose ? weight[r].t() : weight[r]);
+    at::mm_out(out_r, c.of(in, r), w[r]);
   }
+}
+
+// grad_weight[r] = a_r^T @ b_r for every relation (padding rows of a and b are zero).
+at::Tensor relation_weight_grad(const Problem& p, const CompactSegments& c, const at::Tensor& a, const at::Tensor& b) {
+  if (c.padded()) {
+    return at::bmm(a.view({p.num_relations, c.stride, a.size(1)}).transpose(1, 2),
+                   b.view({p.num_relations, c.stride, b.size(1)}));
+  }
+  auto gw = at::empty({p.num_relations, a.size(1), b.size(1)}, a.options());
+  for (int64_t r = 0; r < p.num_relations; ++r) {
+    auto gw_r = gw[r];
+    if (c.rows_in(r) == 0) {
+      gw_r.zero_();
+    } else {
+      at::mm_out(gw_r, c.of(a, r).t(), c.of(b, r));
+    }
+  }
+  return gw;
 }
 
 // dst[c.node_of_row[row]] += rows[row]. Nodes are unique within a relation, so the rows of one
@@ -191,7 +235,7 @@ void add_rows_to_nodes(const Problem& p, const CompactSegments& c, const at::Ten
     const scalar_t* src = rows.data_ptr<scalar_t>();
     scalar_t* out = dst.data_ptr<scalar_t>();
     for (int64_t r = 0; r < p.num_relations; ++r) {
-      at::parallel_for(c.rel_offset[r], c.rel_offset[r + 1], 64, [&](int64_t begin, int64_t end) {
+      at::parallel_for(c.rel_offset[r], c.rel_offset[r] + c.rel_count[r], 64, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end; ++row) {
           scalar_t* __restrict__ o = out + node[row] * width;
           const scalar_t* __restrict__ in = src + row * width;
@@ -202,7 +246,7 @@ void add_rows_to_nodes(const Problem& p, const CompactSegments& c, const at::Ten
   });
 }
 
-// src rows c.node_of_row, one per compact row, copied in parallel.
+// src[node_of_row[row]] for every compact row (padding rows zero), copied in parallel.
 at::Tensor rows_of_nodes(const CompactSegments& c, const at::Tensor& src) {
   if (c.identity) return src;
   const int64_t width = src.size(1);
@@ -212,7 +256,13 @@ at::Tensor rows_of_nodes(const CompactSegments& c, const at::Tensor& src) {
   const char* in = static_cast<const char*>(src.data_ptr());
   char* o = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, c.rows(), 256, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) std::memcpy(o + row * bytes, in + node[row] * bytes, bytes);
+    for (int64_t row = begin; row < end; ++row) {
+      if (c.segment_of_row[row] < 0) {
+        std::memset(o + row * bytes, 0, bytes);
+      } else {
+        std::memcpy(o + row * bytes, in + node[row] * bytes, bytes);
+      }
+    }
   });
   return out;
 }
@@ -238,7 +288,7 @@ at::Tensor transform_sources(const Problem& p, const CompactSegments& sources, c
                              const at::Tensor& weight) {
   auto xs = rows_of_nodes(sources, x);
   auto y = at::empty({sources.rows(), p.fout}, x.options());
-  per_relation_mm(p, sources, xs, weight, false, y);
+  relation_matmul(p, sources, xs, weight, false, y);
   return y;
 }
 
@@ -275,7 +325,7 @@ at::Tensor rgcn_conv_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, co
                                nullptr, x.data_ptr<scalar_t>(), p.fin, h.data_ptr<scalar_t>());
     });
     auto hw = at::empty({targets.rows(), p.fout}, x.options());
-    per_relation_mm(p, targets, h, weight, false, hw);
+    relation_matmul(p, targets, h, weight, false, hw);
     add_rows_to_nodes(p, targets, hw, out);
   }
   return out.to(x_in.scalar_type());
@@ -303,7 +353,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rgcn_conv_backward_cp
   const auto targets = compact_segments(p, g.ptr(), g.seg_ptr.options());
   at::Tensor gx = need_x ? (root.defined() ? at::mm(go, root.t()) : at::zeros({p.num_nodes, p.fin}, x.options()))
                          : at::Tensor();
-  auto gw = need_w ? at::zeros({p.num_relations, p.fin, p.fout}, x.options()) : at::Tensor();
+  at::Tensor gw;
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rgcn_conv_backward", [&] {
     const scalar_t* scale_p = scale.defined() ? scale.data_ptr<scalar_t>() : nullptr;
@@ -314,17 +364,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rgcn_conv_backward_cp
       auto dy = at::empty({sources.rows(), p.fout}, x.options());
       gather_to_rows<scalar_t>(sources, g.t_ptr(), g.t_cols(), scale_p, g.t_eids(), go.data_ptr<scalar_t>(), p.fout,
                                dy.data_ptr<scalar_t>());
-      if (need_w) {
-        auto xs = rows_of_nodes(sources, x);
-        for (int64_t r = 0; r < p.num_relations; ++r) {
-          if (sources.rows_in(r) == 0) continue;
-          auto gw_r = gw[r];
-          at::mm_out(gw_r, sources.of(xs, r).t(), sources.of(dy, r));
-        }
-      }
+      if (need_w) gw = relation_weight_grad(p, sources, rows_of_nodes(sources, x), dy);
       if (need_x) {
         auto dx_rows = at::empty({sources.rows(), p.fin}, x.options());
-        per_relation_mm(p, sources, dy, weight, true, dx_rows);
+        relation_matmul(p, sources, dy, weight, true, dx_rows);
         add_rows_to_nodes(p, sources, dx_rows, gx);
       }
       if (need_s) {
@@ -342,16 +385,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rgcn_conv_backward_cp
         auto h = at::empty({targets.rows(), p.fin}, x.options());
         gather_to_rows<scalar_t>(targets, g.ptr(), g.cols(), scale_p, nullptr, x.data_ptr<scalar_t>(), p.fin,
                                  h.data_ptr<scalar_t>());
-        for (int64_t r = 0; r < p.num_relations; ++r) {
-          if (targets.rows_in(r) == 0) continue;
-          auto gw_r = gw[r];
-          at::mm_out(gw_r, targets.of(h, r).t(), targets.of(go_rows, r));
-        }
+        gw = relation_weight_grad(p, targets, h, go_rows);
       }
       if (need_x || need_s) {
         // proj[(i, r)] = grad_out[i] @ W_r^T: what each edge of that segment sends back to its source.
         auto proj = at::empty({targets.rows(), p.fin}, x.options());
-        per_relation_mm(p, targets, go_rows, weight, true, proj);
+        relation_matmul(p, targets, go_rows, weight, true, proj);
         if (need_x) {
           gather_to_nodes<scalar_t>(p, g.t_ptr(), g.t_cols(), scale_p, g.t_eids(), targets, proj.data_ptr<scalar_t>(),
                                     p.fin, gx.data_ptr<scalar_t>());
