@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <unordered_map>
 #include <vector>
 
 namespace imer_fast {
@@ -115,6 +116,18 @@ CompactSegments compact_segments(const Problem& p, const int64_t* ptr, const at:
   }
   c.identity = R == 1 && c.num_rows == p.num_nodes;
   return c;
+}
+
+// Per-thread scratch for the compact intermediates, reused across calls. They are megabytes, and
+// a fresh allocation of that size comes from mmap, so every call paid page faults and the kernel's
+// zeroing: a forward+backward measured about 1.5x slower inside a long-running process. A scratch
+// view never leaves the op (outputs are fresh tensors); slots live at once within a call differ.
+at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  thread_local std::unordered_map<int64_t, at::Tensor> buffers;
+  auto& buffer = buffers[slot * 64 + static_cast<int64_t>(c10::typeMetaToScalarType(options.dtype()))];
+  const int64_t need = rows * cols;
+  if (!buffer.defined() || buffer.numel() < need) buffer = at::empty({std::max<int64_t>(need, 1)}, options);
+  return buffer.narrow(0, 0, need).view({rows, cols});
 }
 
 // Edge k's factor; scale_idx re-indexes it when walking the transposed CSR.
@@ -247,10 +260,10 @@ void add_rows_to_nodes(const Problem& p, const CompactSegments& c, const at::Ten
 }
 
 // src[node_of_row[row]] for every compact row (padding rows zero), copied in parallel.
-at::Tensor rows_of_nodes(const CompactSegments& c, const at::Tensor& src) {
+at::Tensor rows_of_nodes(const CompactSegments& c, const at::Tensor& src, int slot) {
   if (c.identity) return src;
   const int64_t width = src.size(1);
-  auto out = at::empty({c.rows(), width}, src.options());
+  auto out = scratch(slot, c.rows(), width, src.options());
   const int64_t* node = c.node_of_row.data_ptr<int64_t>();
   const size_t bytes = width * src.element_size();
   const char* in = static_cast<const char*>(src.data_ptr());
@@ -285,9 +298,9 @@ struct Graph {
 
 // Y[(j, r)] = x[j] @ W_r for the compact source rows (transform-first).
 at::Tensor transform_sources(const Problem& p, const CompactSegments& sources, const at::Tensor& x,
-                             const at::Tensor& weight) {
-  auto xs = rows_of_nodes(sources, x);
-  auto y = at::empty({sources.rows(), p.fout}, x.options());
+                             const at::Tensor& weight, int xs_slot, int y_slot) {
+  auto xs = rows_of_nodes(sources, x, xs_slot);
+  auto y = scratch(y_slot, sources.rows(), p.fout, x.options());
   relation_matmul(p, sources, xs, weight, false, y);
   return y;
 }
@@ -312,19 +325,19 @@ at::Tensor rgcn_conv_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, co
   }
   if (transform_first(p)) {
     const auto sources = compact_segments(p, g.t_ptr(), g.t_seg_ptr.options());
-    auto y = transform_sources(p, sources, x, weight);
+    auto y = transform_sources(p, sources, x, weight, 0, 1);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rgcn_conv_forward", [&] {
       gather_to_nodes<scalar_t>(p, g.ptr(), g.cols(), scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
                                 nullptr, sources, y.data_ptr<scalar_t>(), p.fout, out.data_ptr<scalar_t>());
     });
   } else {
     const auto targets = compact_segments(p, g.ptr(), g.seg_ptr.options());
-    auto h = at::empty({targets.rows(), p.fin}, x.options());
+    auto h = scratch(0, targets.rows(), p.fin, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rgcn_conv_forward", [&] {
       gather_to_rows<scalar_t>(targets, g.ptr(), g.cols(), scale.defined() ? scale.data_ptr<scalar_t>() : nullptr,
                                nullptr, x.data_ptr<scalar_t>(), p.fin, h.data_ptr<scalar_t>());
     });
-    auto hw = at::empty({targets.rows(), p.fout}, x.options());
+    auto hw = scratch(1, targets.rows(), p.fout, x.options());
     relation_matmul(p, targets, h, weight, false, hw);
     add_rows_to_nodes(p, targets, hw, out);
   }
@@ -361,17 +374,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rgcn_conv_backward_cp
     if (transform_first(p)) {
       const auto sources = compact_segments(p, g.t_ptr(), g.t_seg_ptr.options());
       // dY[(j, r)] = sum_{k in tseg(j, r)} scale * grad_out[target]: the gradient of Y's rows.
-      auto dy = at::empty({sources.rows(), p.fout}, x.options());
+      auto dy = scratch(0, sources.rows(), p.fout, x.options());
       gather_to_rows<scalar_t>(sources, g.t_ptr(), g.t_cols(), scale_p, g.t_eids(), go.data_ptr<scalar_t>(), p.fout,
                                dy.data_ptr<scalar_t>());
-      if (need_w) gw = relation_weight_grad(p, sources, rows_of_nodes(sources, x), dy);
+      if (need_w) gw = relation_weight_grad(p, sources, rows_of_nodes(sources, x, 1), dy);
       if (need_x) {
-        auto dx_rows = at::empty({sources.rows(), p.fin}, x.options());
+        auto dx_rows = scratch(2, sources.rows(), p.fin, x.options());
         relation_matmul(p, sources, dy, weight, true, dx_rows);
         add_rows_to_nodes(p, sources, dx_rows, gx);
       }
       if (need_s) {
-        auto y = transform_sources(p, sources, x, weight);
+        auto y = transform_sources(p, sources, x, weight, 1, 3);
         const int64_t* cols = g.cols();
         edge_dots<scalar_t>(
             p, targets, g.ptr(), y.data_ptr<scalar_t>(),
@@ -380,16 +393,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rgcn_conv_backward_cp
             gs.data_ptr<scalar_t>());
       }
     } else {
-      auto go_rows = rows_of_nodes(targets, go);  // grad of each compact row's target
+      auto go_rows = rows_of_nodes(targets, go, 0);  // grad of each compact row's target
       if (need_w) {
-        auto h = at::empty({targets.rows(), p.fin}, x.options());
+        auto h = scratch(1, targets.rows(), p.fin, x.options());
         gather_to_rows<scalar_t>(targets, g.ptr(), g.cols(), scale_p, nullptr, x.data_ptr<scalar_t>(), p.fin,
                                  h.data_ptr<scalar_t>());
         gw = relation_weight_grad(p, targets, h, go_rows);
       }
       if (need_x || need_s) {
         // proj[(i, r)] = grad_out[i] @ W_r^T: what each edge of that segment sends back to its source.
-        auto proj = at::empty({targets.rows(), p.fin}, x.options());
+        auto proj = scratch(2, targets.rows(), p.fin, x.options());
         relation_matmul(p, targets, go_rows, weight, true, proj);
         if (need_x) {
           gather_to_nodes<scalar_t>(p, g.t_ptr(), g.t_cols(), scale_p, g.t_eids(), targets, proj.data_ptr<scalar_t>(),

@@ -1,0 +1,73 @@
+"""Condense pytest-benchmark JSON into a results file: device, versions, command, median per case.
+
+    python -m pytest bench --benchmark-only --benchmark-json=/tmp/raw.json
+    python bench/summarize.py /tmp/raw.json bench/results/<device>/<name>.json --command "<what you ran>"
+
+Several raw files (repeated runs) may be given: each case then lists every run's median and their
+median, so the spread of a shared machine stays visible.
+"""
+import argparse
+import json
+import platform
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def versions() -> dict:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import torch_geometric
+
+        out["torch_geometric"] = torch_geometric.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("raw", nargs="+", help="pytest-benchmark --benchmark-json files")
+    parser.add_argument("out", help="results file to write")
+    parser.add_argument("--command", required=True, help="the command that produced the raw files")
+    args = parser.parse_args(argv)
+    runs = defaultdict(list)
+    groups = {}
+    cpu = None
+    for path in args.raw:
+        data = json.loads(Path(path).read_text())
+        cpu = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", cpu)
+        for bench in data["benchmarks"]:
+            runs[bench["name"]].append(bench["stats"]["median"] * 1e3)
+            groups[bench["name"]] = bench["group"]
+    cases = {}
+    for name, medians in sorted(runs.items()):
+        cases[name] = {"group": groups[name], "median_ms": statistics.median(medians),
+                       "run_medians_ms": [round(m, 4) for m in medians]}
+    result = {"device": device_name(), "cpu": cpu, "versions": versions(), "command": args.command,
+              "runs": len(args.raw), "cases": cases}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    json.dump(result, sys.stdout, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
