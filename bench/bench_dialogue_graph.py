@@ -103,6 +103,21 @@ def _fwd_bwd(fn, x, params, device):
     return run
 
 
+def _record_peak_memory(benchmark, fn, x, device):
+    """GPU only: peak memory of one forward beyond its inputs, in multiples of the output size
+    (target: <= 1.2 for imer_fast's RGCN layer)."""
+    if device.type != "cuda":
+        return
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        out = fn(x)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    benchmark.extra_info["peak_extra_memory_over_output"] = extra / (out.numel() * out.element_size())
+
+
 def _ref_layers(graph, rgcn, gconv):
     def fn(x):
         h = ops.rgcn_conv_ref(x, graph.edge_index, graph.edge_type, rgcn.weight, rgcn.root, rgcn.bias)
@@ -118,6 +133,7 @@ def _params(rgcn, gconv):
 @pytest.mark.benchmark(group="rgcn+graphconv fwd+bwd")
 def test_layers_imer_fast(benchmark, layer_inputs, device):
     graph, rgcn, gconv, x = layer_inputs
+    _record_peak_memory(benchmark, lambda x: rgcn(x, graph), x, device)
     benchmark(_fwd_bwd(lambda x: gconv(rgcn(x, graph), graph), x, _params(rgcn, gconv), device))
 
 
@@ -148,6 +164,7 @@ def _pyg_layers(rgcn, gconv, device):
 def test_layers_pyg(benchmark, layer_inputs, device):
     graph, rgcn, gconv, x = layer_inputs
     theirs_rgcn, theirs_gconv = _pyg_layers(rgcn, gconv, device)
+    _record_peak_memory(benchmark, lambda x: theirs_rgcn(x, graph.edge_index, graph.edge_type), x, device)
     fn = lambda x: theirs_gconv(theirs_rgcn(x, graph.edge_index, graph.edge_type), graph.edge_index)  # noqa: E731
     benchmark(_fwd_bwd(fn, x, _params(theirs_rgcn, theirs_gconv), device))
 

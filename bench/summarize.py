@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--command", required=True, help="the command that produced the raw files")
     args = parser.parse_args(argv)
     runs = defaultdict(list)
-    groups = {}
+    groups, extra = {}, {}
     cpu = None
     for path in args.raw:
         data = json.loads(Path(path).read_text())
@@ -57,10 +57,14 @@ def main(argv=None) -> int:
         for bench in data["benchmarks"]:
             runs[bench["name"]].append(bench["stats"]["median"] * 1e3)
             groups[bench["name"]] = bench["group"]
+            if bench.get("extra_info"):
+                extra[bench["name"]] = bench["extra_info"]
     cases = {}
     for name, medians in sorted(runs.items()):
         cases[name] = {"group": groups[name], "median_ms": statistics.median(medians),
                        "run_medians_ms": [round(m, 4) for m in medians]}
+        if name in extra:
+            cases[name]["extra_info"] = extra[name]
     result = {"device": device_name(), "cpu": cpu, "versions": versions(), "command": args.command,
               "runs": len(args.raw), "cases": cases}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
