@@ -69,6 +69,20 @@ def test_build_graph_python_per_edge(benchmark, dialogues, device):
 
 
 @pytest.mark.benchmark(group="build_dialogue_graph")
+def test_build_graph_compiled_vectorised_torch(benchmark, dialogues, device):
+    lengths, speakers = dialogues
+    compiled = torch.compile(ops.build_dialogue_graph_ref, dynamic=True)
+
+    def run():
+        out = compiled(lengths, speakers, WINDOW, WINDOW, "dialoguegcn", 2)
+        sync(device)
+        return out
+
+    run()  # compile outside the timing
+    benchmark(run)
+
+
+@pytest.mark.benchmark(group="build_dialogue_graph")
 def test_build_graph_imer_fast_with_csr(benchmark, dialogues, device):
     lengths, speakers = dialogues
 
@@ -78,6 +92,47 @@ def test_build_graph_imer_fast_with_csr(benchmark, dialogues, device):
         return g
 
     benchmark(run)
+
+
+# ---- relational CSR (sorting the typed edges for the convolutions) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def typed_edges(dialogues):
+    lengths, speakers = dialogues
+    edge_index, edge_type, _ = ops.build_dialogue_graph_ref(lengths, speakers, WINDOW, WINDOW, "dialoguegcn", 2)
+    perm = torch.randperm(edge_type.numel(), generator=torch.Generator().manual_seed(0)).to(edge_type.device)
+    return edge_index[:, perm], edge_type[perm], speakers.numel()
+
+
+@pytest.mark.benchmark(group="relational_csr")
+def test_csr_imer_fast(benchmark, typed_edges, device):
+    edge_index, edge_type, num_nodes = typed_edges
+    benchmark(lambda: (torch.ops.imer_fast.relational_csr(edge_index, edge_type, num_nodes, 8), sync(device)))
+
+
+@pytest.mark.benchmark(group="relational_csr")
+def test_csr_reference(benchmark, typed_edges, device):
+    edge_index, edge_type, num_nodes = typed_edges
+    benchmark(lambda: (ops.relational_csr_ref(edge_index, edge_type, num_nodes, 8), sync(device)))
+
+
+@pytest.mark.benchmark(group="relational_csr")
+def test_csr_compiled_reference(benchmark, typed_edges, device):
+    edge_index, edge_type, num_nodes = typed_edges
+    compiled = torch.compile(ops.relational_csr_ref, dynamic=True)
+    compiled(edge_index, edge_type, num_nodes, 8)
+    benchmark(lambda: (compiled(edge_index, edge_type, num_nodes, 8), sync(device)))
+
+
+@pytest.mark.benchmark(group="relational_csr")
+def test_csr_pyg_sort_edge_index(benchmark, typed_edges, device):
+    """PyG's own sort (by target, then source; no relation key, no transpose): a lower bound on
+    what a library sort costs here."""
+    utils = pytest.importorskip("torch_geometric.utils")
+    edge_index, edge_type, num_nodes = typed_edges
+    benchmark(lambda: (utils.sort_edge_index(edge_index, edge_type, num_nodes=num_nodes, sort_by_row=False),
+                       sync(device)))
 
 
 # ---- RGCNConv + GraphConv forward + backward --------------------------------------------------

@@ -71,6 +71,11 @@ def test_opcheck():
         args = (x, weight, r, b, graph.seg_ptr, graph.col, s, graph.t_seg_ptr, graph.t_col, graph.t_eid,
                 graph.max_degree)
         torch.library.opcheck(torch.ops.imer_fast.rgcn_conv.default, args)
+        grad = torch.randn(12, 5)
+        backward_args = (grad, x.detach(), weight.detach(), None if r is None else r.detach(), graph.seg_ptr, graph.col,
+                         None if s is None else s.detach(), graph.t_seg_ptr, graph.t_col, graph.t_eid,
+                         graph.max_degree, [True, True, r is not None, s is not None])
+        torch.library.opcheck(torch.ops.imer_fast.rgcn_conv_backward.default, backward_args)
 
 
 @pytest.mark.parametrize("bases, blocks", [(None, None), (2, None), (None, 2)])
