@@ -440,8 +440,8 @@ def rgcn_conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, root: Option
     grad_out = grad_out.to(x.dtype)
     seg_ptr, col = seg_ptr.contiguous(), col.contiguous()
     scale = scale.contiguous() if scale is not None else None
-    empty = x.new_empty(0)
-    grad_x = grad_weight = grad_root = grad_scale = empty
+    # Outputs not asked for are distinct empty tensors (one shared tensor would alias the outputs).
+    grad_x, grad_weight, grad_root, grad_scale = (x.new_empty(0) for _ in range(4))
 
     if mask[0]:
         # grad_x[j] = grad_out[j] @ root^T + sum_r sum_{k in t_seg(j, r)} scale[t_eid[k]] * grad_out[t_col[k]] @ W_r^T

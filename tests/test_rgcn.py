@@ -62,7 +62,7 @@ def test_backward_matches_reference_in_float32(backend):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
 
 
-def test_opcheck():
+def test_opcheck(backend):
     _, _, graph = random_graph(12, 3, 40, seed=9)
     weight, root, bias = params(6, 5, 3, torch.float32, seed=10, requires_grad=True)
     x = torch.randn(12, 6, requires_grad=True)

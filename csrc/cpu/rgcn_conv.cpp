@@ -359,8 +359,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rgcn_conv_backward_cp
   auto root = in_compute(root_in, p.compute);
   auto scale = in_compute(scale_in, p.compute);
   const Graph g{seg_ptr.contiguous(), col.contiguous(), t_seg_ptr.contiguous(), t_col.contiguous(), t_eid.contiguous()};
-  const auto empty = at::empty({0}, x_in.options());
-  at::Tensor grad_x = empty, grad_weight = empty, grad_root = empty, grad_scale = empty;
+  // Outputs not asked for are distinct empty tensors (one shared tensor would alias the outputs).
+  const auto none = [&] { return at::empty({0}, x_in.options()); };
+  at::Tensor grad_x = none(), grad_weight = none(), grad_root = none(), grad_scale = none();
   const bool need_x = output_mask[0], need_w = output_mask[1], need_s = output_mask[3] && scale.defined();
   if (output_mask[2] && root.defined()) grad_root = at::mm(x.t(), go).to(x_in.scalar_type());
   const auto targets = compact_segments(p, g.ptr(), g.seg_ptr.options());

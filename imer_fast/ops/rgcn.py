@@ -75,12 +75,11 @@ def _rgcn_conv_fake(x, weight, root, bias, seg_ptr, col, scale, t_seg_ptr, t_col
 @torch.library.register_fake("imer_fast::rgcn_conv_backward")
 def _rgcn_conv_backward_fake(grad_out, x, weight, root, seg_ptr, col, scale, t_seg_ptr, t_col, t_eid, max_degree,
                              output_mask):
-    empty = x.new_empty(0)
     return (
-        x.new_empty(x.shape) if output_mask[0] else empty,
-        weight.new_empty(weight.shape) if output_mask[1] else empty,
-        root.new_empty(root.shape) if output_mask[2] and root is not None else empty,
-        scale.new_empty(scale.shape) if output_mask[3] and scale is not None else empty,
+        x.new_empty(x.shape) if output_mask[0] else x.new_empty(0),
+        weight.new_empty(weight.shape) if output_mask[1] else x.new_empty(0),
+        root.new_empty(root.shape) if output_mask[2] and root is not None else x.new_empty(0),
+        scale.new_empty(scale.shape) if output_mask[3] and scale is not None else x.new_empty(0),
     )
 
 
