@@ -79,6 +79,9 @@ def build_dialogue_graph(lengths: Tensor, speakers: Tensor, window_past: int, wi
     if speakers.device != lengths.device:
         raise ValueError(f"{_OP}speakers are on {speakers.device} but lengths on {lengths.device}")
     window_past, window_future, num_speakers = int(window_past), int(window_future), int(num_speakers)
+    # A window reaching past every dialogue is unbounded; clamping keeps int64 arithmetic from overflowing.
+    window_past = -1 if window_past >= speakers.numel() else window_past
+    window_future = -1 if window_future >= speakers.numel() else window_future
     if window_past < -1 or window_future < -1:
         raise ValueError(f"{_OP}window_past and window_future must be >= -1 (-1: whole dialogue); got "
                          f"{window_past} and {window_future}")

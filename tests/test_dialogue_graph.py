@@ -165,3 +165,14 @@ def test_relational_graph_validation():
         ops.RelationalGraph.from_edges(torch.tensor([[0.0], [1.0]]), None, 3, 1)
     with pytest.raises(ValueError, match="shape \\[2, E\\]"):
         ops.RelationalGraph.from_edges(torch.tensor([0, 1, 2]), None, 3, 1)
+
+
+@pytest.mark.parametrize("huge", [50, 2**62, 2**63 - 1])
+def test_windows_beyond_the_longest_dialogue_are_unbounded(backend, huge):
+    speakers = torch.tensor([0, 1, 1, 0, 1, 0, 0])
+    for windows, unbounded in (((huge, 1), (-1, 1)), ((1, huge), (1, -1)), ((huge, huge), (-1, -1))):
+        got = ops.build_dialogue_graph([4, 3], speakers, *windows, relations="dialoguegcn", num_speakers=2)
+        want = ops.build_dialogue_graph([4, 3], speakers, *unbounded, relations="dialoguegcn", num_speakers=2)
+        assert as_triples(got) == as_triples(want)
+    direct = torch.ops.imer_fast.build_dialogue_graph(torch.tensor([4, 3]), speakers, huge, huge, "temporal", 2)
+    assert direct[0].shape[1] == 16 + 9

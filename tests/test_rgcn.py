@@ -253,3 +253,88 @@ def test_cpu_layouts_match_reference_with_gradients(fin, fout, balanced):
     grad = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
         torch.testing.assert_close(a, b)
+
+
+# ---- regressions found in review ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_nodes", [0, 1])
+def test_bias_is_never_written_or_aliased(backend, num_nodes):
+    conv = RGCNConv(4, 3, num_relations=2, root_weight=False)
+    bias_before = conv.bias.detach().clone()
+    edge_index = torch.zeros(2, num_nodes, dtype=torch.long)
+    graph = ops.RelationalGraph.from_edges(edge_index, torch.ones(num_nodes, dtype=torch.long), num_nodes, 2)
+    x = torch.randn(num_nodes, 4)
+    outs = [conv(x, graph) for _ in range(3)]
+    assert torch.equal(conv.bias.detach(), bias_before)
+    for out in outs:
+        torch.testing.assert_close(out, outs[0])
+        assert out.data_ptr() != conv.bias.data_ptr() or out.numel() == 0
+
+
+def test_inference_mode_then_normal_calls():
+    conv = RGCNConv(8, 16, num_relations=2)
+    _, _, graph = random_graph(10, 2, 30, seed=30)
+    x = torch.randn(10, 8, requires_grad=True)
+    with torch.inference_mode():
+        expected = conv(x.detach(), graph)
+    out = conv(x, graph)  # the C++ scratch buffers must not be inference tensors here
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert x.grad is not None
+
+
+def test_double_backward_is_a_clear_error(backend):
+    _, _, graph = random_graph(6, 2, 15, seed=31)
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(ops.rgcn_conv(x, graph, weight).square().sum(), x, create_graph=True)
+    if backend == "reference":
+        torch.autograd.grad(gx.square().sum(), weight)  # the pure-torch twin supports it
+        return
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        torch.autograd.grad(gx.square().sum(), weight)
+
+
+def test_torch_compile_fullgraph_rgcn_then_graphconv_on_a_fresh_graph():
+    torch.manual_seed(0)
+    rgcn, gconv = RGCNConv(8, 16, 4), GraphConv(16, 16)
+    d = ops.build_dialogue_graph([3, 5, 2], torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 0]), 2, 1, "speaker", 2)
+    fn = torch.compile(lambda x, g: gconv(torch.relu(rgcn(x, g)), g), fullgraph=True)
+    x = torch.randn(10, 8)
+    with torch.no_grad():
+        expected = gconv(torch.relu(rgcn(x, d.graph)), d.graph)
+    fresh = ops.build_dialogue_graph([3, 5, 2], torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 0]), 2, 1, "speaker", 2)
+    torch.testing.assert_close(fn(x, fresh.graph), expected)
+
+
+@pytest.mark.parametrize("field, index, value, match", [
+    ("col", 0, 10**9, "col must lie in \\[0, num_nodes"),
+    ("t_col", 0, -1, "t_col must lie in \\[0, num_nodes"),
+    ("t_eid", 0, 10**9, "t_eid must lie in \\[0, E"),
+    ("seg_ptr", -1, 10**6, "seg_ptr must start at 0 and end at E"),
+    ("t_seg_ptr", 1, 10**6, "t_seg_ptr must not decrease|t_seg_ptr must start at 0"),
+])
+def test_malformed_csr_is_rejected_not_read_out_of_bounds(field, index, value, match):
+    _, _, graph = random_graph(6, 2, 20, seed=32)
+    tensors = {name: getattr(graph, name).clone() for name in ("seg_ptr", "col", "t_seg_ptr", "t_col", "t_eid")}
+    tensors[field][index] = value
+    x, weight = torch.randn(6, 4), torch.randn(2, 4, 3)
+    args = (x, weight, None, None, tensors["seg_ptr"], tensors["col"], None, tensors["t_seg_ptr"], tensors["t_col"],
+            tensors["t_eid"], graph.max_degree)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.imer_fast.rgcn_conv(*args)
+
+
+def test_inconsistent_forward_and_transposed_csr_is_rejected():
+    _, _, graph = random_graph(6, 2, 20, seed=33)
+    _, _, other = random_graph(6, 2, 20, seed=34)  # a valid CSR of another graph as the "transpose"
+    x, weight = torch.randn(6, 4), torch.randn(2, 4, 3)  # Fout < Fin: the forward gathers through the transpose
+    with pytest.raises(RuntimeError, match="CSRs disagree"):
+        torch.ops.imer_fast.rgcn_conv(x, weight, None, None, graph.seg_ptr, graph.col, None, other.t_seg_ptr,
+                                      other.t_col, other.t_eid, graph.max_degree)
+
+
+def test_rgcnconv_requires_edge_type_with_an_edge_index_tensor():
+    with pytest.raises(ValueError, match="edge_type \\[E\\] is required"):
+        RGCNConv(4, 3, 2)(torch.randn(3, 4), torch.tensor([[0, 1], [1, 2]]))

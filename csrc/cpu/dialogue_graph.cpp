@@ -27,7 +27,8 @@ inline int64_t first_source(int64_t i, int64_t window_future) {
   return window_future < 0 ? 0 : std::max<int64_t>(0, i - window_future);
 }
 inline int64_t last_source(int64_t i, int64_t n, int64_t window_past) {
-  return window_past < 0 ? n - 1 : std::min<int64_t>(n - 1, i + window_past);
+  // Compared before adding so that huge windows (INT64_MAX) cannot overflow.
+  return (window_past < 0 || window_past >= n - 1 - i) ? n - 1 : i + window_past;
 }
 
 // Canonical relation ids; imer_fast/ops/dialogue_graph.py documents them and maps release ids.

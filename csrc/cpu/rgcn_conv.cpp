@@ -28,6 +28,25 @@ struct Problem {
   at::ScalarType compute;
 };
 
+// Pointers start at 0, never decrease and end at E; every index names a node. O(N * R + E), cheap
+// next to the gathers, and it keeps a malformed graph from reading out of bounds.
+void check_csr(const at::Tensor& ptr_t, const at::Tensor& idx_t, int64_t num_nodes, int64_t num_edges,
+               const char* ptr_name, const char* idx_name) {
+  const auto ptr_c = ptr_t.contiguous(), idx_c = idx_t.contiguous();
+  const int64_t* ptr = ptr_c.data_ptr<int64_t>();
+  const int64_t* idx = idx_c.data_ptr<int64_t>();
+  const int64_t n = ptr_c.numel();
+  TORCH_CHECK(ptr[0] == 0 && ptr[n - 1] == num_edges, kOp, ptr_name, " must start at 0 and end at E = ", num_edges,
+              "; got ", ptr[0], " and ", ptr[n - 1]);
+  for (int64_t s = 0; s + 1 < n; ++s) {
+    TORCH_CHECK(ptr[s + 1] >= ptr[s], kOp, ptr_name, " must not decrease; it does at entry ", s);
+  }
+  for (int64_t k = 0; k < num_edges; ++k) {
+    TORCH_CHECK(idx[k] >= 0 && idx[k] < num_nodes, kOp, idx_name, " must lie in [0, num_nodes = ", num_nodes,
+                "); entry ", k, " is ", idx[k]);
+  }
+}
+
 Problem check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& root,
                      const c10::optional<at::Tensor>& bias, const at::Tensor& seg_ptr, const at::Tensor& col,
                      const c10::optional<at::Tensor>& scale, const at::Tensor& t_seg_ptr, const at::Tensor& t_col,
@@ -63,6 +82,13 @@ Problem check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::o
     TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kLong && t->numel() == p.num_edges, kOp,
                 "col, t_col and t_eid must be int64 of shape [E = ", p.num_edges, "]; got ", t->scalar_type(),
                 " of shape ", t->sizes());
+  }
+  check_csr(seg_ptr, col, p.num_nodes, p.num_edges, "seg_ptr", "col");
+  check_csr(t_seg_ptr, t_col, p.num_nodes, p.num_edges, "t_seg_ptr", "t_col");
+  const int64_t* eid = t_eid.contiguous().data_ptr<int64_t>();
+  for (int64_t k = 0; k < p.num_edges; ++k) {
+    TORCH_CHECK(eid[k] >= 0 && eid[k] < p.num_edges, kOp, "t_eid must lie in [0, E = ", p.num_edges, "); entry ", k,
+                " is ", eid[k]);
   }
   if (scale.has_value()) {
     TORCH_CHECK(scale->dim() == 1 && scale->numel() == p.num_edges && scale->scalar_type() == x.scalar_type(), kOp,
@@ -122,9 +148,14 @@ CompactSegments compact_segments(const Problem& p, const int64_t* ptr, const at:
 // a fresh allocation of that size comes from mmap, so every call paid page faults and the kernel's
 // zeroing: a forward+backward measured about 1.5x slower inside a long-running process. A scratch
 // view never leaves the op (outputs are fresh tensors); slots live at once within a call differ.
+// Each thread keeps its largest buffer per slot and dtype until it exits.
 at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& options) {
   thread_local std::unordered_map<int64_t, at::Tensor> buffers;
-  auto& buffer = buffers[slot * 64 + static_cast<int64_t>(c10::typeMetaToScalarType(options.dtype()))];
+  // Keyed by inference mode too: a buffer made under torch.inference_mode() is an inference tensor,
+  // which out= kernels may not write outside that mode.
+  const int64_t key = (slot * 64 + static_cast<int64_t>(c10::typeMetaToScalarType(options.dtype()))) * 2 +
+                      static_cast<int64_t>(c10::InferenceMode::is_enabled());
+  auto& buffer = buffers[key];
   const int64_t need = rows * cols;
   if (!buffer.defined() || buffer.numel() < need) buffer = at::empty({std::max<int64_t>(need, 1)}, options);
   return buffer.narrow(0, 0, need).view({rows, cols});
@@ -173,7 +204,10 @@ void gather_to_nodes(const Problem& p, const int64_t* ptr, const int64_t* idx, c
         const int64_t seg = n * p.num_relations + r;
         for (int64_t k = ptr[seg]; k < ptr[seg + 1]; ++k) {
           const T s = edge_scale(scale, scale_idx, k);
-          const T* __restrict__ in = src + src_rows.row_of_segment[idx[k] * p.num_relations + r] * width;
+          const int64_t src_row = src_rows.row_of_segment[idx[k] * p.num_relations + r];
+          TORCH_CHECK(src_row >= 0, kOp, "the forward and transposed CSRs disagree (edge ", k, " of node ", n,
+                      "); build them with imer_fast::relational_csr");
+          const T* __restrict__ in = src + src_row * width;
           for (int64_t f = 0; f < width; ++f) out[f] += s * in[f];
         }
       }
@@ -320,8 +354,9 @@ at::Tensor rgcn_conv_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, co
   if (root.defined()) {
     out = bias.defined() ? at::addmm(bias, x, root) : at::mm(x, root);
   } else {
-    out = bias.defined() ? bias.unsqueeze(0).expand({p.num_nodes, p.fout}).contiguous()
-                         : at::zeros({p.num_nodes, p.fout}, x.options());
+    // A fresh tensor: expand(...).contiguous() of a single row would alias (and then modify) bias.
+    out = at::zeros({p.num_nodes, p.fout}, x.options());
+    if (bias.defined()) out.add_(bias);
   }
   if (transform_first(p)) {
     const auto sources = compact_segments(p, g.t_ptr(), g.t_seg_ptr.options());

@@ -94,6 +94,8 @@ class RGCNConv(nn.Module):
 
     def forward(self, x: Tensor, edge_index: GraphLike, edge_type: Optional[Tensor] = None,
                 edge_weight: Optional[Tensor] = None) -> Tensor:
+        if isinstance(edge_index, Tensor) and edge_type is None:
+            raise ValueError("RGCNConv: edge_type [E] is required with an edge_index tensor (as in PyG); got None")
         graph = _as_graph(edge_index, edge_type, x.shape[0], self.num_relations, "RGCNConv")
         return rgcn_conv(x, graph, self.relation_weights(), self.root, self.bias, edge_weight, self.aggr)
 

@@ -213,6 +213,10 @@ def build_dialogue_graph(
     for name, window in (("window_past", window_past), ("window_future", window_future)):
         if not isinstance(window, int) or isinstance(window, bool) or window < -1:
             raise ValueError(f"{op}: {name} must be an int >= -1 (-1: whole dialogue); got {window!r}")
+    # A window reaching past the longest dialogue is the unbounded window (and must not overflow).
+    longest = int(lengths.max()) if lengths.numel() else 0
+    window_past = -1 if window_past >= longest else window_past
+    window_future = -1 if window_future >= longest else window_future
     max_speaker = int(packed.max()) if packed.numel() else 0
     if num_speakers is None:
         num_speakers = max_speaker + 1

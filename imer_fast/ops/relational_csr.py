@@ -13,7 +13,7 @@ Both sorts are stable, so equal keys keep their original edge order and results 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -111,7 +111,12 @@ def _check_edges(edge_index: Tensor, edge_type: Tensor, num_nodes: int, num_rela
 @dataclass(frozen=True)
 class RelationalGraph:
     """A typed graph in the sorted form imer_fast's graph kernels consume. Build it once per batch
-    with :meth:`from_edges` (or ``build_dialogue_graph(...).graph``) and reuse it across layers."""
+    with :meth:`from_edges` (or ``build_dialogue_graph(...).graph``) and reuse it across layers.
+
+    Everything derived from the graph is computed here, eagerly, in the autograd mode the graph is
+    built in: nothing is cached later (a lazy cache filled under ``torch.inference_mode`` would hand
+    autograd tensors it may not save, and data-dependent ints cannot be computed inside
+    ``torch.compile``). A graph built under ``torch.inference_mode`` serves inference only."""
 
     edge_index: Tensor
     edge_type: Tensor
@@ -124,9 +129,8 @@ class RelationalGraph:
     t_col: Tensor
     t_eid: Tensor
     max_degree: int
-    # Derived tensors built on first use. A plain dict, not functools.cached_property: that one
-    # takes an RLock on Python < 3.12, which torch.compile cannot trace.
-    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+    inverse_counts: Tensor  # float64 [E]: 1 / (edges in the edge's segment), per sorted edge ('mean')
+    merged: Optional["RelationalGraph"] = None  # the edges with types ignored (None: one relation)
 
     @classmethod
     def from_edges(
@@ -142,49 +146,42 @@ class RelationalGraph:
         if num_relations is None:
             num_relations = int(edge_type.max()) + 1 if edge_type.numel() else 1
         _check_edges(edge_index, edge_type, num_nodes, num_relations, op)
-        csr = relational_csr(edge_index, edge_type, num_nodes, num_relations)
-        seg_ptr, t_seg_ptr = csr[0], csr[3]
-        degree = torch.cat([seg_ptr.diff(), t_seg_ptr.diff()])
-        max_degree = int(degree.max()) if degree.numel() else 0
-        return cls(edge_index, edge_type, num_nodes, num_relations, *csr, max_degree)
+        seg_ptr, col, perm, t_seg_ptr, t_col, t_eid = relational_csr(edge_index, edge_type, num_nodes, num_relations)
+        # The (target, relation) segments of a node are contiguous: every R-th pointer is the untyped CSR.
+        m_seg_ptr, m_t_seg_ptr = seg_ptr[::num_relations].contiguous(), t_seg_ptr[::num_relations].contiguous()
+        if num_nodes == 0:
+            max_degree = max_merged = 0
+        else:  # one host sync for both
+            max_degree, max_merged = torch.stack([torch.cat([seg_ptr.diff(), t_seg_ptr.diff()]).max(),
+                                                  torch.cat([m_seg_ptr.diff(), m_t_seg_ptr.diff()]).max()]).tolist()
+        merged = None
+        if num_relations > 1:
+            merged = cls(edge_index, torch.zeros_like(edge_type), num_nodes, 1, m_seg_ptr, col, perm, m_t_seg_ptr,
+                         t_col, t_eid, max_merged, _inverse_counts(m_seg_ptr, col.numel()))
+        return cls(edge_index, edge_type, num_nodes, num_relations, seg_ptr, col, perm, t_seg_ptr, t_col, t_eid,
+                   max_degree, _inverse_counts(seg_ptr, col.numel()), merged)
 
     @property
     def num_edges(self) -> int:
         return self.col.numel()
 
-    def segment_counts(self) -> Tensor:
-        """Number of edges entering each (target, relation) pair, per sorted edge."""
-        counts = self.seg_ptr.diff()
-        return torch.repeat_interleave(counts, counts, output_size=self.num_edges)
-
     def edge_scale(self, edge_weight: Optional[Tensor], aggr: str, dtype: torch.dtype) -> Optional[Tensor]:
         """Per-edge factor in sorted order: edge weight, divided by the segment size for 'mean'."""
         if aggr != "mean":
             return None if edge_weight is None else edge_weight[self.perm]
-        key = ("inverse_counts", dtype)  # 1 / (edges in the edge's segment), per sorted edge
-        if key not in self._cache:
-            self._cache[key] = self.segment_counts().to(dtype).reciprocal()
-        inv = self._cache[key]
+        inv = self.inverse_counts.to(dtype)
         return inv if edge_weight is None else edge_weight[self.perm] * inv
 
     def single_relation(self) -> "RelationalGraph":
-        """The same edges with their types ignored (for GraphConv layers sharing the graph): the
-        (target, relation) segments of a node are contiguous, so every R-th pointer is the CSR."""
-        if self.num_relations == 1:
-            return self
-        if "single_relation" not in self._cache:
-            self._cache["single_relation"] = self._merge_relations()
-        return self._cache["single_relation"]
-
-    def _merge_relations(self) -> "RelationalGraph":
-        step = self.num_relations
-        seg_ptr, t_seg_ptr = self.seg_ptr[::step].contiguous(), self.t_seg_ptr[::step].contiguous()
-        degree = torch.cat([seg_ptr.diff(), t_seg_ptr.diff()])
-        return RelationalGraph(
-            self.edge_index, torch.zeros_like(self.edge_type), self.num_nodes, 1, seg_ptr, self.col, self.perm,
-            t_seg_ptr, self.t_col, self.t_eid, int(degree.max()) if degree.numel() else 0,
-        )
+        """The same edges with their types ignored (for GraphConv layers sharing the graph)."""
+        return self if self.merged is None else self.merged
 
     def to(self, device) -> "RelationalGraph":
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_cache"}
-        return RelationalGraph(**{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in moved.items()})
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return RelationalGraph(**{k: (v.to(device) if isinstance(v, (Tensor, RelationalGraph)) else v)
+                                  for k, v in moved.items()})
+
+
+def _inverse_counts(seg_ptr: Tensor, num_edges: int) -> Tensor:
+    counts = seg_ptr.diff()
+    return torch.repeat_interleave(counts, counts, output_size=num_edges).to(torch.float64).reciprocal()

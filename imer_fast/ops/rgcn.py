@@ -110,6 +110,14 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd("imer_fast::rgcn_conv", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("imer_fast.rgcn_conv: double backward (gradients of gradients) is not supported")
+
+
+torch.library.register_autograd("imer_fast::rgcn_conv_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
+
+
 def _rgcn_conv_triton(x, weight, root, bias, seg_ptr, col, scale, t_seg_ptr, t_col, t_eid, max_degree):
     from imer_fast._kernels import rgcn as kernels
 
