@@ -15,7 +15,7 @@ import imer_fast.ops as ops
 from imer_fast.nn import GraphConv, RGCNConv
 from imer_fast.testing.reference_gcnet import python_graph_builder
 
-from conftest import iemocap_like_lengths, sync
+from conftest import iemocap_like_lengths, sync, synced
 
 WINDOW = 10
 NUM_DIALOGUES = 32
@@ -33,25 +33,14 @@ def dialogues(device):
 @pytest.mark.benchmark(group="build_dialogue_graph")
 def test_build_graph_imer_fast(benchmark, dialogues, device):
     lengths, speakers = dialogues
-
-    def run():
-        out = torch.ops.imer_fast.build_dialogue_graph(lengths, speakers, WINDOW, WINDOW, "dialoguegcn", 2)
-        sync(device)
-        return out
-
-    benchmark(run)
+    benchmark(synced(torch.ops.imer_fast.build_dialogue_graph, device, lengths, speakers, WINDOW, WINDOW,
+                     "dialoguegcn", 2))
 
 
 @pytest.mark.benchmark(group="build_dialogue_graph")
 def test_build_graph_vectorised_torch(benchmark, dialogues, device):
     lengths, speakers = dialogues
-
-    def run():
-        out = ops.build_dialogue_graph_ref(lengths, speakers, WINDOW, WINDOW, "dialoguegcn", 2)
-        sync(device)
-        return out
-
-    benchmark(run)
+    benchmark(synced(ops.build_dialogue_graph_ref, device, lengths, speakers, WINDOW, WINDOW, "dialoguegcn", 2))
 
 
 @pytest.mark.benchmark(group="build_dialogue_graph")
@@ -71,13 +60,8 @@ def test_build_graph_python_per_edge(benchmark, dialogues, device):
 @pytest.mark.benchmark(group="build_dialogue_graph")
 def test_build_graph_compiled_vectorised_torch(benchmark, dialogues, device):
     lengths, speakers = dialogues
-    compiled = torch.compile(ops.build_dialogue_graph_ref, dynamic=True)
-
-    def run():
-        out = compiled(lengths, speakers, WINDOW, WINDOW, "dialoguegcn", 2)
-        sync(device)
-        return out
-
+    run = synced(torch.compile(ops.build_dialogue_graph_ref, dynamic=True), device, lengths, speakers, WINDOW,
+                 WINDOW, "dialoguegcn", 2)
     run()  # compile outside the timing
     benchmark(run)
 
@@ -85,13 +69,7 @@ def test_build_graph_compiled_vectorised_torch(benchmark, dialogues, device):
 @pytest.mark.benchmark(group="build_dialogue_graph")
 def test_build_graph_imer_fast_with_csr(benchmark, dialogues, device):
     lengths, speakers = dialogues
-
-    def run():
-        g = ops.build_dialogue_graph(lengths, speakers, WINDOW, WINDOW, "dialoguegcn", 2)
-        sync(device)
-        return g
-
-    benchmark(run)
+    benchmark(synced(ops.build_dialogue_graph, device, lengths, speakers, WINDOW, WINDOW, "dialoguegcn", 2))
 
 
 # ---- relational CSR (sorting the typed edges for the convolutions) ---------------------------
@@ -108,21 +86,21 @@ def typed_edges(dialogues):
 @pytest.mark.benchmark(group="relational_csr")
 def test_csr_imer_fast(benchmark, typed_edges, device):
     edge_index, edge_type, num_nodes = typed_edges
-    benchmark(lambda: (torch.ops.imer_fast.relational_csr(edge_index, edge_type, num_nodes, 8), sync(device)))
+    benchmark(synced(torch.ops.imer_fast.relational_csr, device, edge_index, edge_type, num_nodes, 8))
 
 
 @pytest.mark.benchmark(group="relational_csr")
 def test_csr_reference(benchmark, typed_edges, device):
     edge_index, edge_type, num_nodes = typed_edges
-    benchmark(lambda: (ops.relational_csr_ref(edge_index, edge_type, num_nodes, 8), sync(device)))
+    benchmark(synced(ops.relational_csr_ref, device, edge_index, edge_type, num_nodes, 8))
 
 
 @pytest.mark.benchmark(group="relational_csr")
 def test_csr_compiled_reference(benchmark, typed_edges, device):
     edge_index, edge_type, num_nodes = typed_edges
-    compiled = torch.compile(ops.relational_csr_ref, dynamic=True)
-    compiled(edge_index, edge_type, num_nodes, 8)
-    benchmark(lambda: (compiled(edge_index, edge_type, num_nodes, 8), sync(device)))
+    run = synced(torch.compile(ops.relational_csr_ref, dynamic=True), device, edge_index, edge_type, num_nodes, 8)
+    run()  # compile outside the timing
+    benchmark(run)
 
 
 @pytest.mark.benchmark(group="relational_csr")

@@ -18,3 +18,14 @@ def device():
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def synced(fn, device, *args):
+    """A no-argument callable running fn(*args) and waiting for the device (what benchmarks time)."""
+
+    def run():
+        out = fn(*args)
+        sync(device)
+        return out
+
+    return run

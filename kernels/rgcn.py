@@ -55,14 +55,21 @@ def _mm(a, b, IS_FP64: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _zeros(ROWS: tl.constexpr, COLS: tl.constexpr, IS_FP64: tl.constexpr):
+    """An accumulator tile in the accumulation dtype (fp64 for fp64 inputs, else fp32)."""
+    if IS_FP64:
+        out = tl.zeros((ROWS, COLS), dtype=tl.float64)
+    else:
+        out = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    return out
+
+
+@triton.jit
 def _gather_tile(x_ptr, stride_xm, stride_xk, col_ptr, scale_ptr, sidx_ptr, start, deg, tile_deg, ks, kmask,
                  HAS_SCALE: tl.constexpr, HAS_SIDX: tl.constexpr, IS_FP64: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """A[m, k] = sum_{d < deg[m]} scale[sidx[start[m] + d]] * x[col[start[m] + d], ks[k]]."""
-    if IS_FP64:
-        a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float64)
-    else:
-        a = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    a = _zeros(BLOCK_M, BLOCK_K, IS_FP64)
     for d in range(tile_deg):
         valid = d < deg
         e = start + d
@@ -110,10 +117,7 @@ def _rgcn_fwd_kernel(
     mask_n = cols < NOUT
     offs_k = tl.arange(0, BLOCK_K)
 
-    if IS_FP64:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _zeros(BLOCK_M, BLOCK_N, IS_FP64)
 
     if HAS_ROOT:
         for k0 in range(0, K, BLOCK_K):
@@ -172,10 +176,7 @@ def _rgcn_grad_weight_kernel(
     mask_n = cols < NOUT
     offs_m = tl.arange(0, BLOCK_M)
 
-    if IS_FP64:
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    acc = _zeros(BLOCK_K, BLOCK_N, IS_FP64)
 
     block0 = split * BLOCKS_PER_SPLIT
     for i in range(0, BLOCKS_PER_SPLIT):
@@ -225,10 +226,7 @@ def _rgcn_grad_scale_kernel(
             ks = k0 + offs_k
             kmask = ks < K
             # P[m, k] = sum_n grad_out[m, n] * weight[r, k, n]
-            if IS_FP64:
-                p = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float64)
-            else:
-                p = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+            p = _zeros(BLOCK_M, BLOCK_K, IS_FP64)
             for n0 in range(0, NOUT, BLOCK_N):
                 ns = n0 + offs_n
                 nmask = ns < NOUT

@@ -135,17 +135,26 @@ def select_build_dialogue_graph_backend(lengths: Tensor) -> backends.Choice:
 class DialogueGraph:
     """Output of :func:`build_dialogue_graph`; ``graph`` is the sorted form the convolutions take."""
 
-    edge_index: Tensor
-    edge_type: Tensor
     rowptr: Tensor
     lengths: Tensor
     relations: str
-    num_relations: int
     graph: RelationalGraph
 
     @property
+    def edge_index(self) -> Tensor:
+        return self.graph.edge_index
+
+    @property
+    def edge_type(self) -> Tensor:
+        return self.graph.edge_type
+
+    @property
+    def num_relations(self) -> int:
+        return self.graph.num_relations
+
+    @property
     def num_nodes(self) -> int:
-        return self.rowptr.numel() - 1
+        return self.graph.num_nodes
 
 
 IntSequence = Union[Sequence[int], Tensor]
@@ -238,4 +247,4 @@ def build_dialogue_graph(
                              f"{relation_map.tolist()}")
         edge_type = relation_map[edge_type]
     graph = RelationalGraph.from_edges(edge_index, edge_type, packed.numel(), num_relations)
-    return DialogueGraph(edge_index, edge_type, rowptr, lengths, relations, num_relations, graph)
+    return DialogueGraph(rowptr, lengths, relations, graph)

@@ -139,8 +139,8 @@ for _name, _kernel in (("rgcn_conv", _rgcn_conv_triton), ("rgcn_conv_backward", 
 
 # ---- backend selection and the public functions -----------------------------------------------
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_CPP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Both kernels take every floating dtype (the C++ one computes half types in float32).
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @backends.register_selector("rgcn_conv")
@@ -151,9 +151,9 @@ def select_rgcn_conv_backend(x: Tensor) -> backends.Choice:
         "rgcn_conv",
         [
             ("triton", lambda: _runtime.triton_cannot_run(on)
-             or (None if dtype in _TRITON_DTYPES else f"dtype {dtype} is not one of {_TRITON_DTYPES}")),
+             or (None if dtype in _KERNEL_DTYPES else f"dtype {dtype} is not one of {_KERNEL_DTYPES}")),
             ("cpp", lambda: (_runtime.cpp_error() or (None if on.type == "cpu" else f"tensors are on {on.type}, not cpu"))
-             or (None if dtype in _CPP_DTYPES else f"dtype {dtype} is not one of {_CPP_DTYPES}")),
+             or (None if dtype in _KERNEL_DTYPES else f"dtype {dtype} is not one of {_KERNEL_DTYPES}")),
             ("reference", lambda: None),
         ],
     )

@@ -23,6 +23,18 @@ def load_pickle(path: PathLike, what: str):
             raise ValueError(f"{what}: could not unpickle {str(path)!r}: {exc}") from exc
 
 
+def load_sequence_pickle(path: PathLike, what: str, layouts: dict):
+    """Load a pickle holding a list/tuple whose length must be one of ``layouts`` (length -> a
+    description naming its entries); the error lists every accepted layout."""
+    obj = load_pickle(path, what)
+    if not isinstance(obj, (list, tuple)) or len(obj) not in layouts:
+        got = f"{type(obj).__name__} of length {len(obj)}" if isinstance(obj, (list, tuple)) \
+            else type(obj).__name__
+        expected = " or ".join(f"{n} entries {desc}" for n, desc in layouts.items())
+        raise ValueError(f"{what}: expected a list of {expected}, got {got}")
+    return obj
+
+
 def dump_pickle(obj, path: PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

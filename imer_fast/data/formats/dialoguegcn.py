@@ -42,8 +42,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..corpus import MODALITIES, Corpus, Dialogue
-from ._common import (PathLike, check_speaker_names, default_speaker_names, dump_pickle,
-                      infer_labels, infer_num_classes, load_pickle, ordered_ids, speaker_table,
+from ._common import (PathLike, load_sequence_pickle, check_speaker_names, default_speaker_names, dump_pickle,
+                      infer_labels, infer_num_classes, ordered_ids, speaker_table,
                       to_str)
 
 __all__ = ["read_dialoguegcn", "write_dialoguegcn", "DIALOGUEGCN_FIELDS_9",
@@ -128,12 +128,7 @@ def read_dialoguegcn(path: PathLike, name: Optional[str] = None, *,
     """
     path = Path(path)
     what = f"DialogueGCN pickle {str(path)!r}"
-    obj = load_pickle(path, what)
-    if not isinstance(obj, (list, tuple)) or len(obj) not in (9, 12):
-        got = f"{type(obj).__name__} of length {len(obj)}" if isinstance(obj, (list, tuple)) \
-            else type(obj).__name__
-        raise ValueError(f"{what}: expected a tuple of 9 entries {list(DIALOGUEGCN_FIELDS_9)} or 12 "
-                         f"entries {list(DIALOGUEGCN_FIELDS_12)}, got {got}")
+    obj = load_sequence_pickle(path, what, {9: list(DIALOGUEGCN_FIELDS_9), 12: list(DIALOGUEGCN_FIELDS_12)})
     fields = DIALOGUEGCN_FIELDS_9 if len(obj) == 9 else DIALOGUEGCN_FIELDS_12
     entries = dict(zip(fields, obj))
     for fname in fields[:-2]:

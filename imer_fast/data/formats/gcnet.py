@@ -48,8 +48,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ..corpus import MODALITIES, Corpus, Dialogue, canonical_modality
-from ._common import (PathLike, check_speaker_names, default_speaker_names, dump_pickle,
-                      infer_labels, infer_num_classes, load_pickle, ordered_ids, speaker_table,
+from ._common import (PathLike, load_sequence_pickle, check_speaker_names, default_speaker_names, dump_pickle,
+                      infer_labels, infer_num_classes, ordered_ids, speaker_table,
                       to_str)
 
 __all__ = ["read_gcnet", "write_gcnet", "load_utterance_feature", "GCNET_DEFAULT_DIMS",
@@ -146,13 +146,8 @@ def read_gcnet(label_path: PathLike, feature_dirs: Mapping[str, PathLike], name:
     """
     label_path = Path(label_path)
     what = f"GCNet label pickle {str(label_path)!r}"
-    obj = load_pickle(label_path, what)
-    if not isinstance(obj, (list, tuple)) or len(obj) not in (6, 7):
-        got = f"{type(obj).__name__} of length {len(obj)}" if isinstance(obj, (list, tuple)) \
-            else type(obj).__name__
-        raise ValueError(
-            f"{what}: expected a list of 6 entries {list(GCNET_LABEL_FIELDS_6)} (IEMOCAP) or 7 "
-            f"entries {list(GCNET_LABEL_FIELDS_7)} (MOSI/MOSEI), got {got}")
+    obj = load_sequence_pickle(label_path, what, {6: f"{list(GCNET_LABEL_FIELDS_6)} (IEMOCAP)",
+                                                  7: f"{list(GCNET_LABEL_FIELDS_7)} (MOSI/MOSEI)"})
     if len(obj) == 6:
         video_ids, video_labels, video_speakers, video_sentences, train_vid, test_vid = obj
         split_sources = {"train": train_vid, "test": test_vid}
