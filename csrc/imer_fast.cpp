@@ -34,4 +34,30 @@ TORCH_LIBRARY(imer_fast, m) {
       "rgcn_conv_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? root, Tensor seg_ptr, "
       "Tensor col, Tensor? scale, Tensor t_seg_ptr, Tensor t_col, Tensor t_eid, int max_degree, "
       "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Flash-style attention, never materialising the Lq x Lk scores (spec: imer_fast/ops/attention.py).
+  // Padded layout: q [B, H, Lq, D], k/v [B, H, Lk, D], key_mask [B, Lk]; varlen layout (cu_seqlens
+  // given): q [Tq, H, D], k/v [Tk, H, D], key_mask [Tk]. Any strides. null_k/null_v [H, Nn, D] are
+  // always-visible keys prepended to every sequence. mask_kind 0 none, 1 causal, 2 MulT future mask.
+  // Returns (out like q, lse: [B, H, Lq] or [H, Tq], float32 (float64 for float64 q), +inf for rows
+  // without a valid key).
+  m.def(
+      "attention(Tensor q, Tensor k, Tensor v, Tensor? key_mask, Tensor? null_k, Tensor? null_v, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, "
+      "int mask_kind, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor)");
+  // Gradients of attention for (q, k, v, null_k, null_v); outputs not asked for by output_mask (or
+  // without a null token) come back as empty tensors.
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? key_mask, Tensor? null_k, Tensor? null_v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, int mask_kind, float dropout_p, "
+      "Tensor? dropout_seed, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // LayerNorm over the last dimension of x, optionally "stable" (FedDISC/Imagen): x is first divided
+  // by its detached row maximum. Returns (y, mean, rstd, row_max) with the statistics of x / row_max
+  // (row_max = 1 when not stable), shaped x.shape[:-1], float32 (float64 for float64 x).
+  m.def("stable_layer_norm(Tensor x, Tensor? weight, Tensor? bias, float eps, bool stable) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of stable_layer_norm for (x, weight, bias); row_max is treated as a constant.
+  m.def(
+      "stable_layer_norm_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
+      "Tensor row_max, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,290 @@
+// CPU kernels of imer_fast::stable_layer_norm and imer_fast::stable_layer_norm_backward: LayerNorm
+// over the last dimension, optionally "stable" (FedDISC / Imagen): each row is first divided by its
+// row maximum a = max_j x[j] (not the absolute maximum; a = 1 when not stable), and a is a constant
+// for the backward (the release detaches it).
+//
+//   xh = x / a,  mean = sum(xh) / N,  var = sum((xh - mean)^2) / N,  rstd = 1 / sqrt(var + eps)
+//   y  = (xh - mean) * rstd * weight + bias
+//   dx = (rstd / a) * (g - mean(g) - xn * mean(g * xn)),  g = grad_y * weight,  xn = (xh - mean) * rstd
+//   dweight = sum_rows grad_y * xn,  dbias = sum_rows grad_y
+//
+// The release's quirks are kept: a negative row maximum flips the sign of the row, a row maximum of
+// 0 divides by zero (inf / nan in that row, as the release gives).
+//
+// Layout: x and grad_y are read through .contiguous() (a copy only for non-contiguous inputs); y
+// and dx are fresh contiguous tensors of x's shape and dtype; mean / rstd / row_max are contiguous
+// [x.shape[:-1]] in float32 (float64 for float64 x). half / bfloat16 are computed in float32.
+//
+// Variance is two-pass (mean first, then the centred squares), like torch.var. Row sums use eight
+// interleaved partial sums combined in a fixed tree, which lets the compiler vectorise them without
+// -ffast-math and keeps the result independent of the thread count. dweight / dbias are summed per
+// chunk of rows whose size depends on the row count only, then the chunk partials are added in chunk
+// order: bitwise-repeatable for any number of threads, no atomics.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+namespace imer_fast {
+namespace {
+
+constexpr const char* kOp = "imer_fast::stable_layer_norm: ";
+constexpr const char* kOpBackward = "imer_fast::stable_layer_norm_backward: ";
+constexpr int64_t kLanes = 8;
+constexpr int64_t kMaxChunks = 256;  // partial rows of dweight / dbias
+constexpr int64_t kMinChunkRows = 32;
+
+// sum_{j < n} f(j) with kLanes interleaved accumulators combined in a fixed order.
+template <typename acc_t, typename F>
+inline acc_t lane_sum(int64_t n, const F& f) {
+  acc_t lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += f(j + l);
+  }
+  acc_t tail = 0;
+  for (; j < n; ++j) tail += f(j);
+  return (((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))) + tail;
+}
+
+// Row maximum, ignoring NaN (kLanes interleaved maxima, so it vectorises); the caller re-checks
+// rows whose mean came out NaN.
+template <typename acc_t>
+inline acc_t row_max(const acc_t* x, int64_t n) {
+  acc_t lanes[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = x[0];
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = x[j + l] > lanes[l] ? x[j + l] : lanes[l];
+  }
+  for (; j < n; ++j) lanes[0] = x[j] > lanes[0] ? x[j] : lanes[0];
+  acc_t m = lanes[0];
+  for (int64_t l = 1; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
+  return m;
+}
+
+at::ScalarType stat_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_x(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1 && at::isFloatingType(x.scalar_type()), op,
+              "x must be a floating tensor with at least 1 dimension; got ", x.scalar_type(), " of shape ", x.sizes());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+              "x must be float16, bfloat16, float32 or float64; got ", t);
+  TORCH_CHECK(x.size(-1) >= 1, op, "the normalised (last) dimension of x must be >= 1; got x of shape ", x.sizes());
+}
+
+void check_affine(const char* op, const char* name, const c10::optional<at::Tensor>& t, const at::Tensor& x) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(-1), op, name, " must have shape [N = ", x.size(-1),
+              "] (the last dimension of x); got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == x.scalar_type(), op, name, " dtype must match x (", x.scalar_type(), "); got ",
+              t->scalar_type());
+  TORCH_CHECK(t->device() == x.device(), op, name, " is on ", t->device(), " but x is on ", x.device());
+}
+
+std::vector<int64_t> leading_shape(const at::Tensor& x) {
+  return std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stable_layer_norm_cpu(
+    const at::Tensor& x_in, const c10::optional<at::Tensor>& weight_in, const c10::optional<at::Tensor>& bias_in,
+    double eps, bool stable) {
+  check_x(kOp, x_in);
+  check_affine(kOp, "weight", weight_in, x_in);
+  check_affine(kOp, "bias", bias_in, x_in);
+  const int64_t N = x_in.size(-1);
+  const int64_t M = x_in.numel() / N;
+  const auto x = x_in.contiguous();
+  const auto weight = weight_in.has_value() ? weight_in->contiguous() : at::Tensor();
+  const auto bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  auto y = at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  const auto stat_options = x_in.options().dtype(stat_type(x_in.scalar_type()));
+  const auto lead = leading_shape(x_in);
+  auto mean = at::empty(lead, stat_options), rstd = at::empty(lead, stat_options), amax = at::empty(lead, stat_options);
+  if (M == 0) return {y, mean, rstd, amax};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stable_layer_norm_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // float, or double for double
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.defined() ? weight.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    acc_t* mean_p = mean.data_ptr<acc_t>();
+    acc_t* rstd_p = rstd.data_ptr<acc_t>();
+    acc_t* amax_p = amax.data_ptr<acc_t>();
+    const acc_t eps_c = static_cast<acc_t>(eps);
+    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
+    const int64_t grain = std::max<int64_t>(1, 32768 / N);
+    at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(N);  // xh of the current row
+      acc_t* __restrict__ xh = buf.data();
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* __restrict__ xr = xp + i * N;
+        scalar_t* __restrict__ yr = yp + i * N;
+        for (int64_t j = 0; j < N; ++j) xh[j] = static_cast<acc_t>(xr[j]);
+        acc_t a = acc_t(1);
+        if (stable) {
+          a = row_max(xh, N);
+          for (int64_t j = 0; j < N; ++j) xh[j] = xh[j] / a;
+        }
+        const acc_t mu = lane_sum<acc_t>(N, [&](int64_t j) { return xh[j]; }) * inv_n;
+        // A NaN in the row makes the whole row NaN either way; only the stored row_max needs it
+        // (torch.amax propagates NaN).
+        if (stable && std::isnan(mu) && !std::isnan(a)) {
+          for (int64_t j = 0; j < N; ++j) {
+            if (std::isnan(static_cast<acc_t>(xr[j]))) {
+              a = static_cast<acc_t>(xr[j]);
+              break;
+            }
+          }
+        }
+        const acc_t var = lane_sum<acc_t>(N, [&](int64_t j) {
+                            const acc_t d = xh[j] - mu;
+                            return d * d;
+                          }) * inv_n;
+        const acc_t rs = acc_t(1) / std::sqrt(var + eps_c);
+        if (wp != nullptr && bp != nullptr) {
+          for (int64_t j = 0; j < N; ++j) {
+            yr[j] = static_cast<scalar_t>((xh[j] - mu) * rs * static_cast<acc_t>(wp[j]) + static_cast<acc_t>(bp[j]));
+          }
+        } else if (wp != nullptr) {
+          for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((xh[j] - mu) * rs * static_cast<acc_t>(wp[j]));
+        } else if (bp != nullptr) {
+          for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((xh[j] - mu) * rs + static_cast<acc_t>(bp[j]));
+        } else {
+          for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((xh[j] - mu) * rs);
+        }
+        mean_p[i] = mu;
+        rstd_p[i] = rs;
+        amax_p[i] = a;
+      }
+    });
+  });
+  return {y, mean, rstd, amax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> stable_layer_norm_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const c10::optional<at::Tensor>& weight_in,
+    const at::Tensor& mean_in, const at::Tensor& rstd_in, const at::Tensor& row_max_in,
+    std::array<bool, 3> output_mask) {
+  check_x(kOpBackward, x_in);
+  check_affine(kOpBackward, "weight", weight_in, x_in);
+  TORCH_CHECK(grad_y_in.sizes() == x_in.sizes() && at::isFloatingType(grad_y_in.scalar_type()), kOpBackward,
+              "grad_y must be a floating tensor of x's shape ", x_in.sizes(), "; got ", grad_y_in.scalar_type(),
+              " of shape ", grad_y_in.sizes());
+  const int64_t N = x_in.size(-1);
+  const int64_t M = x_in.numel() / N;
+  const auto st = stat_type(x_in.scalar_type());
+  const std::pair<const char*, const at::Tensor*> stats[] = {{"mean", &mean_in}, {"rstd", &rstd_in},
+                                                             {"row_max", &row_max_in}};
+  for (const auto& [name, t] : stats) {
+    TORCH_CHECK(t->numel() == M && t->scalar_type() == st, kOpBackward, name, " must be a ", st, " tensor of ", M,
+                " elements (x.shape[:-1]); got ", t->scalar_type(), " of shape ", t->sizes());
+  }
+  const bool need_x = output_mask[0], need_w = output_mask[1] && weight_in.has_value(), need_b = output_mask[2];
+  // Outputs not asked for are distinct empty tensors (one shared tensor would alias the outputs).
+  const auto none = [&] { return at::empty({0}, x_in.options()); };
+  at::Tensor dx = none(), dweight = none(), dbias = none();
+  if (!(need_x || need_w || need_b)) return {dx, dweight, dbias};
+
+  const auto x = x_in.contiguous();
+  const auto grad_y = grad_y_in.to(x_in.scalar_type()).contiguous();
+  const auto weight = weight_in.has_value() ? weight_in->contiguous() : at::Tensor();
+  const auto mean = mean_in.contiguous(), rstd = rstd_in.contiguous(), amax = row_max_in.contiguous();
+  if (need_x) dx = at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  // Fixed chunks of rows (a function of M only) own one partial row of dweight and dbias each.
+  const int64_t chunk_rows = std::max<int64_t>(kMinChunkRows, (M + kMaxChunks - 1) / kMaxChunks);
+  const int64_t chunks = (M + chunk_rows - 1) / chunk_rows;
+  const auto acc_options = x_in.options().dtype(st);
+  at::Tensor dw_part = need_w ? at::zeros({std::max<int64_t>(chunks, 1), N}, acc_options) : at::Tensor();
+  at::Tensor db_part = need_b ? at::zeros({std::max<int64_t>(chunks, 1), N}, acc_options) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stable_layer_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = grad_y.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.defined() ? weight.data_ptr<scalar_t>() : nullptr;
+    const acc_t* mean_p = mean.data_ptr<acc_t>();
+    const acc_t* rstd_p = rstd.data_ptr<acc_t>();
+    const acc_t* amax_p = amax.data_ptr<acc_t>();
+    scalar_t* dxp = need_x ? dx.data_ptr<scalar_t>() : nullptr;
+    acc_t* dwp = need_w ? dw_part.data_ptr<acc_t>() : nullptr;
+    acc_t* dbp = need_b ? db_part.data_ptr<acc_t>() : nullptr;
+    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
+    at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+      std::vector<acc_t> buf(2 * N);  // xn and g of the current row
+      acc_t* __restrict__ xn = buf.data();
+      acc_t* __restrict__ g = xn + N;
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        acc_t* __restrict__ dw_row = need_w ? dwp + c * N : nullptr;
+        acc_t* __restrict__ db_row = need_b ? dbp + c * N : nullptr;
+        const int64_t row_end = std::min(M, (c + 1) * chunk_rows);
+        for (int64_t i = c * chunk_rows; i < row_end; ++i) {
+          const scalar_t* __restrict__ xr = xp + i * N;
+          const scalar_t* __restrict__ gr = gp + i * N;
+          const acc_t a = amax_p[i], mu = mean_p[i], rs = rstd_p[i];
+          for (int64_t j = 0; j < N; ++j) xn[j] = (static_cast<acc_t>(xr[j]) / a - mu) * rs;
+          if (need_x) {
+            if (wp != nullptr) {
+              for (int64_t j = 0; j < N; ++j) g[j] = static_cast<acc_t>(gr[j]) * static_cast<acc_t>(wp[j]);
+            } else {
+              for (int64_t j = 0; j < N; ++j) g[j] = static_cast<acc_t>(gr[j]);
+            }
+            const acc_t mean_g = lane_sum<acc_t>(N, [&](int64_t j) { return g[j]; }) * inv_n;
+            const acc_t mean_gxn = lane_sum<acc_t>(N, [&](int64_t j) { return g[j] * xn[j]; }) * inv_n;
+            const acc_t scale = rs / a;
+            scalar_t* __restrict__ dxr = dxp + i * N;
+            for (int64_t j = 0; j < N; ++j) dxr[j] = static_cast<scalar_t>(scale * (g[j] - mean_g - xn[j] * mean_gxn));
+          }
+          if (need_w && need_b) {
+            for (int64_t j = 0; j < N; ++j) {
+              const acc_t gy = static_cast<acc_t>(gr[j]);
+              dw_row[j] += gy * xn[j];
+              db_row[j] += gy;
+            }
+          } else if (need_w) {
+            for (int64_t j = 0; j < N; ++j) dw_row[j] += static_cast<acc_t>(gr[j]) * xn[j];
+          } else if (need_b) {
+            for (int64_t j = 0; j < N; ++j) db_row[j] += static_cast<acc_t>(gr[j]);
+          }
+        }
+      }
+    });
+  });
+  // Chunk partials added in chunk order, columns in parallel.
+  const auto reduce = [&](const at::Tensor& part, at::ScalarType out_type) {
+    auto out = at::empty({N}, part.options());
+    AT_DISPATCH_FLOATING_TYPES(part.scalar_type(), "stable_layer_norm_reduce", [&] {
+      const scalar_t* p = part.data_ptr<scalar_t>();
+      scalar_t* o = out.data_ptr<scalar_t>();
+      const int64_t rows = part.size(0);
+      at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) o[j] = p[j];
+        for (int64_t c = 1; c < rows; ++c) {
+          for (int64_t j = begin; j < end; ++j) o[j] += p[c * N + j];
+        }
+      });
+    });
+    return out.to(out_type);
+  };
+  if (need_w) dweight = reduce(dw_part, weight_in->scalar_type());
+  if (need_b) dbias = reduce(db_part, x_in.scalar_type());
+  return {dx, dweight, dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imer_fast, CPU, m) {
+  m.impl("stable_layer_norm", &stable_layer_norm_cpu);
+  m.impl("stable_layer_norm_backward", &stable_layer_norm_backward_cpu);
+}
+
+}  // namespace imer_fast
