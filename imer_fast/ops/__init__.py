@@ -4,6 +4,7 @@ Each operator has a pure-torch ``<op>_ref`` twin, a C++ CPU kernel, a Triton GPU
 implementation, autograd where it is differentiable, and one ``select_<op>_backend`` function.
 """
 from ._runtime import triton_on_cpu
+from .attention import MASK_KINDS, attention, attention_ref, select_attention_backend
 from .dialogue_graph import (
     RELATION_KINDS,
     DialogueGraph,
@@ -14,12 +15,15 @@ from .dialogue_graph import (
     relation_names,
     select_build_dialogue_graph_backend,
 )
+from .layer_norm import select_stable_layer_norm_backend, stable_layer_norm, stable_layer_norm_ref
 from .relational_csr import RelationalGraph, relational_csr, relational_csr_ref, select_relational_csr_backend
 from .rgcn import graph_conv, graph_conv_ref, rgcn_conv, rgcn_conv_ref, select_rgcn_conv_backend
 
 __all__ = [
+    "MASK_KINDS", "attention", "attention_ref", "select_attention_backend",
     "RELATION_KINDS", "DialogueGraph", "RelationalGraph", "build_dialogue_graph", "build_dialogue_graph_ref",
     "graph_conv", "graph_conv_ref", "num_relations_of", "relation_map_from_names", "relation_names",
     "relational_csr", "relational_csr_ref", "rgcn_conv", "rgcn_conv_ref", "select_build_dialogue_graph_backend",
-    "select_relational_csr_backend", "select_rgcn_conv_backend", "triton_on_cpu",
+    "select_relational_csr_backend", "select_rgcn_conv_backend", "select_stable_layer_norm_backend",
+    "stable_layer_norm", "stable_layer_norm_ref", "triton_on_cpu",
 ]
