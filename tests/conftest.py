@@ -17,8 +17,8 @@ BACKENDS = ("cpp", "triton", "reference")
 
 def triton_kernels_missing():
     try:
-        importlib.import_module("imer_fast._kernels.rgcn")
-        importlib.import_module("imer_fast._kernels.dialogue_graph")
+        for name in ("rgcn", "dialogue_graph", "attention", "layer_norm"):
+            importlib.import_module(f"imer_fast._kernels.{name}")
     except Exception as err:  # noqa: BLE001 - any import failure means the backend is unavailable
         return str(err)
     return None
