@@ -9,7 +9,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("backends", "data", "nn", "ops", "train")
-_EXPORTS = {"DialogueGraphNetwork": "nn", "RGCNConv": "nn", "GraphConv": "nn"}
+_EXPORTS = {"DialogueGraphNetwork": "nn", "RGCNConv": "nn", "GraphConv": "nn", "CrossModalTransformer": "nn",
+            "CondCrossAttention": "nn", "StableLayerNorm": "nn"}
 
 
 def __getattr__(name):
