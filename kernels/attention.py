@@ -65,6 +65,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._tiles import zeros_acc
+
 __all__ = ["attention_forward", "attention_backward"]
 
 _OP = "imer_fast::attention (triton): "
@@ -99,15 +101,6 @@ def _dot_nn(a, b, BCAST: tl.constexpr, IS_FP64: tl.constexpr, PREC: tl.constexpr
             out = tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     else:
         out = tl.dot(a.to(b.dtype), b, input_precision=PREC)
-    return out
-
-
-@triton.jit
-def _zeros(ROWS: tl.constexpr, COLS: tl.constexpr, IS_FP64: tl.constexpr):
-    if IS_FP64:
-        out = tl.zeros((ROWS, COLS), dtype=tl.float64)
-    else:
-        out = tl.zeros((ROWS, COLS), dtype=tl.float32)
     return out
 
 
@@ -273,7 +266,7 @@ def _attn_fwd_kernel(
 
     m_i = _full_vec(BLOCK_M, float("-inf"), IS_FP64)
     l_i = _full_vec(BLOCK_M, 0.0, IS_FP64)
-    acc = _zeros(BLOCK_M, BLOCK_D, IS_FP64)
+    acc = zeros_acc(BLOCK_M, BLOCK_D, IS_FP64)
 
     for c0 in range(0, c_end, BLOCK_N):
         cols = c0 + offs_n
@@ -402,8 +395,8 @@ def _attn_bwd_dkdv_kernel(
         col_hash = _col_hash(cols)
         rdrop = _scalar(rdrop_hi, rdrop_lo, IS_FP64)
 
-    dk = _zeros(BLOCK_N, BLOCK_D, IS_FP64)
-    dv = _zeros(BLOCK_N, BLOCK_D, IS_FP64)
+    dk = zeros_acc(BLOCK_N, BLOCK_D, IS_FP64)
+    dv = zeros_acc(BLOCK_N, BLOCK_D, IS_FP64)
 
     m_lo = q_len * 0
     if MASK_KIND != 0:  # query i sees key j only when i >= j - off; null columns are seen by every row
@@ -524,7 +517,7 @@ def _attn_bwd_dq_kernel(
         row_key = _row_keys(seed_lo, seed_hi, g_rows, h, H)
         rdrop = _scalar(rdrop_hi, rdrop_lo, IS_FP64)
 
-    dq = _zeros(BLOCK_M, BLOCK_D, IS_FP64)
+    dq = zeros_acc(BLOCK_M, BLOCK_D, IS_FP64)
     for c0 in range(0, c_end, BLOCK_N):
         cols = c0 + offs_n
         j = cols - NN

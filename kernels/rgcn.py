@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._tiles import zeros_acc
+
 __all__ = ["rgcn_conv_forward", "rgcn_conv_backward"]
 
 _OP = "imer_fast::rgcn_conv (triton): "
@@ -55,21 +57,11 @@ def _mm(a, b, IS_FP64: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _zeros(ROWS: tl.constexpr, COLS: tl.constexpr, IS_FP64: tl.constexpr):
-    """An accumulator tile in the accumulation dtype (fp64 for fp64 inputs, else fp32)."""
-    if IS_FP64:
-        out = tl.zeros((ROWS, COLS), dtype=tl.float64)
-    else:
-        out = tl.zeros((ROWS, COLS), dtype=tl.float32)
-    return out
-
-
-@triton.jit
 def _gather_tile(x_ptr, stride_xm, stride_xk, col_ptr, scale_ptr, sidx_ptr, start, deg, tile_deg, ks, kmask,
                  HAS_SCALE: tl.constexpr, HAS_SIDX: tl.constexpr, IS_FP64: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """A[m, k] = sum_{d < deg[m]} scale[sidx[start[m] + d]] * x[col[start[m] + d], ks[k]]."""
-    a = _zeros(BLOCK_M, BLOCK_K, IS_FP64)
+    a = zeros_acc(BLOCK_M, BLOCK_K, IS_FP64)
     for d in range(tile_deg):
         valid = d < deg
         e = start + d
@@ -117,7 +109,7 @@ def _rgcn_fwd_kernel(
     mask_n = cols < NOUT
     offs_k = tl.arange(0, BLOCK_K)
 
-    acc = _zeros(BLOCK_M, BLOCK_N, IS_FP64)
+    acc = zeros_acc(BLOCK_M, BLOCK_N, IS_FP64)
 
     if HAS_ROOT:
         for k0 in range(0, K, BLOCK_K):
@@ -176,7 +168,7 @@ def _rgcn_grad_weight_kernel(
     mask_n = cols < NOUT
     offs_m = tl.arange(0, BLOCK_M)
 
-    acc = _zeros(BLOCK_K, BLOCK_N, IS_FP64)
+    acc = zeros_acc(BLOCK_K, BLOCK_N, IS_FP64)
 
     block0 = split * BLOCKS_PER_SPLIT
     for i in range(0, BLOCKS_PER_SPLIT):
@@ -226,7 +218,7 @@ def _rgcn_grad_scale_kernel(
             ks = k0 + offs_k
             kmask = ks < K
             # P[m, k] = sum_n grad_out[m, n] * weight[r, k, n]
-            p = _zeros(BLOCK_M, BLOCK_K, IS_FP64)
+            p = zeros_acc(BLOCK_M, BLOCK_K, IS_FP64)
             for n0 in range(0, NOUT, BLOCK_N):
                 ns = n0 + offs_n
                 nmask = ns < NOUT
