@@ -60,4 +60,23 @@ TORCH_LIBRARY(imer_fast, m) {
   m.def(
       "stable_layer_norm_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
       "Tensor row_max, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Standard normals from the counter generator (spec: imer_fast/ops/counter_rng.py): element i of
+  // draw `offset` under the int64 `seed` (a one-element tensor, read on the device) depends on
+  // (seed, offset, i) only. The output lives on seed's device.
+  m.def("counter_normal(Tensor seed, int offset, int[] size, ScalarType dtype) -> Tensor");
+  // One DDPM / DDIM update (imer_fast/ops/sampler_steps.py): x0 = p*x - q*eps, clamped to [-1, 1]
+  // when clip; out = r*x0 + s*x + u*eps + sigma*z, z from noise or from the counter generator at
+  // (seed, offset) (not drawn when sigma == 0).
+  m.def(
+      "diffusion_step(Tensor x, Tensor eps, float p, float q, bool clip, float r, float s, float u, "
+      "float sigma, Tensor? noise, Tensor? seed, int offset) -> Tensor");
+  // One VE-SDE Euler-Maruyama update: mean = x + drift*score; x_next = mean + diffusion*z.
+  // Returns (x_next, mean).
+  m.def(
+      "ve_em_step(Tensor x, Tensor score, float drift, float diffusion, Tensor? noise, Tensor? seed, "
+      "int offset) -> (Tensor, Tensor)");
+  // x + std*z with std one value per leading index ([B], B = x.shape[0]) or the scalar std_scalar.
+  m.def(
+      "add_scaled_noise(Tensor x, Tensor? std, float std_scalar, Tensor? noise, Tensor? seed, int offset) "
+      "-> Tensor");
 }

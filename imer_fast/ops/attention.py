@@ -49,29 +49,17 @@ from torch import Tensor
 
 from .. import backends
 from . import _runtime
+from ._hash import GOLDEN as _GOLDEN
+from ._hash import M32 as _M32
+from ._hash import fmix32 as _fmix32
+from ._hash import mul32 as _mul32
 
 _runtime.require_cpp()
 
 MASK_KINDS = {"none": 0, "causal": 1, "future": 2}
 
-_M32 = 0xFFFFFFFF
-_FMIX_C1, _FMIX_C2, _GOLDEN = 0x85EBCA6B, 0xC2B2AE35, 0x9E3779B9
 
-
-# ---- the dropout hash, written with int64 tensors (every product kept below 2**63) -------------
-
-
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2**32 for x in [0, 2**32) without int64 overflow: split c into 16-bit halves."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _fmix32(x: Tensor) -> Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, _FMIX_C1)
-    x = x ^ (x >> 13)
-    x = _mul32(x, _FMIX_C2)
-    return x ^ (x >> 16)
+# ---- the dropout hash (imer_fast/ops/_hash.py), written with int64 tensors ---------------------
 
 
 def dropout_keep_ref(seed: Tensor, rows: Tensor, heads: int, cols: int, dropout_p: float) -> Tensor:
