@@ -1,0 +1,345 @@
+"""Gaussian (DDPM-trained) diffusion: schedules, noising, the ε-prediction loss and three samplers.
+
+:class:`GaussianDiffusion` is a drop-in for the FedDISC release's ``GaussianDiffusion``
+(wdqdp/FedDISC ``conditional_ddim.py``): same constructor (``timesteps``, ``beta_schedule``), same
+schedule buffers (float64), same methods and numerics — ``q_sample``, ``train_losses``,
+``p_sample``, ``sample`` (ancestral DDPM over every step), ``ddim_sample`` (``ddim_timesteps``,
+``ddim_discr_method`` "uniform" | "quad", ``ddim_eta``, ``clip_denoised``). Differences:
+
+- the sampler updates run as one fused kernel per step (``imer_fast.ops.sampler_steps``) instead of
+  a dozen elementwise launches;
+- every sampler takes ``noise`` (an explicit x_T), ``generator`` (a torch.Generator) or ``seed``:
+
+  * default / ``generator``: noise is drawn with ``torch.randn`` in exactly the release's order
+    (x_T, then one draw per step, even where the step does not use it), so with the same torch
+    seed the result equals the release's and the RNG stream is left where the release leaves it;
+  * ``seed`` (an int): noise comes from the in-kernel counter generator
+    (``imer_fast.ops.counter_rng``), x_T at offset 0 and step ``i``'s noise at offset ``i + 1`` —
+    no host RNG work per step, which is what a captured CUDA graph (:mod:`.graphed`) needs;
+
+- :meth:`GaussianDiffusion.dpm_solver_sample`: DPM-Solver++(2M), an opt-in deterministic sampler
+  that needs 10–20 model calls instead of DDIM's 50. Its quality is a separate question from kernel
+  speed (``bench/sampler_quality.py`` reports it); never fold its step reduction into speed-ups.
+
+The release evaluates its coefficients as float32 tensors; the fused steps take them as Python
+floats rounded through float32 the same way, so deterministic runs agree within fp32 tolerance.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops.counter_rng import counter_normal
+from ..ops.sampler_steps import ddim_step, ddpm_step
+
+BETA_SCHEDULES = ("linear", "cosine")
+DDIM_DISCRETIZATIONS = ("uniform", "quad")
+DPM_SOLVER_SPACINGS = ("time_uniform", "logSNR")
+
+# A denoiser: (x [B, C, L], t long [B], y condition) -> predicted noise like x.
+Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def linear_beta_schedule(timesteps: int) -> Tensor:
+    """β from 1e-4·s to 0.02·s (s = 1000 / timesteps), float64 — the release's linear schedule."""
+    scale = 1000 / timesteps
+    return torch.linspace(scale * 0.0001, scale * 0.02, timesteps, dtype=torch.float64)
+
+
+def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> Tensor:
+    """Nichol & Dhariwal's cosine schedule (β clipped to [0, 0.999]), float64."""
+    x = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64)
+    alphas_cumprod = torch.cos(((x / timesteps) + s) / (1 + s) * math.pi * 0.5) ** 2
+    alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
+    betas = 1 - (alphas_cumprod[1:] / alphas_cumprod[:-1])
+    return torch.clip(betas, 0, 0.999)
+
+
+def ddim_timestep_sequence(timesteps: int, ddim_timesteps: int, method: str) -> Tuple[np.ndarray, np.ndarray]:
+    """The release's DDIM timesteps and their predecessors (both int64 arrays of ``ddim_timesteps``).
+
+    "uniform": 1, 1 + c, 1 + 2c, ... with c = timesteps // ddim_timesteps; "quad": 1 + floor of
+    linspace(0, sqrt(0.8·timesteps), n)²; the predecessor of the first step is 0. Quad sequences can
+    repeat a timestep (a step from t to t is then the identity on x apart from the x0 clip).
+    """
+    if method not in DDIM_DISCRETIZATIONS:
+        raise ValueError(f"ddim_discr_method must be one of {DDIM_DISCRETIZATIONS}; got {method!r}")
+    if not 1 <= ddim_timesteps <= timesteps:
+        raise ValueError(f"ddim_timesteps must be in [1, timesteps={timesteps}]; got {ddim_timesteps}")
+    if method == "uniform":
+        seq = np.asarray(list(range(0, timesteps, timesteps // ddim_timesteps)))
+    else:
+        seq = (np.linspace(0, np.sqrt(timesteps * 0.8), ddim_timesteps) ** 2).astype(int)
+    seq = seq + 1
+    prev = np.append(np.array([0]), seq[:-1])
+    return seq.astype(np.int64), prev.astype(np.int64)
+
+
+def dpm_solver_timesteps(alphas_cumprod: Tensor, steps: int, spacing: str) -> List[int]:
+    """Integer timesteps from T − 1 down to 0 for DPM-Solver++: ``steps + 1`` points uniform in time
+    or in log-SNR λ = log(α/σ), each rounded to the nearest trained timestep (duplicates dropped)."""
+    if spacing not in DPM_SOLVER_SPACINGS:
+        raise ValueError(f"spacing must be one of {DPM_SOLVER_SPACINGS}; got {spacing!r}")
+    T = alphas_cumprod.numel()
+    if not 1 <= steps < T:
+        raise ValueError(f"steps must be in [1, timesteps - 1 = {T - 1}]; got {steps}")
+    if spacing == "time_uniform":
+        ts = np.round(np.linspace(T - 1, 0, steps + 1)).astype(int)
+    else:
+        lam = 0.5 * torch.log(alphas_cumprod / (1 - alphas_cumprod)).numpy()
+        targets = np.linspace(lam[T - 1], lam[0], steps + 1)
+        ts = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)
+    out: List[int] = []
+    for t in ts.tolist():
+        if not out or t != out[-1]:
+            out.append(int(t))
+    return out
+
+
+def _f32(value: float) -> float:
+    """A float64 schedule value rounded through float32, as the release's ``_extract(...).float()``."""
+    return float(np.float32(value))
+
+
+class GaussianDiffusion:
+    """DDPM forward process and samplers; drop-in for the FedDISC release's ``GaussianDiffusion``."""
+
+    def __init__(self, timesteps: int = 1000, beta_schedule: str = "linear"):
+        if not isinstance(timesteps, int) or timesteps < 1:
+            raise ValueError(f"timesteps must be a positive int; got {timesteps!r}")
+        if beta_schedule == "linear":
+            betas = linear_beta_schedule(timesteps)
+        elif beta_schedule == "cosine":
+            betas = cosine_beta_schedule(timesteps)
+        else:
+            raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}; got {beta_schedule!r}")
+        self.timesteps = timesteps
+        self.beta_schedule = beta_schedule
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.alphas_cumprod_prev = F.pad(self.alphas_cumprod[:-1], (1, 0), value=1.0)
+        self.sqrt_alphas_cumprod = torch.sqrt(self.alphas_cumprod)
+        self.sqrt_one_minus_alphas_cumprod = torch.sqrt(1.0 - self.alphas_cumprod)
+        self.log_one_minus_alphas_cumprod = torch.log(1.0 - self.alphas_cumprod)
+        self.sqrt_recip_alphas_cumprod = torch.sqrt(1.0 / self.alphas_cumprod)
+        self.sqrt_recipm1_alphas_cumprod = torch.sqrt(1.0 / self.alphas_cumprod - 1)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_log_variance_clipped = torch.log(self.posterior_variance.clamp(min=1e-20))
+        self.posterior_mean_coef1 = betas * torch.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * torch.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+
+    # ---- forward process and loss ---------------------------------------------------------------
+
+    def _check_t(self, t: Tensor, batch: int, name: str = "t") -> None:
+        if not isinstance(t, Tensor) or t.dtype not in (torch.int32, torch.int64) or t.shape != (batch,):
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be an integer tensor of shape ({batch},); got {got}")
+        if t.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= self.timesteps:
+                raise ValueError(f"{name} must lie in [0, {self.timesteps - 1}]; got values in [{lo}, {hi}]")
+
+    def _extract(self, a: Tensor, t: Tensor, x_shape: Sequence[int]) -> Tensor:
+        """``a[t]`` as float32, shaped [B, 1, ...] to broadcast over x (the release's ``_extract``)."""
+        out = a.to(t.device).gather(0, t.long()).float()
+        return out.reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+    def q_sample(self, x_start: Tensor, t: Tensor, noise: Optional[Tensor] = None, *,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """x_t ~ q(x_t | x_0) = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·noise."""
+        self._check_t(t, x_start.shape[0])
+        if noise is None:
+            noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
+        return (self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
+
+    def q_mean_variance(self, x_start: Tensor, t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        mean = self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+        variance = self._extract(1.0 - self.alphas_cumprod, t, x_start.shape)
+        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
+        return mean, variance, log_variance
+
+    def q_posterior_mean_variance(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        mean = (self._extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
+                + self._extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
+        return (mean, self._extract(self.posterior_variance, t, x_t.shape),
+                self._extract(self.posterior_log_variance_clipped, t, x_t.shape))
+
+    def predict_start_from_noise(self, x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
+
+    def train_losses(self, model: Denoiser, x_start: Tensor, t: Tensor, y: Tensor, *,
+                     noise: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+        """ε-prediction MSE: mse(noise, model(q_sample(x_start, t, noise), t, y))."""
+        if noise is None:
+            noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
+        x_noisy = self.q_sample(x_start, t, noise=noise)
+        return F.mse_loss(noise, model(x_noisy, t, y))
+
+    # ---- DDPM -----------------------------------------------------------------------------------
+
+    def p_mean_variance(self, model: Denoiser, x_t: Tensor, t: Tensor, y: Tensor,
+                        clip_denoised: bool = True) -> Tuple[Tensor, Tensor, Tensor]:
+        x_recon = self.predict_start_from_noise(x_t, t, model(x_t, t, y))
+        if clip_denoised:
+            x_recon = torch.clamp(x_recon, min=-1.0, max=1.0)
+        return self.q_posterior_mean_variance(x_recon, x_t, t)
+
+    @torch.no_grad()
+    def p_sample(self, model: Denoiser, x_t: Tensor, t: Tensor, y: Tensor, clip_denoised: bool = True, *,
+                 noise: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> Tensor:
+        """One ancestral step x_t → x_{t−1}; ``t`` may differ across the batch (this general path runs
+        on the eager schedule gathers; :meth:`sample` uses the fused step)."""
+        self._check_t(t, x_t.shape[0])
+        mean, _, log_variance = self.p_mean_variance(model, x_t, t, y, clip_denoised=clip_denoised)
+        if noise is None:
+            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        nonzero = (t != 0).float().view(-1, *([1] * (x_t.dim() - 1)))
+        return mean + nonzero * (0.5 * log_variance).exp() * noise
+
+    @torch.no_grad()
+    def sample(self, model: Denoiser, y: Tensor, seq_len: int, batch_size: int = 8, channels: int = 32, *,
+               clip_denoised: bool = True, noise: Optional[Tensor] = None,
+               generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> Tensor:
+        """Ancestral DDPM sampling over all ``timesteps`` steps from x_T ~ N(0, I)."""
+        sampler = _NoiseSource(self, model, y, (batch_size, channels, seq_len), noise, generator, seed)
+        x = sampler.start()
+        for i in reversed(range(self.timesteps)):
+            eps = model(x, sampler.timestep(i), y)
+            x = ddpm_step(
+                x, eps,
+                sqrt_recip_alphas_cumprod=_f32(self.sqrt_recip_alphas_cumprod[i]),
+                sqrt_recipm1_alphas_cumprod=_f32(self.sqrt_recipm1_alphas_cumprod[i]),
+                posterior_mean_coef1=_f32(self.posterior_mean_coef1[i]),
+                posterior_mean_coef2=_f32(self.posterior_mean_coef2[i]),
+                posterior_log_variance_clipped=_f32(self.posterior_log_variance_clipped[i]),
+                clip_denoised=clip_denoised, add_noise=i != 0, **sampler.step_noise(self.timesteps - i))
+        return x
+
+    # ---- DDIM -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def ddim_sample(self, model: Denoiser, y: Tensor, seq_len: int, batch_size: int = 8, channels: int = 32,
+                    ddim_timesteps: int = 50, ddim_discr_method: str = "quad", ddim_eta: float = 0.0,
+                    clip_denoised: bool = True, *, noise: Optional[Tensor] = None,
+                    generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> Tensor:
+        """DDIM sampling over the release's timestep sequence (eta = 0: deterministic given x_T)."""
+        seq, prev = ddim_timestep_sequence(self.timesteps, ddim_timesteps, ddim_discr_method)
+        if ddim_eta < 0:
+            raise ValueError(f"ddim_eta must be >= 0; got {ddim_eta}")
+        sampler = _NoiseSource(self, model, y, (batch_size, channels, seq_len), noise, generator, seed)
+        x = sampler.start()
+        for i in reversed(range(ddim_timesteps)):
+            eps = model(x, sampler.timestep(int(seq[i])), y)
+            x = ddim_step(x, eps, alpha_bar=_f32(self.alphas_cumprod[seq[i]]),
+                          alpha_bar_prev=_f32(self.alphas_cumprod[prev[i]]), eta=float(ddim_eta),
+                          clip_denoised=clip_denoised, **sampler.step_noise(ddim_timesteps - i))
+        return x
+
+    # ---- DPM-Solver++(2M) -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def dpm_solver_sample(self, model: Denoiser, y: Tensor, seq_len: int, batch_size: int = 8, channels: int = 32,
+                          steps: int = 20, *, spacing: str = "logSNR", clip_denoised: bool = True,
+                          lower_order_final: bool = True, noise: Optional[Tensor] = None,
+                          generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> Tensor:
+        """DPM-Solver++(2M) (Lu et al. 2022), data-prediction form, from t = T − 1 to t = 0.
+
+        With x0_i = (x − σ_i·ε)/α_i (clipped to [−1, 1] if ``clip_denoised``), λ = log(α/σ),
+        h_i = λ_i − λ_{i−1}: x_i = (σ_i/σ_{i−1})·x_{i−1} − α_i·(e^{−h_i} − 1)·D_i, where D_i = x0_{i−1}
+        on the first step (and on the last when ``lower_order_final`` and fewer than 15 steps, which
+        keeps very short runs stable) and (1 + 1/(2r))·x0_{i−1} − 1/(2r)·x0_{i−2} otherwise,
+        r = h_{i−1}/h_i. Deterministic given x_T; ``steps`` model calls. The default ``spacing`` is
+        uniform in log-SNR: on Gaussian data with the exact ε, 10 steps recover the data's spread within
+        a few percent, while time-uniform steps are far off (tests/test_gaussian_diffusion.py).
+        """
+        ts = dpm_solver_timesteps(self.alphas_cumprod, steps, spacing)
+        ab = self.alphas_cumprod
+        alpha = [math.sqrt(float(ab[t])) for t in ts]
+        sigma = [math.sqrt(1.0 - float(ab[t])) for t in ts]
+        lam = [math.log(a / s) for a, s in zip(alpha, sigma)]
+        sampler = _NoiseSource(self, model, y, (batch_size, channels, seq_len), noise, generator, seed)
+        x = sampler.start()
+        x0_prev: Optional[Tensor] = None
+        h_prev = 0.0
+        last = len(ts) - 1
+        for i in range(1, len(ts)):
+            s = i - 1
+            eps = model(x, sampler.timestep(ts[s]), y)
+            x0 = (x - sigma[s] * eps) / alpha[s]
+            if clip_denoised:
+                x0 = x0.clamp(-1.0, 1.0)
+            h = lam[i] - lam[s]
+            first_order = x0_prev is None or (lower_order_final and i == last and last < 15)
+            if first_order:
+                d = x0
+            else:
+                r = h_prev / h
+                d = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+            x = (sigma[i] / sigma[s]) * x - alpha[i] * math.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        return x
+
+
+def _seed_tensor(seed, device: torch.device) -> Optional[Tensor]:
+    """The counter generator's seed as an int64 0-d tensor on ``device``. A tensor is used as is (not
+    copied), so a captured CUDA graph reads whatever value is written into it before a replay."""
+    if seed is None:
+        return None
+    if isinstance(seed, Tensor):
+        if seed.dtype != torch.int64 or seed.dim() != 0 or seed.device != device:
+            raise ValueError(f"seed tensor must be a 0-d int64 tensor on {device}; "
+                             f"got {tuple(seed.shape)} {seed.dtype} on {seed.device}")
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int or a 0-d int64 tensor; got {type(seed).__name__}")
+    return torch.tensor(seed, dtype=torch.int64, device=device)
+
+
+class _NoiseSource:
+    """Start noise, per-step noise and per-step timestep tensors for one sampling run (module doc)."""
+
+    def __init__(self, diffusion: GaussianDiffusion, model, y: Tensor, shape: Tuple[int, int, int],
+                 noise: Optional[Tensor], generator: Optional[torch.Generator], seed: Optional[int]):
+        batch, channels, length = shape
+        for name, value in (("batch_size", batch), ("channels", channels), ("seq_len", length)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int; got {value!r}")
+        if generator is not None and seed is not None:
+            raise ValueError("pass either generator (torch RNG noise) or seed (in-kernel counter noise), not both")
+        if not isinstance(y, Tensor) or y.dim() < 1 or y.shape[0] != batch:
+            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"y must be a tensor with batch_size={batch} rows; got {got}")
+        param = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
+        self.device = param.device if param is not None else y.device
+        self.dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        self.shape = shape
+        self.explicit_start = noise
+        if noise is not None and tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape} (batch_size, channels, seq_len); got {tuple(noise.shape)}")
+        self.generator = generator
+        self.seed = _seed_tensor(seed, self.device)
+        self.timesteps = diffusion.timesteps
+
+    def start(self) -> Tensor:
+        if self.explicit_start is not None:
+            return self.explicit_start.to(self.device, self.dtype)
+        if self.seed is not None:
+            return counter_normal(self.seed, 0, self.shape, dtype=self.dtype, device=self.device)
+        return torch.randn(self.shape, generator=self.generator, device=self.device, dtype=self.dtype)
+
+    def timestep(self, t: int) -> Tensor:
+        return torch.full((self.shape[0],), t, device=self.device, dtype=torch.long)
+
+    def step_noise(self, step: int) -> dict:
+        """Keyword arguments giving the fused step its noise for the ``step``-th update (1-based)."""
+        if self.seed is not None:
+            return {"seed": self.seed, "offset": step}
+        return {"noise": torch.randn(self.shape, generator=self.generator, device=self.device, dtype=self.dtype)}
