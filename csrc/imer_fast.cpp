@@ -79,4 +79,17 @@ TORCH_LIBRARY(imer_fast, m) {
   m.def(
       "add_scaled_noise(Tensor x, Tensor? std, float std_scalar, Tensor? noise, Tensor? seed, int offset) "
       "-> Tensor");
+  // GroupNorm over x [B, C, *spatial] (num_groups groups of channels), with an optional per-sample
+  // channel bias added before it, the optional affine, an optional FiLM x * (1 + scale) + shift
+  // (scale / shift [B, C] or [B, C, 1]) and an optional SiLU: the diffusion U-Nets' block prologue
+  // (spec: imer_fast/ops/group_norm.py). Returns (y like x, mean [B, G], rstd [B, G]) with float32
+  // statistics (float64 for float64 x).
+  m.def(
+      "group_norm_film_silu(Tensor x, Tensor? weight, Tensor? bias, Tensor? input_bias, Tensor? scale, "
+      "Tensor? shift, int num_groups, float eps, bool apply_silu) -> (Tensor, Tensor, Tensor)");
+  // Gradients for (x, weight, bias, input_bias, scale, shift); unrequested or absent ones are empty.
+  m.def(
+      "group_norm_film_silu_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, "
+      "Tensor? input_bias, Tensor? scale, Tensor? shift, Tensor mean, Tensor rstd, int num_groups, "
+      "bool apply_silu, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,257 @@
+// CPU kernels of imer_fast::group_norm_film_silu and its backward (semantics:
+// imer_fast/ops/group_norm.py). For x [B, C, S] (S = product of the spatial dims) and G groups of
+// cpg = C / G channels:
+//
+//   xi   = x + input_bias[b, c]                         (optional per-sample channel bias)
+//   xn   = (xi - mean_bg) * rstd_bg                       (biased variance over the cpg * S group)
+//   a    = xn * weight[c] + bias[c]                       (optional affine)
+//   f    = a * (1 + scale[b, c]) + shift[b, c]            (optional FiLM)
+//   y    = silu(f) if apply_silu else f
+//
+// Backward, with gf = grad_y * silu'(f) (or grad_y), ga = gf * (1 + scale), g = ga * weight:
+//   dshift = sum_s gf,  dscale = sum_s gf * a,  dweight = sum_{b,s} ga * xn,  dbias = sum_{b,s} ga
+//   dx = rstd * (g - mean_group(g) - xn * mean_group(g * xn)),  dinput_bias = sum_s dx
+//
+// One task per (b, g): the group is read once for the mean, once for the centred variance and once
+// for the output (it fits in L1/L2 for the U-Net shapes). dweight / dbias are reduced per (b, c)
+// first and then over b in index order: bitwise-repeatable for any thread count, no atomics.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+namespace imer_fast {
+namespace {
+
+constexpr const char* kOp = "imer_fast::group_norm_film_silu: ";
+
+template <typename T>
+inline T sigmoid(T v) {
+  return T(1) / (T(1) + std::exp(-v));
+}
+
+struct Shape {
+  int64_t B, C, S, G, cpg;
+};
+
+Shape shape_of(const at::Tensor& x, int64_t num_groups) {
+  TORCH_CHECK(x.dim() >= 2, kOp, "x must be [B, C, *spatial]; got ", x.sizes());
+  TORCH_CHECK(num_groups >= 1 && x.size(1) % num_groups == 0, kOp, "C = ", x.size(1),
+              " must be divisible by num_groups = ", num_groups);
+  const int64_t B = x.size(0), C = x.size(1);
+  const int64_t S = (B * C) ? x.numel() / (B * C) : 0;
+  return {B, C, S, num_groups, C / num_groups};
+}
+
+// Optional [C] or [B, C] parameters as contiguous float-opmath pointers (nullptr when absent).
+template <typename scalar_t>
+const scalar_t* ptr_or_null(const std::optional<at::Tensor>& t, at::Tensor& keep) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  keep = t->contiguous();
+  return keep.data_ptr<scalar_t>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_film_silu_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& input_bias, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool apply_silu) {
+  const Shape sh = shape_of(x_in, num_groups);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const auto stat_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = at::empty({sh.B, sh.G}, x.options().dtype(stat_dtype));
+  at::Tensor rstd = at::empty({sh.B, sh.G}, x.options().dtype(stat_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_film_silu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    at::Tensor kw, kb, kib, ksc, ksh;
+    const scalar_t* w = ptr_or_null<scalar_t>(weight, kw);
+    const scalar_t* bb = ptr_or_null<scalar_t>(bias, kb);
+    const scalar_t* ib = ptr_or_null<scalar_t>(input_bias, kib);
+    const scalar_t* sc = ptr_or_null<scalar_t>(scale, ksc);
+    const scalar_t* sf = ptr_or_null<scalar_t>(shift, ksh);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    opmath_t* mp = mean.data_ptr<opmath_t>();
+    opmath_t* rp = rstd.data_ptr<opmath_t>();
+    at::parallel_for(0, sh.B * sh.G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bg = begin; bg < end; ++bg) {
+        const int64_t b = bg / sh.G, g = bg % sh.G;
+        const int64_t c0 = g * sh.cpg;
+        const int64_t n = sh.cpg * sh.S;
+        opmath_t sum = 0;
+        for (int64_t c = c0; c < c0 + sh.cpg; ++c) {
+          const scalar_t* row = xp + (b * sh.C + c) * sh.S;
+          const opmath_t add = ib ? static_cast<opmath_t>(ib[b * sh.C + c]) : opmath_t(0);
+          opmath_t s = 0;
+          for (int64_t i = 0; i < sh.S; ++i) s += static_cast<opmath_t>(row[i]);
+          sum += s + add * sh.S;
+        }
+        const opmath_t mu = n ? sum / n : opmath_t(0);
+        opmath_t sq = 0;
+        for (int64_t c = c0; c < c0 + sh.cpg; ++c) {
+          const scalar_t* row = xp + (b * sh.C + c) * sh.S;
+          const opmath_t shift_c = (ib ? static_cast<opmath_t>(ib[b * sh.C + c]) : opmath_t(0)) - mu;
+          for (int64_t i = 0; i < sh.S; ++i) {
+            const opmath_t d = static_cast<opmath_t>(row[i]) + shift_c;
+            sq += d * d;
+          }
+        }
+        const opmath_t r = opmath_t(1) / std::sqrt((n ? sq / n : opmath_t(0)) + static_cast<opmath_t>(eps));
+        mp[bg] = mu;
+        rp[bg] = r;
+        for (int64_t c = c0; c < c0 + sh.cpg; ++c) {
+          const int64_t bc = b * sh.C + c;
+          const scalar_t* row = xp + bc * sh.S;
+          scalar_t* out = yp + bc * sh.S;
+          // f = ((x + ib - mu) * r * w + bias) * (1 + scale) + shift = x * k + m, per channel
+          const opmath_t wc = w ? static_cast<opmath_t>(w[c]) : opmath_t(1);
+          const opmath_t bc_ = bb ? static_cast<opmath_t>(bb[c]) : opmath_t(0);
+          const opmath_t film = sc ? opmath_t(1) + static_cast<opmath_t>(sc[bc]) : opmath_t(1);
+          const opmath_t sft = sf ? static_cast<opmath_t>(sf[bc]) : opmath_t(0);
+          const opmath_t centre = (ib ? static_cast<opmath_t>(ib[bc]) : opmath_t(0)) - mu;
+          const opmath_t k = r * wc * film;
+          const opmath_t m = (centre * r * wc + bc_) * film + sft;
+          if (apply_silu) {
+            for (int64_t i = 0; i < sh.S; ++i) {
+              const opmath_t f = static_cast<opmath_t>(row[i]) * k + m;
+              out[i] = static_cast<scalar_t>(f * sigmoid(f));
+            }
+          } else {
+            for (int64_t i = 0; i < sh.S; ++i) out[i] = static_cast<scalar_t>(static_cast<opmath_t>(row[i]) * k + m);
+          }
+        }
+      }
+    });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_film_silu_backward_cpu(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& input_bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, const at::Tensor& mean_in,
+    const at::Tensor& rstd_in, int64_t num_groups, bool apply_silu, c10::List<bool> output_mask) {
+  const Shape sh = shape_of(x_in, num_groups);
+  const at::Tensor x = x_in.contiguous(), gy = grad_y_in.contiguous();
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  TORCH_CHECK(gy.sizes() == x.sizes(), "imer_fast::group_norm_film_silu_backward: grad_y must have x's shape");
+  const bool want_x = output_mask[0], want_w = output_mask[1] && weight.has_value() && weight->defined();
+  const bool want_b = output_mask[2] && bias.has_value() && bias->defined();
+  const bool want_ib = output_mask[3] && input_bias.has_value() && input_bias->defined();
+  const bool want_sc = output_mask[4] && scale.has_value() && scale->defined();
+  const bool want_sh = output_mask[5] && shift.has_value() && shift->defined();
+  const bool need_dx = want_x || want_ib;
+  at::Tensor dx = need_dx ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  auto opts = x.options();
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // per-(b, c) partials: 0 dweight, 1 dbias, 2 dinput_bias, 3 dscale, 4 dshift
+  at::Tensor part = at::zeros({5, sh.B, sh.C}, opts.dtype(acc_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_film_silu_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    at::Tensor kw, kb, kib, ksc, ksh;
+    const scalar_t* w = ptr_or_null<scalar_t>(weight, kw);
+    const scalar_t* bb = ptr_or_null<scalar_t>(bias, kb);
+    const scalar_t* ib = ptr_or_null<scalar_t>(input_bias, kib);
+    const scalar_t* sc = ptr_or_null<scalar_t>(scale, ksc);
+    const scalar_t* sf = ptr_or_null<scalar_t>(shift, ksh);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = gy.data_ptr<scalar_t>();
+    scalar_t* dxp = need_dx ? dx.data_ptr<scalar_t>() : nullptr;
+    const opmath_t* mp = mean.data_ptr<opmath_t>();
+    const opmath_t* rp = rstd.data_ptr<opmath_t>();
+    opmath_t* pp = part.data_ptr<opmath_t>();
+    const int64_t plane = sh.B * sh.C;
+    at::parallel_for(0, sh.B * sh.G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bg = begin; bg < end; ++bg) {
+        const int64_t b = bg / sh.G, g = bg % sh.G, c0 = g * sh.cpg;
+        const opmath_t mu = mp[bg], r = rp[bg];
+        const int64_t n = sh.cpg * sh.S;
+        opmath_t sum_g = 0, sum_gxn = 0;
+        for (int64_t c = c0; c < c0 + sh.cpg; ++c) {
+          const int64_t bc = b * sh.C + c;
+          const scalar_t* row = xp + bc * sh.S;
+          const scalar_t* grow = gp + bc * sh.S;
+          const opmath_t wc = w ? static_cast<opmath_t>(w[c]) : opmath_t(1);
+          const opmath_t bc_ = bb ? static_cast<opmath_t>(bb[c]) : opmath_t(0);
+          const opmath_t film = sc ? opmath_t(1) + static_cast<opmath_t>(sc[bc]) : opmath_t(1);
+          const opmath_t sft = sf ? static_cast<opmath_t>(sf[bc]) : opmath_t(0);
+          const opmath_t centre = (ib ? static_cast<opmath_t>(ib[bc]) : opmath_t(0)) - mu;
+          opmath_t s_gf = 0, s_gfa = 0, s_ga_xn = 0, s_ga = 0, s_g = 0, s_gxn = 0;
+          for (int64_t i = 0; i < sh.S; ++i) {
+            const opmath_t xn = (static_cast<opmath_t>(row[i]) + centre) * r;
+            const opmath_t a = xn * wc + bc_;
+            opmath_t gf = static_cast<opmath_t>(grow[i]);
+            if (apply_silu) {
+              const opmath_t f = a * film + sft, sg = sigmoid(f);
+              gf *= sg * (opmath_t(1) + f * (opmath_t(1) - sg));
+            }
+            const opmath_t ga = gf * film;
+            s_gf += gf;
+            s_gfa += gf * a;
+            s_ga_xn += ga * xn;
+            s_ga += ga;
+            s_g += ga * wc;
+            s_gxn += ga * wc * xn;
+          }
+          pp[0 * plane + bc] = s_ga_xn;
+          pp[1 * plane + bc] = s_ga;
+          pp[3 * plane + bc] = s_gfa;
+          pp[4 * plane + bc] = s_gf;
+          sum_g += s_g;
+          sum_gxn += s_gxn;
+        }
+        if (!need_dx || n == 0) continue;
+        const opmath_t mean_g = sum_g / n, mean_gxn = sum_gxn / n;
+        for (int64_t c = c0; c < c0 + sh.cpg; ++c) {
+          const int64_t bc = b * sh.C + c;
+          const scalar_t* row = xp + bc * sh.S;
+          const scalar_t* grow = gp + bc * sh.S;
+          scalar_t* drow = dxp + bc * sh.S;
+          const opmath_t wc = w ? static_cast<opmath_t>(w[c]) : opmath_t(1);
+          const opmath_t bc_ = bb ? static_cast<opmath_t>(bb[c]) : opmath_t(0);
+          const opmath_t film = sc ? opmath_t(1) + static_cast<opmath_t>(sc[bc]) : opmath_t(1);
+          const opmath_t sft = sf ? static_cast<opmath_t>(sf[bc]) : opmath_t(0);
+          const opmath_t centre = (ib ? static_cast<opmath_t>(ib[bc]) : opmath_t(0)) - mu;
+          opmath_t s_dx = 0;
+          for (int64_t i = 0; i < sh.S; ++i) {
+            const opmath_t xn = (static_cast<opmath_t>(row[i]) + centre) * r;
+            opmath_t gf = static_cast<opmath_t>(grow[i]);
+            if (apply_silu) {
+              const opmath_t f = (xn * wc + bc_) * film + sft, sg = sigmoid(f);
+              gf *= sg * (opmath_t(1) + f * (opmath_t(1) - sg));
+            }
+            const opmath_t d = r * (gf * film * wc - mean_g - xn * mean_gxn);
+            s_dx += d;
+            drow[i] = static_cast<scalar_t>(d);
+          }
+          pp[2 * plane + bc] = s_dx;
+        }
+      }
+    });
+  });
+  auto empty = [&] { return at::empty({0}, opts); };
+  auto over_b = [&](int64_t k) { return part[k].sum(0).to(x.scalar_type()); };  // fixed-order reduction over b
+  auto per_bc = [&](int64_t k, const std::optional<at::Tensor>& like) {
+    return part[k].to(x.scalar_type(), /*non_blocking=*/false, /*copy=*/true).view(like->sizes());
+  };
+  return {want_x ? dx : empty(),
+          want_w ? over_b(0) : empty(),
+          want_b ? over_b(1) : empty(),
+          want_ib ? per_bc(2, input_bias) : empty(),
+          want_sc ? per_bc(3, scale) : empty(),
+          want_sh ? per_bc(4, shift) : empty()};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imer_fast, CPU, m) {
+  m.impl("group_norm_film_silu", &group_norm_film_silu_cpu);
+  m.impl("group_norm_film_silu_backward", &group_norm_film_silu_backward_cpu);
+}
+
+}  // namespace imer_fast

@@ -1,0 +1,140 @@
+"""group_norm_film_silu: parity with the eager sequence, gradients, opcheck, fuzz, layouts, errors."""
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from imer_fast.ops.group_norm import group_norm_film_silu, group_norm_film_silu_ref
+
+SHAPES = [((3, 32, 48), 8), ((2, 64, 6), 32), ((2, 32, 12), 4)]
+OPTIONALS = ("weight", "bias", "input_bias", "scale", "shift")
+
+
+def make(shape, groups, present, dtype=torch.float32, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, c = shape[0], shape[1]
+    x = torch.randn(shape, generator=g, dtype=dtype) * 3 + 1
+    sizes = {"weight": (c,), "bias": (c,), "input_bias": (b, c), "scale": (b, c), "shift": (b, c, 1)}
+    kw = {k: torch.randn(sizes[k], generator=g, dtype=dtype) for k in present}
+    if requires_grad:
+        x.requires_grad_()
+        for t in kw.values():
+            t.requires_grad_()
+    return x, kw
+
+
+@pytest.mark.parametrize("shape,groups", SHAPES)
+@pytest.mark.parametrize("silu", [True, False])
+def test_matches_eager_sequence_for_every_option_combination(backend, shape, groups, silu):
+    combos = [c for r in range(len(OPTIONALS) + 1) for c in itertools.combinations(OPTIONALS, r)]
+    if backend == "triton":
+        combos = [(), OPTIONALS, ("weight", "bias", "scale", "shift")]
+    for present in combos:
+        x, kw = make(shape, groups, present)
+        got = group_norm_film_silu(x, groups, apply_silu=silu, **kw)
+        want = group_norm_film_silu_ref(x, groups, apply_silu=silu, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=str(present))
+
+
+def test_reference_equals_release_block_math():
+    """The ref twin restates FedDISC's Block prologue: GroupNorm -> x * (scale + 1) + shift -> SiLU."""
+    x, kw = make((2, 32, 12), 8, OPTIONALS)
+    gn = torch.nn.GroupNorm(8, 32)
+    with torch.no_grad():
+        gn.weight.copy_(kw["weight"])
+        gn.bias.copy_(kw["bias"])
+    h = gn(x + kw["input_bias"][:, :, None])
+    release = torch.nn.functional.silu(h * (kw["scale"][:, :, None] + 1) + kw["shift"])
+    torch.testing.assert_close(group_norm_film_silu(x, 8, **kw), release, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("silu", [True, False])
+def test_gradcheck_float64(backend, silu):
+    shape = (2, 8, 5) if backend == "triton" else (3, 16, 7)
+    x, kw = make(shape, 4, OPTIONALS, dtype=torch.float64, requires_grad=True)
+    names = list(kw)
+
+    def fn(x, *ts):
+        return group_norm_film_silu(x, 4, apply_silu=silu, **dict(zip(names, ts)))
+
+    assert torch.autograd.gradcheck(fn, (x, *kw.values()), fast_mode=backend == "triton")
+
+
+def test_gradients_match_ref_float32_partial_inputs(backend):
+    x, kw = make((2, 32, 12), 8, ("weight", "scale"), requires_grad=True)
+    out = group_norm_film_silu(x, 8, **kw)
+    grads = torch.autograd.grad(out.square().sum(), [x, *kw.values()])
+    x2, kw2 = make((2, 32, 12), 8, ("weight", "scale"), requires_grad=True)
+    ref = group_norm_film_silu_ref(x2, 8, **kw2)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x2, *kw2.values()])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck():
+    x, kw = make((2, 16, 6), 4, OPTIONALS, requires_grad=True)
+    args = (x, kw["weight"], kw["bias"], kw["input_bias"], kw["scale"], kw["shift"].reshape(2, 16), 4, 1e-5, True)
+    torch.library.opcheck(torch.ops.imer_fast.group_norm_film_silu.default, args)
+    y, mean, rstd = torch.ops.imer_fast.group_norm_film_silu(*args)
+    bargs = (torch.randn_like(y), x.detach(), kw["weight"].detach(), kw["bias"].detach(), kw["input_bias"].detach(),
+             kw["scale"].detach(), kw["shift"].detach().reshape(2, 16), mean, rstd, 4, True, [True] * 6)
+    torch.library.opcheck(torch.ops.imer_fast.group_norm_film_silu_backward.default, bargs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(0, 3), groups=st.sampled_from([1, 2, 4]), cpg=st.integers(1, 4),
+       spatial=st.lists(st.integers(1, 6), min_size=0, max_size=2),
+       present=st.sets(st.sampled_from(OPTIONALS)), silu=st.booleans())
+def test_fuzz_shapes(b, groups, cpg, spatial, present, silu):
+    shape = (b, groups * cpg, *spatial)
+    assume(cpg * math.prod(spatial) >= 2)  # torch's group_norm (the ref) rejects one-element groups
+    x, kw = make(shape, groups, present)
+    torch.testing.assert_close(group_norm_film_silu(x, groups, apply_silu=silu, **kw),
+                               group_norm_film_silu_ref(x, groups, apply_silu=silu, **kw), rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_and_zero_size(backend):
+    x = torch.randn(48, 16, 3).permute(2, 1, 0)  # [3, 16, 48] with strides
+    kw = {"scale": torch.randn(16, 3).t(), "weight": torch.randn(16)}
+    torch.testing.assert_close(group_norm_film_silu(x, 4, **kw), group_norm_film_silu_ref(x.contiguous(), 4, **kw),
+                               rtol=1e-5, atol=1e-5)
+    empty = torch.randn(0, 16, 5, requires_grad=True)
+    out = group_norm_film_silu(empty, 4)
+    assert out.shape == (0, 16, 5)
+    out.sum().backward()
+    assert empty.grad.shape == (0, 16, 5)
+
+
+def test_bitwise_repeatable(backend):
+    x, kw = make((4, 32, 24), 8, OPTIONALS, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out = group_norm_film_silu(x, 8, **kw)
+        grads = torch.autograd.grad(out.sum(), [x, *kw.values()])
+        runs.append((out, *grads))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_double_backward_is_a_clear_error():
+    x, kw = make((2, 8, 4), 2, ("weight",), dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(group_norm_film_silu(x, 2, **kw).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_errors_name_the_argument():
+    x = torch.randn(2, 12, 5)
+    with pytest.raises(ValueError, match="num_groups must be a positive int dividing C = 12"):
+        group_norm_film_silu(x, 5)
+    with pytest.raises(ValueError, match=r"scale must have shape \[B, C\] = \[2, 12\]"):
+        group_norm_film_silu(x, 4, scale=torch.randn(12))
+    with pytest.raises(ValueError, match=r"weight must have shape \[C\] = \[12\]"):
+        group_norm_film_silu(x, 4, torch.randn(11))
+    with pytest.raises(TypeError, match="input_bias has dtype torch.float64"):
+        group_norm_film_silu(x, 4, input_bias=torch.randn(2, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x must be a floating tensor \[B, C, \*spatial\]"):
+        group_norm_film_silu(torch.randn(5), 1)
