@@ -24,6 +24,9 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+
+#include "vec_rows.h"
 
 namespace imer_fast {
 namespace {
@@ -34,6 +37,38 @@ template <typename T>
 inline T sigmoid(T v) {
   return T(1) / (T(1) + std::exp(-v));
 }
+
+// Row kernels: float32 runs the vectorised rows of vec_rows.h; other types the scalar loops. A
+// group's cpg channel rows are contiguous, so the statistics run over the whole group at once.
+template <typename scalar_t, typename opmath_t>
+inline opmath_t row_sum(const scalar_t* row, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return vec_rows::row_power_sum(row, n, 0.0f, false);
+  } else {
+    opmath_t s = 0;
+    for (int64_t i = 0; i < n; ++i) s += static_cast<opmath_t>(row[i]);
+    return s;
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+inline opmath_t row_centred_squares(const scalar_t* row, int64_t n, opmath_t shift) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return vec_rows::row_power_sum(row, n, shift, true);
+  } else {
+    opmath_t s = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const opmath_t d = static_cast<opmath_t>(row[i]) + shift;
+      s += d * d;
+    }
+    return s;
+  }
+}
+
+// SiLU in place over a float32 group (vectorised); other types apply it in their row loop.
+inline void silu_group(float* y, int64_t n) { vec_rows::silu_inplace(y, n); }
+template <typename T>
+inline void silu_group(T*, int64_t) {}
 
 struct Shape {
   int64_t B, C, S, G, cpg;
@@ -83,23 +118,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_film_silu_cpu(
         const int64_t b = bg / sh.G, g = bg % sh.G;
         const int64_t c0 = g * sh.cpg;
         const int64_t n = sh.cpg * sh.S;
-        opmath_t sum = 0;
-        for (int64_t c = c0; c < c0 + sh.cpg; ++c) {
-          const scalar_t* row = xp + (b * sh.C + c) * sh.S;
-          const opmath_t add = ib ? static_cast<opmath_t>(ib[b * sh.C + c]) : opmath_t(0);
-          opmath_t s = 0;
-          for (int64_t i = 0; i < sh.S; ++i) s += static_cast<opmath_t>(row[i]);
-          sum += s + add * sh.S;
+        // the group's cpg rows are one contiguous run of n elements
+        const scalar_t* group = xp + (b * sh.C + c0) * sh.S;
+        opmath_t sum = row_sum<scalar_t, opmath_t>(group, n);
+        if (ib) {
+          for (int64_t c = c0; c < c0 + sh.cpg; ++c) sum += static_cast<opmath_t>(ib[b * sh.C + c]) * sh.S;
         }
         const opmath_t mu = n ? sum / n : opmath_t(0);
         opmath_t sq = 0;
-        for (int64_t c = c0; c < c0 + sh.cpg; ++c) {
-          const scalar_t* row = xp + (b * sh.C + c) * sh.S;
-          const opmath_t shift_c = (ib ? static_cast<opmath_t>(ib[b * sh.C + c]) : opmath_t(0)) - mu;
-          for (int64_t i = 0; i < sh.S; ++i) {
-            const opmath_t d = static_cast<opmath_t>(row[i]) + shift_c;
-            sq += d * d;
+        if (ib) {
+          for (int64_t c = c0; c < c0 + sh.cpg; ++c) {
+            const scalar_t* row = xp + (b * sh.C + c) * sh.S;
+            sq += row_centred_squares<scalar_t, opmath_t>(row, sh.S, static_cast<opmath_t>(ib[b * sh.C + c]) - mu);
           }
+        } else {
+          sq = row_centred_squares<scalar_t, opmath_t>(group, n, -mu);
         }
         const opmath_t r = opmath_t(1) / std::sqrt((n ? sq / n : opmath_t(0)) + static_cast<opmath_t>(eps));
         mp[bg] = mu;
@@ -116,15 +149,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_film_silu_cpu(
           const opmath_t centre = (ib ? static_cast<opmath_t>(ib[bc]) : opmath_t(0)) - mu;
           const opmath_t k = r * wc * film;
           const opmath_t m = (centre * r * wc + bc_) * film + sft;
-          if (apply_silu) {
+          if (std::is_same_v<scalar_t, float>) {
+            for (int64_t i = 0; i < sh.S; ++i) out[i] = static_cast<scalar_t>(static_cast<opmath_t>(row[i]) * k + m);
+          } else {
             for (int64_t i = 0; i < sh.S; ++i) {
               const opmath_t f = static_cast<opmath_t>(row[i]) * k + m;
-              out[i] = static_cast<scalar_t>(f * sigmoid(f));
+              out[i] = static_cast<scalar_t>(apply_silu ? f * sigmoid(f) : f);
             }
-          } else {
-            for (int64_t i = 0; i < sh.S; ++i) out[i] = static_cast<scalar_t>(static_cast<opmath_t>(row[i]) * k + m);
           }
         }
+        if (apply_silu) silu_group(yp + (b * sh.C + c0) * sh.S, n);
       }
     });
   });
