@@ -1,0 +1,231 @@
+"""Conditional 1-D U-Net denoiser: drop-in for FedDISC's ``UNetModel`` on imer_fast's fused ops.
+
+Same constructor arguments and defaults as the release (wdqdp/FedDISC ``conditional_ddim.py``:
+``in_channels=32, model_channels=128, out_channels=32, num_res_blocks=2, attention_resolutions=(8, 16),
+dropout=0, channel_mult=(1, 2, 2, 2), conv_resample=True, num_heads=4, label_num=4,
+num_time_tokens=2``), same ``forward(x [B, C, L], t long [B], y [B, label_num])``, the same module
+tree and parameter names (a release state_dict loads with ``strict=True`` both ways), parameters
+created in the release's order (same initial values under the same seed), and the same outputs
+within fp32 rounding — quirks included (see :mod:`imer_fast.testing.reference_feddisc`).
+
+Where the time goes instead:
+
+- every GroupNorm → (time scale-shift) → SiLU prologue is one ``group_norm_film_silu`` pass;
+- the condition cross-attention of every residual block is :class:`CondCrossAttention` (fused
+  attention over the null token + condition tokens, fused stable LayerNorms);
+- the self-attention blocks run the fused attention op on strided views of the qkv convolution
+  (the release's legacy head split is a view, not a copy);
+- SiLU of the time embedding is computed once per forward instead of once per block.
+
+Inputs are checked (shape, dtype, the length the U-Net can downsample, NaN in x); the NaN check is
+skipped while a CUDA graph is being captured or under ``torch.compile`` (it would synchronise).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.attention import attention
+from ..ops.group_norm import group_norm_film_silu
+from .cond_cross_attention import CondCrossAttention
+
+
+def sinusoidal_timestep_embedding(timesteps: Tensor, dim: int, max_period: int = 10000) -> Tensor:
+    """[N, dim] float32: [cos(t·f), sin(t·f)] with f_i = exp(−ln(max_period)·i/half), zero-padded if dim is odd."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def _group_norm(norm: nn.GroupNorm, x: Tensor, *, silu: bool, scale: Optional[Tensor] = None,
+                shift: Optional[Tensor] = None) -> Tensor:
+    return group_norm_film_silu(x, norm.num_groups, norm.weight, norm.bias, scale=scale, shift=shift, eps=norm.eps,
+                                apply_silu=silu)
+
+
+class Block(nn.Module):
+    """GroupNorm → optional scale-shift → SiLU → Conv1d(k=3) (the release's ``Block``)."""
+
+    def __init__(self, dim: int, dim_out: int, groups: int = 8):
+        super().__init__()
+        self.groupnorm = nn.GroupNorm(groups, dim)
+        self.activation = nn.SiLU()  # kept for the module tree; the fused prologue applies it
+        self.project = nn.Conv1d(dim, dim_out, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
+        return self.project(_group_norm(self.groupnorm, x, silu=True, scale=scale, shift=shift))
+
+
+class ResidualBlock(nn.Module):
+    """block1 → + cross-attention to the condition tokens → block2 with the time scale-shift → + shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_channels: int, dropout: float = 0.0, groups: int = 8):
+        super().__init__()
+        self.block1 = Block(in_channels, out_channels, groups=groups)
+        self.time_emb = nn.Sequential(nn.SiLU(), nn.Linear(time_channels, out_channels * 2))
+        self.block2 = Block(out_channels, out_channels, groups=groups)
+        self.shortcut = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.cross_attn = CondCrossAttention(out_channels, context_dim=time_channels)
+
+    def forward(self, x: Tensor, t_silu: Tensor, y: Tensor) -> Tensor:
+        h = self.block1(x)
+        h = h + self.cross_attn(h.transpose(1, 2), y).transpose(1, 2)
+        scale, shift = self.time_emb[1](t_silu).chunk(2, dim=1)
+        return self.block2(h, scale, shift) + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the length axis with the release's legacy head split, plus the residual."""
+
+    def __init__(self, channels: int, num_heads: int = 1):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"AttentionBlock: channels = {channels} must be divisible by num_heads = {num_heads}")
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(32, channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, kernel_size=1, bias=False)
+        self.proj = nn.Conv1d(channels, channels, kernel_size=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, length = x.shape
+        heads, d = self.num_heads, c // self.num_heads
+        qkv = self.qkv(_group_norm(self.norm, x, silu=False)).view(b, heads, 3 * d, length).transpose(2, 3)
+        q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]  # [b, heads, L, d] views
+        out = attention(q, k, v, scale=1.0 / math.sqrt(d))  # the release's d^-1/4 on q and on k
+        return self.proj(out.transpose(2, 3).reshape(b, c, length)) + x
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = nn.Conv1d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        self.op = nn.Conv1d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool1d(2, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class TimestepSequential(nn.Sequential):
+    """Runs its layers in order, handing the time features and condition tokens to residual blocks."""
+
+    def forward(self, x: Tensor, t_silu: Tensor, y: Tensor) -> Tensor:
+        for layer in self:
+            x = layer(x, t_silu, y) if isinstance(layer, ResidualBlock) else layer(x)
+        return x
+
+
+class _Tokens(nn.Module):
+    """[B, r·d] → [B, r, d] (the release's parameter-free einops Rearrange)."""
+
+    def __init__(self, r: int):
+        super().__init__()
+        self.r = r
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(x.shape[0], self.r, -1)
+
+
+class ConditionalUNet1d(nn.Module):
+    """FedDISC's conditional 1-D U-Net denoiser (module doc)."""
+
+    def __init__(self, in_channels: int = 32, model_channels: int = 128, out_channels: int = 32, num_res_blocks: int = 2,
+                 attention_resolutions: Sequence[int] = (8, 16), dropout: float = 0, channel_mult: Sequence[int] = (1, 2, 2, 2),
+                 conv_resample: bool = True, num_heads: int = 4, label_num: int = 4, num_time_tokens: int = 2):
+        super().__init__()
+        if model_channels % 32:
+            raise ValueError(f"ConditionalUNet1d: model_channels must be a multiple of 32 (GroupNorm(32) heads "
+                             f"the output); got {model_channels}")
+        self.in_channels, self.model_channels, self.out_channels = in_channels, model_channels, out_channels
+        self.num_res_blocks, self.attention_resolutions = num_res_blocks, tuple(attention_resolutions)
+        self.dropout, self.channel_mult, self.conv_resample = dropout, tuple(channel_mult), conv_resample
+        self.num_heads, self.label_num = num_heads, label_num
+        time_embed_dim = model_channels * 2
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
+                                        nn.Linear(time_embed_dim, time_embed_dim))
+        self.label_embedding = nn.Linear(label_num, time_embed_dim)
+        self.to_time_tokens = nn.Sequential(nn.Linear(time_embed_dim, num_time_tokens * time_embed_dim),
+                                            _Tokens(num_time_tokens))
+        self.down_blocks = nn.ModuleList([TimestepSequential(nn.Conv1d(in_channels, model_channels, 3, padding=1))])
+        chans, ch, ds = [model_channels], model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResidualBlock(ch, mult * model_channels, time_embed_dim, dropout)]
+                ch = mult * model_channels
+                if ds in self.attention_resolutions:
+                    layers.append(AttentionBlock(ch, num_heads=num_heads))
+                self.down_blocks.append(TimestepSequential(*layers))
+                chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.down_blocks.append(TimestepSequential(Downsample(ch, conv_resample)))
+                chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepSequential(ResidualBlock(ch, ch, time_embed_dim, dropout),
+                                               AttentionBlock(ch, num_heads=num_heads),
+                                               ResidualBlock(ch, ch, time_embed_dim, dropout))
+        self.up_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [ResidualBlock(ch + chans.pop(), model_channels * mult, time_embed_dim, dropout)]
+                ch = model_channels * mult
+                if ds in self.attention_resolutions:
+                    layers.append(AttentionBlock(ch, num_heads=num_heads))
+                if level and i == num_res_blocks:
+                    layers.append(Upsample(ch, conv_resample))
+                    ds //= 2
+                self.up_blocks.append(TimestepSequential(*layers))
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv1d(model_channels, out_channels, 3, padding=1))
+
+    @property
+    def length_multiple(self) -> int:
+        """Latent lengths must be multiples of this (one halving per level below the top)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    def _check(self, x: Tensor, t: Tensor, y: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[1] != self.in_channels:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"ConditionalUNet1d: x must be [B, in_channels={self.in_channels}, L]; got {got}")
+        b, length = x.shape[0], x.shape[2]
+        if length % self.length_multiple:
+            raise ValueError(f"ConditionalUNet1d: the length of x (L = {length}) must be divisible by "
+                             f"2^(len(channel_mult) - 1) = {self.length_multiple} to be downsampled")
+        if not isinstance(t, Tensor) or t.shape != (b,) or t.is_floating_point() or t.is_complex():
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"ConditionalUNet1d: t must be an integer tensor of shape [B = {b}]; got {got}")
+        if not isinstance(y, Tensor) or y.shape != (b, self.label_num):
+            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"ConditionalUNet1d: y must be [B = {b}, label_num = {self.label_num}]; got {got}")
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and not torch.compiler.is_compiling() and bool(torch.isnan(x).any()):
+            raise ValueError("ConditionalUNet1d: x contains NaN")
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        self._check(x, t, y)
+        t_emb = self.time_embed(sinusoidal_timestep_embedding(t, self.model_channels).to(x.dtype))
+        t_silu = F.silu(t_emb)
+        tokens = self.to_time_tokens(self.label_embedding(y))
+        skips = []
+        h = x
+        for module in self.down_blocks:
+            h = module(h, t_silu, tokens)
+            skips.append(h)
+        h = self.middle_block(h, t_silu, tokens)
+        for module in self.up_blocks:
+            h = module(torch.cat([h, skips.pop()], dim=1), t_silu, tokens)
+        return self.out[2](_group_norm(self.out[0], h, silu=True))
