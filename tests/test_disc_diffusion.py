@@ -1,0 +1,210 @@
+"""DISCDiffusion: release-compatible generators, scaling, training and label-free recovery."""
+import pytest
+import torch
+
+from imer_fast.data.corpus import MODALITIES
+from imer_fast.diffusion.disc import GENERATOR_NAMES, DISCDiffusion
+from imer_fast.testing.reference_feddisc import ReferenceUNetModel
+
+SMALL_UNET = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=2)
+DIMS = {"text": 12, "audio": 10, "video": 14}
+
+
+def small_model(**kwargs):
+    defaults = dict(latent_channels=4, latent_length=8, timesteps=100, unet=SMALL_UNET, sampling_steps=10)
+    defaults.update(kwargs)
+    return DISCDiffusion(DIMS, 3, **defaults)
+
+
+def test_generator_names_and_shapes_match_release_unet():
+    torch.manual_seed(0)
+    model = DISCDiffusion(DIMS, 6)
+    release = ReferenceUNetModel(label_num=6)
+    for m, name in GENERATOR_NAMES.items():
+        ours = {k: v.shape for k, v in getattr(model, name).state_dict().items()}
+        assert ours == {k: v.shape for k, v in release.state_dict().items()}, m
+    keys = model.state_dict().keys()
+    assert {"proj_l.0.weight", "proj_a.0.weight", "proj_v.0.weight", "latent_min", "latent_max"} <= set(keys)
+    assert model.proj_l[0].weight.shape == (32 * 48, DIMS["text"])
+
+
+def test_loads_release_generators_and_ignores_other_keys():
+    torch.manual_seed(1)
+    model = small_model()
+    donor = small_model()
+    release_like = {k: v for k, v in donor.state_dict().items() if k.startswith(("score_", "proj_"))}
+    release_like["trans_l_with_a.layers.0.fc1.weight"] = torch.zeros(3)  # the release's classifier parts
+    assert model.load_release_generators(release_like) == []
+    for k, v in release_like.items():
+        if k.startswith(("score_", "proj_")):
+            assert torch.equal(model.state_dict()[k], v), k
+
+
+def synthetic(n, generator, dims=DIMS, classes=3):
+    """Features whose projected latents depend strongly on the class (what the condition carries); the
+    class centres are the same for every call, the utterances come from ``generator``."""
+    centre_gen = torch.Generator().manual_seed(1234)
+    centers = {m: torch.randn(classes, d, generator=centre_gen) * 4 for m, d in dims.items()}
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    features = {m: centers[m][labels] + 0.1 * torch.randn(n, d, generator=generator) for m, d in dims.items()}
+    logits = torch.nn.functional.one_hot(labels, classes).float() * 6.0  # a confident pseudo-labeller
+    return features, labels, logits
+
+
+def test_fit_scaling_maps_training_latents_to_unit_interval():
+    model = small_model()
+    gen = torch.Generator().manual_seed(0)
+    features, _, _ = synthetic(64, gen)
+    availability = torch.ones(64, 3, dtype=torch.bool)
+    ranges = model.fit_scaling([(features, availability)])
+    for m in MODALITIES:
+        z = model._scale(m, model.project(m, features[m]))
+        assert z.min().item() == pytest.approx(-1.0, abs=1e-5) and z.max().item() == pytest.approx(1.0, abs=1e-5)
+        assert ranges[m][0] < ranges[m][1]
+    state = model.state_dict()
+    fresh = small_model()
+    fresh.load_state_dict(state)
+    assert bool(fresh.scaling_fitted) and torch.equal(fresh.latent_min, model.latent_min)
+
+
+def test_scaling_required_before_loss_or_recover():
+    model = small_model()
+    features, _, logits = synthetic(4, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="fit_scaling"):
+        model.loss(features, torch.ones(4, 3, dtype=torch.bool), logits)
+
+
+def _trained_model(steps=300):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = small_model(sampling_steps=20)
+    features, labels, logits = synthetic(256, gen)
+    availability = torch.ones(256, 3, dtype=torch.bool)
+    model.fit_scaling([(features, availability)])
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if n.startswith("score_")], lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, 256, (32,), generator=gen)
+        loss, per_modality = model.loss({m: f[idx] for m, f in features.items()}, availability[idx], logits[idx],
+                                        generator=gen)
+        assert set(per_modality) == set(MODALITIES)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, features, losses
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return _trained_model()
+
+
+def test_training_loss_decreases(trained):
+    _, _, losses = trained
+    first, last = sum(losses[:15]) / 15, sum(losses[-15:]) / 15
+    assert last < 0.3 * first, (first, last)
+
+
+def test_recovery_beats_mean_imputation_and_keeps_present_entries(trained):
+    model, train_features, _ = trained
+    features, labels, logits = synthetic(96, torch.Generator().manual_seed(77))  # new utterances
+    availability = torch.ones(96, 3, dtype=torch.bool)
+    availability[:32, 0] = False           # text missing
+    availability[32:64, 1:] = False        # audio and video missing
+    availability[64:, 2] = False           # video missing
+    model.eval()
+    out = model.recover(features, availability, logits, seed=3)
+    for k, m in enumerate(MODALITIES):
+        truth = model.project(m, features[m])
+        present, missing = availability[:, k], ~availability[:, k]
+        assert torch.equal(out[m][present], truth[present])
+        mean_latent = model.project(m, train_features[m]).mean(0, keepdim=True)
+        err = (out[m][missing] - truth[missing]).pow(2).mean().item()
+        mean_err = (mean_latent - truth[missing]).pow(2).mean().item()
+        assert err < 0.85 * mean_err, (m, err, mean_err)
+
+
+def test_recover_never_reads_labels(trained):
+    """recover takes no labels; recover_batch reads a PackedBatch without touching its labels."""
+    model, _, _ = trained
+    features, labels, logits = synthetic(8, torch.Generator().manual_seed(1))
+    availability = torch.ones(8, 3, dtype=torch.bool)
+    availability[:, 1] = False
+
+    class Poisoned:
+        def __getattr__(self, name):
+            raise AssertionError("labels were read at evaluation time")
+
+    batch = _packed(features, availability, Poisoned())
+    a = model.recover_batch(batch, logits, seed=0)
+    b = model.recover(features, availability, logits, seed=0)
+    for m in MODALITIES:
+        assert torch.equal(a[m], b[m])
+
+
+def _packed(features, availability, labels):
+    from imer_fast.data.batching import PackedBatch
+
+    n = availability.shape[0]
+    return PackedBatch(features=features, ground_truth=features, availability=availability,
+                       speakers=torch.zeros(n, dtype=torch.long), labels=labels,
+                       cu_seqlens=torch.tensor([0, n], dtype=torch.int32), max_seqlen=n,
+                       lengths=torch.tensor([n]), batch_index=torch.zeros(n, dtype=torch.long),
+                       position=torch.arange(n), flat_index=torch.arange(n), padded_shape=(1, n),
+                       dialogue_ids=["d0"])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm_solver"])
+def test_every_sampler_and_any_pattern(trained, sampler):
+    model, _, _ = trained
+    features, _, logits = synthetic(5, torch.Generator().manual_seed(2))
+    availability = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    out = model.recover(features, availability, logits, sampler=sampler, steps=5, seed=1)
+    again = model.recover(features, availability, logits, sampler=sampler, steps=5, seed=1)
+    for m in MODALITIES:
+        assert out[m].shape == (5, 4, 8) and torch.isfinite(out[m]).all()
+        assert torch.equal(out[m], again[m])
+
+
+def test_speaker_and_context_conditioning():
+    model = small_model(num_speakers=2, context_dim=5)
+    assert model.condition_dim == 3 + 2 + 5
+    logits = torch.randn(4, 3)
+    cond = model.condition("text", logits, torch.tensor([0, 1, 1, 0]), torch.ones(4, 5))
+    torch.testing.assert_close(cond[:, :3], torch.softmax(logits, 1))
+    assert torch.equal(cond[:, 3:5], torch.tensor([[1.0, 0], [0, 1], [0, 1], [1, 0]]))
+    with pytest.raises(ValueError, match="speakers must be"):
+        model.condition("text", logits, None, torch.ones(4, 5))
+    with pytest.raises(ValueError, match="context must be"):
+        model.condition("text", logits, torch.zeros(4, dtype=torch.long), torch.ones(4, 6))
+
+
+def test_temperature_sharpens_condition():
+    cold, warm = small_model(temperature=0.2), small_model(temperature=1.0)
+    logits = torch.tensor([[1.0, 0.0, -1.0]])
+    assert cold.condition("audio", logits).max() > warm.condition("audio", logits).max()
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="feature_dims"):
+        DISCDiffusion({"smell": 3}, 3)
+    with pytest.raises(ValueError, match="sampler"):
+        small_model(sampler="euler")
+    with pytest.raises(ValueError, match="temperature"):
+        small_model(temperature=0.0)
+    model = small_model(latent_range={m: (-2.0, 2.0) for m in MODALITIES})
+    features, _, logits = synthetic(4, torch.Generator().manual_seed(0))
+    ok = torch.ones(4, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="availability must be a bool tensor"):
+        model.recover(features, ok.int(), logits)
+    with pytest.raises(ValueError, match=r"pseudo_logits for .text. must be \[N, 3\] with N = 4"):
+        model.recover(features, ok, logits[:, :2])
+    bad = dict(features, audio=features["audio"].clone())
+    bad["audio"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"features\['audio'\] contains NaN"):
+        model.recover(bad, ok, logits)
+    with pytest.raises(ValueError, match=r"features\['video'\] must be \[N, 14\]"):
+        model.recover(dict(features, video=features["video"][:, :3]), ok, logits)
+    with pytest.raises(ValueError, match="latent_range"):
+        model.set_scaling({"text": (1.0, 1.0)})
