@@ -1,8 +1,9 @@
 """imer_fast modules: drop-in replacements for the release modules on imer_fast's fused operators."""
 from .cond_cross_attention import CondCrossAttention, StableLayerNorm
+from .conditional_unet import ConditionalUNet1d
 from .conv import GraphConv, RGCNConv
 from .cross_modal_transformer import CrossModalTransformer, CrossModalTransformerLayer, PackedMultiheadAttention
 from .dialogue_graph_network import DialogueGraphNetwork, GraphNetwork, MatchingAttention
 
-__all__ = ["CondCrossAttention", "CrossModalTransformer", "CrossModalTransformerLayer", "DialogueGraphNetwork",
+__all__ = ["CondCrossAttention", "ConditionalUNet1d", "CrossModalTransformer", "CrossModalTransformerLayer", "DialogueGraphNetwork",
            "PackedMultiheadAttention", "StableLayerNorm", "GraphConv", "GraphNetwork", "MatchingAttention", "RGCNConv"]

@@ -5,6 +5,7 @@ implementation, autograd where it is differentiable, and one ``select_<op>_backe
 """
 from ._runtime import triton_on_cpu
 from .attention import MASK_KINDS, attention, attention_ref, select_attention_backend
+from .counter_rng import counter_normal, counter_normal_ref, select_counter_normal_backend
 from .dialogue_graph import (
     RELATION_KINDS,
     DialogueGraph,
@@ -15,9 +16,12 @@ from .dialogue_graph import (
     relation_names,
     select_build_dialogue_graph_backend,
 )
+from .group_norm import group_norm_film_silu, group_norm_film_silu_ref, select_group_norm_film_silu_backend
 from .layer_norm import select_stable_layer_norm_backend, stable_layer_norm, stable_layer_norm_ref
 from .relational_csr import RelationalGraph, relational_csr, relational_csr_ref, select_relational_csr_backend
 from .rgcn import graph_conv, graph_conv_ref, rgcn_conv, rgcn_conv_ref, select_rgcn_conv_backend
+from .sampler_steps import (add_scaled_noise, add_scaled_noise_ref, ddim_step, ddpm_step, diffusion_step_ref,
+                            select_sampler_step_backend, ve_em_step, ve_em_step_ref)
 
 __all__ = [
     "MASK_KINDS", "attention", "attention_ref", "select_attention_backend",
@@ -26,4 +30,8 @@ __all__ = [
     "relational_csr", "relational_csr_ref", "rgcn_conv", "rgcn_conv_ref", "select_build_dialogue_graph_backend",
     "select_relational_csr_backend", "select_rgcn_conv_backend", "select_stable_layer_norm_backend",
     "stable_layer_norm", "stable_layer_norm_ref", "triton_on_cpu",
+    "counter_normal", "counter_normal_ref", "select_counter_normal_backend",
+    "group_norm_film_silu", "group_norm_film_silu_ref", "select_group_norm_film_silu_backend",
+    "add_scaled_noise", "add_scaled_noise_ref", "ddim_step", "ddpm_step", "diffusion_step_ref",
+    "select_sampler_step_backend", "ve_em_step", "ve_em_step_ref",
 ]
