@@ -207,11 +207,16 @@ class GaussianDiffusion:
     @torch.no_grad()
     def sample(self, model: Denoiser, y: Tensor, seq_len: int, batch_size: int = 8, channels: int = 32, *,
                clip_denoised: bool = True, noise: Optional[Tensor] = None,
-               generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> Tensor:
-        """Ancestral DDPM sampling over all ``timesteps`` steps from x_T ~ N(0, I)."""
+               generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+               num_steps: Optional[int] = None) -> Tensor:
+        """Ancestral DDPM sampling over all ``timesteps`` steps from x_T ~ N(0, I); ``num_steps`` stops
+        after that many reverse steps (t = T − 1 … T − num_steps), e.g. to profile a step."""
         sampler = _NoiseSource(self, model, y, (batch_size, channels, seq_len), noise, generator, seed)
+        steps = self.timesteps if num_steps is None else num_steps
+        if not 1 <= steps <= self.timesteps:
+            raise ValueError(f"num_steps must be in [1, timesteps={self.timesteps}]; got {num_steps}")
         x = sampler.start()
-        for i in reversed(range(self.timesteps)):
+        for i in reversed(range(self.timesteps - steps, self.timesteps)):
             eps = model(x, sampler.timestep(i), y)
             x = ddpm_step(
                 x, eps,
