@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 _SUBMODULES = ("backends", "data", "diffusion", "nn", "ops", "train")
 _EXPORTS = {"DialogueGraphNetwork": "nn", "RGCNConv": "nn", "GraphConv": "nn", "CrossModalTransformer": "nn",
             "CondCrossAttention": "nn", "StableLayerNorm": "nn", "ConditionalUNet1d": "nn",
-            "DISCDiffusion": "diffusion", "GaussianDiffusion": "diffusion"}
+            "DISCDiffusion": "diffusion", "GaussianDiffusion": "diffusion",
+            "ScoreNet": "nn", "VESDE": "diffusion"}
 
 
 def __getattr__(name):

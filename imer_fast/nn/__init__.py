@@ -4,6 +4,7 @@ from .conditional_unet import ConditionalUNet1d
 from .conv import GraphConv, RGCNConv
 from .cross_modal_transformer import CrossModalTransformer, CrossModalTransformerLayer, PackedMultiheadAttention
 from .dialogue_graph_network import DialogueGraphNetwork, GraphNetwork, MatchingAttention
+from .score_net import ScoreNet
 
 __all__ = ["CondCrossAttention", "ConditionalUNet1d", "CrossModalTransformer", "CrossModalTransformerLayer", "DialogueGraphNetwork",
-           "PackedMultiheadAttention", "StableLayerNorm", "GraphConv", "GraphNetwork", "MatchingAttention", "RGCNConv"]
+           "PackedMultiheadAttention", "StableLayerNorm", "GraphConv", "GraphNetwork", "MatchingAttention", "RGCNConv", "ScoreNet"]
