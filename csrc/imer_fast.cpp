@@ -79,6 +79,10 @@ TORCH_LIBRARY(imer_fast, m) {
   m.def(
       "add_scaled_noise(Tensor x, Tensor? std, float std_scalar, Tensor? noise, Tensor? seed, int offset) "
       "-> Tensor");
+  // Timestep features [N, dim]: angle = (t * freqs) * scale per (row, frequency), the first half
+  // sin (sin_first) or cos of the angles, the second half the other, a zero last column when dim is odd
+  // (spec: imer_fast/ops/timestep_embedding.py). Sinusoidal and Gaussian Fourier embeddings.
+  m.def("timestep_embedding(Tensor t, Tensor freqs, float scale, bool sin_first, int dim) -> Tensor");
   // GroupNorm over x [B, C, *spatial] (num_groups groups of channels), with an optional per-sample
   // channel bias added before it, the optional affine, an optional FiLM x * (1 + scale) + shift
   // (scale / shift [B, C] or [B, C, 1]) and an optional SiLU: the diffusion U-Nets' block prologue

@@ -40,6 +40,36 @@ __attribute__((always_inline)) inline F8 vexp(F8 x) {
   return (F8)((I8)(y * (F8)e) & ~tiny);
 }
 
+// sin and cos of float lanes together (Cephes sinf / cosf: octant reduction with a three-part pi/4,
+// then the minimax polynomials on [-pi/4, pi/4]; within ~2 ulp of the true values for |x| < 8192).
+// Lanes beyond that range are recomputed with libm by the caller (vsincos_in_range tells).
+__attribute__((always_inline)) inline bool vsincos_in_range(F8 x) {
+  const I8 big = (x > 8192.0f) | (x < -8192.0f) | (x != x);
+  I8 any = big;
+  for (int k = 0; k < 8; ++k) any[0] |= big[k];
+  return any[0] == 0;
+}
+
+__attribute__((always_inline)) inline void vsincos(F8 x, F8* sin_out, F8* cos_out) {
+  const I8 sign_bit = (I8)x & (int32_t)0x80000000;
+  const F8 ax = (F8)((I8)x & (int32_t)0x7FFFFFFF);
+  I8 j = __builtin_convertvector(ax * 1.27323954473516f, I8);  // |x| * 4 / pi, truncated
+  j = (j + 1) & ~1;                                              // even octant: z in [-pi/4, pi/4]
+  const F8 y = __builtin_convertvector(j, F8);
+  const F8 z = ((ax - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
+  const F8 zz = z * z;
+  const F8 sp = ((-1.9515295891e-4f * zz + 8.3321608736e-3f) * zz - 1.6666654611e-1f) * zz * z + z;
+  const F8 cp = ((2.443315711809948e-5f * zz - 1.388731625493765e-3f) * zz + 4.166664568298827e-2f) * zz * zz -
+                0.5f * zz + 1.0f;
+  const I8 q = j & 7;  // 0, 2, 4 or 6
+  const I8 swap = (q == 2) | (q == 6);
+  const F8 s_abs = swap ? cp : sp, c_abs = swap ? sp : cp;
+  const I8 s_neg = ((q == 4) | (q == 6)) & (int32_t)0x80000000;
+  const I8 c_neg = ((q == 2) | (q == 4)) & (int32_t)0x80000000;
+  *sin_out = (F8)((I8)s_abs ^ s_neg ^ sign_bit);
+  *cos_out = (F8)((I8)c_abs ^ c_neg);
+}
+
 __attribute__((always_inline)) inline F8 load8(const float* p) {
   F8 v;
   __builtin_memcpy(&v, p, sizeof(v));

@@ -15,7 +15,8 @@ Where the time goes instead:
   attention over the null token + condition tokens, fused stable LayerNorms);
 - the self-attention blocks run the fused attention op on strided views of the qkv convolution
   (the release's legacy head split is a view, not a copy);
-- SiLU of the time embedding is computed once per forward instead of once per block.
+- the sinusoidal time features are one fused op; SiLU of the time embedding is computed once per
+  forward instead of once per block.
 
 Inputs are checked (shape, dtype, the length the U-Net can downsample, NaN in x); the NaN check is
 skipped while a CUDA graph is being captured or under ``torch.compile`` (it would synchronise).
@@ -31,16 +32,8 @@ from torch import Tensor, nn
 
 from ..ops.attention import attention
 from ..ops.group_norm import group_norm_film_silu
+from ..ops.timestep_embedding import sinusoidal_timestep_embedding
 from .cond_cross_attention import CondCrossAttention
-
-
-def sinusoidal_timestep_embedding(timesteps: Tensor, dim: int, max_period: int = 10000) -> Tensor:
-    """[N, dim] float32: [cos(t·f), sin(t·f)] with f_i = exp(−ln(max_period)·i/half), zero-padded if dim is odd."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
-    args = timesteps[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 def _group_norm(norm: nn.GroupNorm, x: Tensor, *, silu: bool, scale: Optional[Tensor] = None,

@@ -18,7 +18,8 @@ Where the time goes instead:
   projection per layer for the shared condition); features and condition enter as (L, B, C) views of
   the [B, C, L] maps, without copies, and the injector's output is added in place to the convolution's
   output;
-- swish of the time embedding is computed once per forward.
+- the Gaussian Fourier time features are one fused op; swish of the time embedding is computed once
+  per forward.
 
 Extension over the release: the condition may have a length other than x's (the injectors attend
 across lengths; MulT's future mask is offset by the difference), and inputs are checked (shapes,
@@ -26,7 +27,6 @@ dtype, device, an x length the U-Net can halve three times).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -34,17 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.group_norm import group_norm_film_silu
+from ..ops.timestep_embedding import gaussian_fourier_embedding
 from .cross_modal_transformer import CrossModalTransformer
 
 _NAME = "ScoreNet"
 _IN_CHANNELS = 32  # the release hard-codes the latent's channels (conv1 input, tconv1 output)
 _LENGTH_MULTIPLE = 8  # three stride-2 halvings, undone by three transposed convolutions
-
-
-def _gaussian_fourier_embedding(t: Tensor, W: Tensor) -> Tensor:
-    """[sin(2π·t·W), cos(2π·t·W)] for t [B] and W [D/2] -> [B, D], rounded like the release (t·W first)."""
-    angles = (t[:, None] * W[None, :]).mul_(2 * math.pi)
-    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
 class GaussianFourierProjection(nn.Module):
@@ -55,7 +50,7 @@ class GaussianFourierProjection(nn.Module):
         self.W = nn.Parameter(torch.randn(embed_dim // 2) * scale, requires_grad=False)
 
     def forward(self, t: Tensor) -> Tensor:
-        return _gaussian_fourier_embedding(t, self.W)
+        return gaussian_fourier_embedding(t, self.W)
 
 
 class Dense(nn.Module):
@@ -185,7 +180,7 @@ class ScoreNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, condition: Optional[Tensor] = None) -> Tensor:
         self._check(x, t, condition)
         fourier, linear = self.embed[0], self.embed[1]
-        embed = F.silu(F.linear(_gaussian_fourier_embedding(t, fourier.W), linear.weight, linear.bias))
+        embed = F.silu(F.linear(gaussian_fourier_embedding(t, fourier.W), linear.weight, linear.bias))
         cond = condition
         h = x
         skips = []

@@ -22,6 +22,8 @@ from .relational_csr import RelationalGraph, relational_csr, relational_csr_ref,
 from .rgcn import graph_conv, graph_conv_ref, rgcn_conv, rgcn_conv_ref, select_rgcn_conv_backend
 from .sampler_steps import (add_scaled_noise, add_scaled_noise_ref, ddim_step, ddpm_step, diffusion_step_ref,
                             select_sampler_step_backend, ve_em_step, ve_em_step_ref)
+from .timestep_embedding import (gaussian_fourier_embedding, select_timestep_embedding_backend,
+                                 sinusoidal_timestep_embedding, timestep_embedding_ref)
 
 __all__ = [
     "MASK_KINDS", "attention", "attention_ref", "select_attention_backend",
@@ -34,4 +36,6 @@ __all__ = [
     "group_norm_film_silu", "group_norm_film_silu_ref", "select_group_norm_film_silu_backend",
     "add_scaled_noise", "add_scaled_noise_ref", "ddim_step", "ddpm_step", "diffusion_step_ref",
     "select_sampler_step_backend", "ve_em_step", "ve_em_step_ref",
+    "gaussian_fourier_embedding", "select_timestep_embedding_backend", "sinusoidal_timestep_embedding",
+    "timestep_embedding_ref",
 ]
