@@ -13,7 +13,8 @@ modules and fused steps; noise from the in-kernel counter generator), ``referenc
 release-semantics twins in ``imer_fast.testing``), ``compiled`` (``torch.compile`` of the reference
 denoiser, mode ``--compile-mode``). Every step of a loop costs one denoiser call plus one update, so
 ``--time-steps K`` times a K-step loop of the same sampler and scales to the full count; the JSON
-marks such rows ``"extrapolated_from_steps": K``. Writes JSON (device, versions, command, medians)
+marks such rows ``"extrapolated_from_steps": K``. The implementations of one (sampler, batch) are timed
+round-robin, repeat by repeat, so a shared machine's drift affects them alike. Writes JSON (device, versions, command, medians)
 to ``--out`` (default ``bench/results/<device>/sampler_profile.json``).
 """
 from __future__ import annotations
@@ -116,16 +117,20 @@ def build_em_sampler(impl: str, batch: int, steps: int, device, compile_mode: st
             condition)
 
 
-def time_runs(run, device, repeats: int) -> list:
+def time_interleaved(runs: dict, device, repeats: int) -> dict:
+    """Seconds per call of each runner, the runners taking turns (round-robin) so that every
+    implementation sees the same machine conditions (shared CPUs drift over minutes)."""
+    times = {name: [] for name in runs}
     with torch.no_grad():
-        run()  # warm-up: kernel compilation, allocator
+        for run in runs.values():
+            run()  # warm-up: kernel compilation, allocator
         sync(device)
-        times = []
         for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            sync(device)
-            times.append(time.perf_counter() - start)
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                sync(device)
+                times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -147,26 +152,28 @@ def main(argv=None) -> dict:
         full = SAMPLERS[kind]
         steps = min(full, args.time_steps) if args.time_steps else full
         for batch in args.batch_sizes:
+            runs, graphed = {}, {}
             for impl in args.implementations:
                 if kind == "em100":
                     run, cond = build_em_sampler(impl, batch, steps, device, args.compile_mode)
                 else:
                     run, cond = build_unet_sampler(kind, impl, batch, steps, device, args.compile_mode)
-                use_graph = args.graph and impl == "ours" and device.type == "cuda"
-                if use_graph:
-                    run = _graph_of(kind, batch, steps, device, cond)
-                times = time_runs(run, device, args.repeats)
+                graphed[impl] = args.graph and impl == "ours" and device.type == "cuda"
+                runs[impl] = _graph_of(kind, batch, steps, device, cond) if graphed[impl] else run
+            all_times = time_interleaved(runs, device, args.repeats)
+            for impl, run in runs.items():
+                times = all_times[impl]
                 median = statistics.median(times)
                 per_step_us = median / steps * 1e6
                 row = {"sampler": kind, "implementation": impl, "batch": batch, "steps": full,
-                       "cuda_graph": use_graph, "median_s_per_loop": median * full / steps,
+                       "cuda_graph": graphed[impl], "median_s_per_loop": median * full / steps,
                        "us_per_step": per_step_us, "latents_per_s": batch / (median * full / steps),
                        "repeats": args.repeats, "times_s": times}
                 if steps != full:
                     row["extrapolated_from_steps"] = steps
                 rows.append(row)
                 print(f"{kind:9s} {impl:9s} B={batch:5d} {per_step_us:10.1f} us/step "
-                      f"{row['latents_per_s']:10.1f} latents/s" + (" (graph)" if use_graph else ""), flush=True)
+                      f"{row['latents_per_s']:10.1f} latents/s" + (" (graph)" if graphed[impl] else ""), flush=True)
                 if args.trace is not None:
                     args.trace.mkdir(parents=True, exist_ok=True)
                     with torch.profiler.profile() as prof, torch.no_grad():

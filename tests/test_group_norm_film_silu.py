@@ -138,3 +138,45 @@ def test_errors_name_the_argument():
         group_norm_film_silu(x, 4, input_bias=torch.randn(2, 12, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"x must be a floating tensor \[B, C, \*spatial\]"):
         group_norm_film_silu(torch.randn(5), 1)
+
+
+def channels_last(t):
+    """[B, C, S] stored as [B, S, C]: the layout the U-Nets use on the CPU."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("shape,groups", SHAPES + [((2, 40, 7), 5), ((1, 256, 6), 32)])
+@pytest.mark.parametrize("silu", [True, False])
+def test_channels_last_matches_ref_and_keeps_layout(backend, shape, groups, silu):
+    for present in [(), OPTIONALS, ("weight", "bias", "scale", "shift"), ("input_bias",)]:
+        x, kw = make(shape, groups, present, dtype=torch.float64, requires_grad=True)
+        xcl = channels_last(x.detach()).requires_grad_()
+        got = group_norm_film_silu(xcl, groups, apply_silu=silu, **kw)
+        if backend != "reference":
+            assert got.stride() == xcl.stride()  # the op's y comes back channels-last
+        want = group_norm_film_silu_ref(x, groups, apply_silu=silu, **kw)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=str(present))
+        grad = torch.randn(shape, dtype=torch.float64)
+        got_grads = torch.autograd.grad(got, [xcl, *kw.values()], grad)
+        want_grads = torch.autograd.grad(want, [x, *kw.values()], grad)
+        if backend != "reference":
+            assert got_grads[0].stride() == xcl.stride()
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=str(present))
+
+
+def test_channels_last_float32_vector_path_equals_contiguous_path():
+    x, kw = make((4, 256, 24), 32, OPTIONALS)
+    got = group_norm_film_silu(channels_last(x), 32, **kw)
+    torch.testing.assert_close(got, group_norm_film_silu(x, 32, **kw), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, group_norm_film_silu(channels_last(x), 32, **kw))  # bitwise-repeatable
+
+
+def test_channels_last_gradcheck_and_opcheck():
+    x, kw = make((2, 8, 5), 4, OPTIONALS, dtype=torch.float64, requires_grad=True)
+    xcl = channels_last(x.detach()).requires_grad_()
+    fn = lambda x, *ts: group_norm_film_silu(x, 4, **dict(zip(OPTIONALS, ts)))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (xcl, *kw.values()))
+    torch.library.opcheck(torch.ops.imer_fast.group_norm_film_silu,
+                          (xcl, kw["weight"], kw["bias"], kw["input_bias"], kw["scale"], kw["shift"].squeeze(-1), 4,
+                           1e-5, True))

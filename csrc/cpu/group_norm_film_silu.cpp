@@ -12,8 +12,12 @@
 //   dshift = sum_s gf,  dscale = sum_s gf * a,  dweight = sum_{b,s} ga * xn,  dbias = sum_{b,s} ga
 //   dx = rstd * (g - mean_group(g) - xn * mean_group(g * xn)),  dinput_bias = sum_s dx
 //
-// One task per (b, g): the group is read once for the mean, once for the centred variance and once
-// for the output (it fits in L1/L2 for the U-Net shapes). dweight / dbias are reduced per (b, c)
+// Layouts: x contiguous [B, C, S], or 3-D channels-last ([B, S, C] in memory, as the U-Nets run on
+// the CPU), whose y / dx come out channels-last too; other layouts are made contiguous first.
+//
+// Channels-first: one task per (b, g): the group is read once for the mean, once for the centred variance and once
+// for the output (it fits in L1/L2 for the U-Net shapes). Channels-last: one task per b, streaming
+// rows of C channels with per-channel accumulators. dweight / dbias are reduced per (b, c)
 // first and then over b in index order: bitwise-repeatable for any thread count, no atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -25,6 +29,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "vec_rows.h"
 
@@ -70,6 +75,32 @@ inline void silu_group(float* y, int64_t n) { vec_rows::silu_inplace(y, n); }
 template <typename T>
 inline void silu_group(T*, int64_t) {}
 
+// Channels-last rows (x [B, C, S] stored as [B, S, C]): per-channel accumulation and the per-channel
+// affine + SiLU over one spatial row of C channels; float32 through vec_rows.h.
+template <typename scalar_t, typename opmath_t>
+inline void column_accumulate(const scalar_t* x, const opmath_t* shift, opmath_t* acc, int64_t n, bool squares) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    vec_rows::column_power_accumulate(x, shift, acc, n, squares);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const opmath_t d = static_cast<opmath_t>(x[i]) + (shift ? shift[i] : opmath_t(0));
+      acc[i] += squares ? d * d : d;
+    }
+  }
+}
+
+template <typename scalar_t, typename opmath_t>
+inline void affine_row(const scalar_t* x, const opmath_t* k, const opmath_t* m, scalar_t* out, int64_t n, bool silu) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    vec_rows::affine_silu_row(x, k, m, out, n, silu);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const opmath_t f = static_cast<opmath_t>(x[i]) * k[i] + m[i];
+      out[i] = static_cast<scalar_t>(silu ? f * sigmoid(f) : f);
+    }
+  }
+}
+
 struct Shape {
   int64_t B, C, S, G, cpg;
 };
@@ -91,13 +122,161 @@ const scalar_t* ptr_or_null(const std::optional<at::Tensor>& t, at::Tensor& keep
   return keep.data_ptr<scalar_t>();
 }
 
+// x [B, C, S] stored channels-last ([B, S, C] in memory, strides (C*S, 1, C)); C = 1 or S = 1 is
+// left to the channels-first path, where both layouts coincide.
+bool is_channels_last(const at::Tensor& x) {
+  return x.dim() == 3 && x.size(1) > 1 && x.size(2) > 1 && x.stride(1) == 1 && x.stride(2) == x.size(1) &&
+         x.stride(0) == x.size(1) * x.size(2);
+}
+
+// The output layout of both ops: channels-last for a channels-last x, contiguous otherwise.
+at::Tensor empty_in_layout(const at::Tensor& x, bool channels_last) {
+  if (!channels_last) return at::empty(x.sizes(), x.options());
+  return at::empty({x.size(0), x.size(2), x.size(1)}, x.options()).transpose(1, 2);
+}
+
+// Per-channel views of the optional parameters for sample b.
+template <typename scalar_t, typename opmath_t>
+struct ChannelParams {
+  const scalar_t *w, *bb, *ib, *sc, *sf;
+  int64_t C;
+  opmath_t weight(int64_t c) const { return w ? static_cast<opmath_t>(w[c]) : opmath_t(1); }
+  opmath_t bias(int64_t c) const { return bb ? static_cast<opmath_t>(bb[c]) : opmath_t(0); }
+  opmath_t in_bias(int64_t b, int64_t c) const { return ib ? static_cast<opmath_t>(ib[b * C + c]) : opmath_t(0); }
+  opmath_t film(int64_t b, int64_t c) const { return sc ? opmath_t(1) + static_cast<opmath_t>(sc[b * C + c]) : opmath_t(1); }
+  opmath_t shift(int64_t b, int64_t c) const { return sf ? static_cast<opmath_t>(sf[b * C + c]) : opmath_t(0); }
+};
+
+// Forward over channels-last x: one task per sample; three passes over its [S, C] block (channel
+// sums, centred squares, output), each streaming whole rows of C channels.
+template <typename scalar_t, typename opmath_t>
+void forward_channels_last(const Shape& sh, const ChannelParams<scalar_t, opmath_t>& p, const scalar_t* xp,
+                           scalar_t* yp, opmath_t* mp, opmath_t* rp, double eps, bool apply_silu) {
+  const int64_t C = sh.C, S = sh.S, n = sh.cpg * S;
+  at::parallel_for(0, sh.B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> acc(C), shift(C), k(C), m(C);
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* xb = xp + b * S * C;
+      std::fill(acc.begin(), acc.end(), opmath_t(0));
+      for (int64_t s = 0; s < S; ++s) column_accumulate<scalar_t, opmath_t>(xb + s * C, nullptr, acc.data(), C, false);
+      for (int64_t g = 0; g < sh.G; ++g) {
+        opmath_t sum = 0;
+        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) sum += acc[c] + p.in_bias(b, c) * S;
+        const opmath_t mu = sum / n;
+        mp[b * sh.G + g] = mu;
+        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) shift[c] = p.in_bias(b, c) - mu;
+      }
+      std::fill(acc.begin(), acc.end(), opmath_t(0));
+      for (int64_t s = 0; s < S; ++s) column_accumulate<scalar_t, opmath_t>(xb + s * C, shift.data(), acc.data(), C, true);
+      for (int64_t g = 0; g < sh.G; ++g) {
+        opmath_t sq = 0;
+        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) sq += acc[c];
+        const opmath_t r = opmath_t(1) / std::sqrt(sq / n + static_cast<opmath_t>(eps));
+        rp[b * sh.G + g] = r;
+        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
+          // f = ((x + ib - mu) * r * w + bias) * (1 + scale) + shift = x * k + m, per channel
+          const opmath_t wc = p.weight(c), film = p.film(b, c);
+          k[c] = r * wc * film;
+          m[c] = (shift[c] * r * wc + p.bias(c)) * film + p.shift(b, c);
+        }
+      }
+      for (int64_t s = 0; s < S; ++s) {
+        affine_row<scalar_t, opmath_t>(xb + s * C, k.data(), m.data(), yp + b * S * C + s * C, C, apply_silu);
+      }
+    }
+  });
+}
+
+// Backward over channels-last x and grad_y: one task per sample; per-channel partial sums in the
+// first pass, dx in the second (the group means of g and g * xn come from the partials).
+template <typename scalar_t, typename opmath_t>
+void backward_channels_last(const Shape& sh, const ChannelParams<scalar_t, opmath_t>& p, const scalar_t* xp,
+                            const scalar_t* gp, scalar_t* dxp, const opmath_t* mp, const opmath_t* rp, opmath_t* pp,
+                            bool apply_silu) {
+  const int64_t C = sh.C, S = sh.S, n = sh.cpg * S, plane = sh.B * C;
+  at::parallel_for(0, sh.B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> centre(C), rr(C), wc(C), bc(C), film(C), sft(C);
+    std::vector<opmath_t> s_gf(C), s_gfa(C), s_ga_xn(C), s_ga(C), s_dx(C), mean_g(sh.G), mean_gxn(sh.G);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t g = c / sh.cpg;
+        centre[c] = p.in_bias(b, c) - mp[b * sh.G + g];
+        rr[c] = rp[b * sh.G + g];
+        wc[c] = p.weight(c);
+        bc[c] = p.bias(c);
+        film[c] = p.film(b, c);
+        sft[c] = p.shift(b, c);
+      }
+      auto grad_f = [&](const scalar_t* xrow, const scalar_t* grow, int64_t c, opmath_t& xn, opmath_t& a) {
+        xn = (static_cast<opmath_t>(xrow[c]) + centre[c]) * rr[c];
+        a = xn * wc[c] + bc[c];
+        opmath_t gf = static_cast<opmath_t>(grow[c]);
+        if (apply_silu) {
+          const opmath_t f = a * film[c] + sft[c], sg = sigmoid(f);
+          gf *= sg * (opmath_t(1) + f * (opmath_t(1) - sg));
+        }
+        return gf;
+      };
+      std::fill(s_gf.begin(), s_gf.end(), opmath_t(0));
+      std::fill(s_gfa.begin(), s_gfa.end(), opmath_t(0));
+      std::fill(s_ga_xn.begin(), s_ga_xn.end(), opmath_t(0));
+      std::fill(s_ga.begin(), s_ga.end(), opmath_t(0));
+      for (int64_t s = 0; s < S; ++s) {
+        const scalar_t* xrow = xp + (b * S + s) * C;
+        const scalar_t* grow = gp + (b * S + s) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          opmath_t xn, a;
+          const opmath_t gf = grad_f(xrow, grow, c, xn, a);
+          const opmath_t ga = gf * film[c];
+          s_gf[c] += gf;
+          s_gfa[c] += gf * a;
+          s_ga_xn[c] += ga * xn;
+          s_ga[c] += ga;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        pp[0 * plane + b * C + c] = s_ga_xn[c];
+        pp[1 * plane + b * C + c] = s_ga[c];
+        pp[3 * plane + b * C + c] = s_gfa[c];
+        pp[4 * plane + b * C + c] = s_gf[c];
+      }
+      if (dxp == nullptr) continue;
+      for (int64_t g = 0; g < sh.G; ++g) {
+        opmath_t sum_g = 0, sum_gxn = 0;
+        for (int64_t c = g * sh.cpg; c < (g + 1) * sh.cpg; ++c) {
+          sum_g += wc[c] * s_ga[c];
+          sum_gxn += wc[c] * s_ga_xn[c];
+        }
+        mean_g[g] = sum_g / n;
+        mean_gxn[g] = sum_gxn / n;
+      }
+      std::fill(s_dx.begin(), s_dx.end(), opmath_t(0));
+      for (int64_t s = 0; s < S; ++s) {
+        const scalar_t* xrow = xp + (b * S + s) * C;
+        const scalar_t* grow = gp + (b * S + s) * C;
+        scalar_t* drow = dxp + (b * S + s) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          opmath_t xn, a;
+          const opmath_t gf = grad_f(xrow, grow, c, xn, a);
+          const int64_t g = c / sh.cpg;
+          const opmath_t d = rr[c] * (gf * film[c] * wc[c] - mean_g[g] - xn * mean_gxn[g]);
+          s_dx[c] += d;
+          drow[c] = static_cast<scalar_t>(d);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) pp[2 * plane + b * C + c] = s_dx[c];
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_film_silu_cpu(
     const at::Tensor& x_in, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& input_bias, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool apply_silu) {
   const Shape sh = shape_of(x_in, num_groups);
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const bool channels_last = is_channels_last(x_in);
+  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  at::Tensor y = empty_in_layout(x, channels_last);
   const auto stat_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor mean = at::empty({sh.B, sh.G}, x.options().dtype(stat_dtype));
   at::Tensor rstd = at::empty({sh.B, sh.G}, x.options().dtype(stat_dtype));
@@ -113,6 +292,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_film_silu_cpu(
     scalar_t* yp = y.data_ptr<scalar_t>();
     opmath_t* mp = mean.data_ptr<opmath_t>();
     opmath_t* rp = rstd.data_ptr<opmath_t>();
+    if (channels_last) {
+      forward_channels_last<scalar_t, opmath_t>(sh, {w, bb, ib, sc, sf, sh.C}, xp, yp, mp, rp, eps, apply_silu);
+      return;
+    }
     at::parallel_for(0, sh.B * sh.G, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bg = begin; bg < end; ++bg) {
         const int64_t b = bg / sh.G, g = bg % sh.G;
@@ -171,7 +354,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, const at::Tensor& mean_in,
     const at::Tensor& rstd_in, int64_t num_groups, bool apply_silu, c10::List<bool> output_mask) {
   const Shape sh = shape_of(x_in, num_groups);
-  const at::Tensor x = x_in.contiguous(), gy = grad_y_in.contiguous();
+  const bool channels_last = is_channels_last(x_in);
+  const at::Tensor x = channels_last ? x_in : x_in.contiguous();
+  const at::Tensor gy = channels_last ? grad_y_in.transpose(1, 2).contiguous().transpose(1, 2) : grad_y_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   TORCH_CHECK(gy.sizes() == x.sizes(), "imer_fast::group_norm_film_silu_backward: grad_y must have x's shape");
   const bool want_x = output_mask[0], want_w = output_mask[1] && weight.has_value() && weight->defined();
@@ -180,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool want_sc = output_mask[4] && scale.has_value() && scale->defined();
   const bool want_sh = output_mask[5] && shift.has_value() && shift->defined();
   const bool need_dx = want_x || want_ib;
-  at::Tensor dx = need_dx ? at::empty_like(x, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  at::Tensor dx = need_dx ? empty_in_layout(x, channels_last) : at::empty({0}, x.options());
   auto opts = x.options();
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // per-(b, c) partials: 0 dweight, 1 dbias, 2 dinput_bias, 3 dscale, 4 dshift
@@ -200,6 +385,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const opmath_t* rp = rstd.data_ptr<opmath_t>();
     opmath_t* pp = part.data_ptr<opmath_t>();
     const int64_t plane = sh.B * sh.C;
+    if (channels_last) {
+      backward_channels_last<scalar_t, opmath_t>(sh, {w, bb, ib, sc, sf, sh.C}, xp, gp, dxp, mp, rp, pp, apply_silu);
+      return;
+    }
     at::parallel_for(0, sh.B * sh.G, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bg = begin; bg < end; ++bg) {
         const int64_t b = bg / sh.G, g = bg % sh.G, c0 = g * sh.cpg;

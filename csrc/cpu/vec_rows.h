@@ -129,5 +129,43 @@ IMER_FAST_ROW_CLONES inline void silu_inplace(float* x, int64_t n) {
   }
 }
 
+// acc[i] += (x[i] + shift[i])^p over a row of n channels, p = 1 (squares = false) or 2; shift may be
+// null (zero). The channels-last GroupNorm accumulates per-channel sums one spatial row at a time.
+IMER_FAST_ROW_CLONES inline void column_power_accumulate(const float* x, const float* shift, float* acc, int64_t n,
+                                                         bool squares) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    F8 d = load8(x + i);
+    if (shift) d += load8(shift + i);
+    store8(acc + i, load8(acc + i) + (squares ? d * d : d));
+  }
+  for (; i < n; ++i) {
+    const float d = x[i] + (shift ? shift[i] : 0.0f);
+    acc[i] += squares ? d * d : d;
+  }
+}
+
+// out[i] = f or silu(f), f = x[i] * k[i] + m[i] over a row of n channels.
+IMER_FAST_ROW_CLONES inline void affine_silu_row(const float* x, const float* k, const float* m, float* out, int64_t n,
+                                                 bool silu) {
+  const F8 one = F8{} + 1.0f;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const F8 f = load8(x + i) * load8(k + i) + load8(m + i);
+    store8(out + i, silu ? f / (one + vexp(-f)) : f);
+  }
+  if (i < n) {
+    float buf[8] = {}, kb[8] = {}, mb[8] = {};
+    for (int64_t j = i; j < n; ++j) {
+      buf[j - i] = x[j];
+      kb[j - i] = k[j];
+      mb[j - i] = m[j];
+    }
+    const F8 f = load8(buf) * load8(kb) + load8(mb);
+    store8(buf, silu ? f / (one + vexp(-f)) : f);
+    for (int64_t j = i; j < n; ++j) out[j] = buf[j - i];
+  }
+}
+
 }  // namespace vec_rows
 }  // namespace imer_fast

@@ -15,6 +15,9 @@ Where the time goes instead:
   attention over the null token + condition tokens, fused stable LayerNorms);
 - the self-attention blocks run the fused attention op on strided views of the qkv convolution
   (the release's legacy head split is a view, not a copy);
+- on the CPU activations run channels-last ([B, L, C] in memory) with channels-last convolution
+  weights: oneDNN's NWC convolutions, the fused GroupNorm streaming rows of channels, and the
+  cross-attention reading [B, L, C] without transposing copies;
 - the sinusoidal time features are one fused op; SiLU of the time embedding is computed once per
   forward instead of once per block.
 
@@ -36,6 +39,31 @@ from ..ops.timestep_embedding import sinusoidal_timestep_embedding
 from .cond_cross_attention import CondCrossAttention
 
 
+def _channels_last(x: Tensor) -> Tensor:
+    """[B, C, L] stored as [B, L, C] (a no-op when it already is)."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+class Conv1d(nn.Conv1d):
+    """``nn.Conv1d`` (same parameters and init) that runs channels-last inputs on the CPU as a 2-D
+    convolution over [B, C, 1, L] channels-last views: ATen's 1-D path would first copy them to
+    channels-first. Elsewhere it is ``nn.Conv1d``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_cpu or x.dim() != 3 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        out = F.conv2d(x.unsqueeze(2), self.weight.unsqueeze(2), self.bias, (1, self.stride[0]), (0, self.padding[0]),
+                       (1, self.dilation[0]), self.groups)
+        return out.squeeze(2)
+
+
+def _cat_channels(a: Tensor, b: Tensor) -> Tensor:
+    """torch.cat([a, b], dim=1) that keeps (does not drop) a channels-last layout."""
+    if a.is_cpu:
+        return torch.cat([a.transpose(1, 2), b.transpose(1, 2)], dim=2).transpose(1, 2)
+    return torch.cat([a, b], dim=1)
+
+
 def _group_norm(norm: nn.GroupNorm, x: Tensor, *, silu: bool, scale: Optional[Tensor] = None,
                 shift: Optional[Tensor] = None) -> Tensor:
     return group_norm_film_silu(x, norm.num_groups, norm.weight, norm.bias, scale=scale, shift=shift, eps=norm.eps,
@@ -49,7 +77,7 @@ class Block(nn.Module):
         super().__init__()
         self.groupnorm = nn.GroupNorm(groups, dim)
         self.activation = nn.SiLU()  # kept for the module tree; the fused prologue applies it
-        self.project = nn.Conv1d(dim, dim_out, kernel_size=3, padding=1)
+        self.project = Conv1d(dim, dim_out, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
         return self.project(_group_norm(self.groupnorm, x, silu=True, scale=scale, shift=shift))
@@ -63,7 +91,7 @@ class ResidualBlock(nn.Module):
         self.block1 = Block(in_channels, out_channels, groups=groups)
         self.time_emb = nn.Sequential(nn.SiLU(), nn.Linear(time_channels, out_channels * 2))
         self.block2 = Block(out_channels, out_channels, groups=groups)
-        self.shortcut = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        self.shortcut = Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         self.cross_attn = CondCrossAttention(out_channels, context_dim=time_channels)
 
     def forward(self, x: Tensor, t_silu: Tensor, y: Tensor) -> Tensor:
@@ -82,8 +110,8 @@ class AttentionBlock(nn.Module):
             raise ValueError(f"AttentionBlock: channels = {channels} must be divisible by num_heads = {num_heads}")
         self.num_heads = num_heads
         self.norm = nn.GroupNorm(32, channels)
-        self.qkv = nn.Conv1d(channels, channels * 3, kernel_size=1, bias=False)
-        self.proj = nn.Conv1d(channels, channels, kernel_size=1)
+        self.qkv = Conv1d(channels, channels * 3, kernel_size=1, bias=False)
+        self.proj = Conv1d(channels, channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, length = x.shape
@@ -91,7 +119,11 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(_group_norm(self.norm, x, silu=False)).view(b, heads, 3 * d, length).transpose(2, 3)
         q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]  # [b, heads, L, d] views
         out = attention(q, k, v, scale=1.0 / math.sqrt(d))  # the release's d^-1/4 on q and on k
-        return self.proj(out.transpose(2, 3).reshape(b, c, length)) + x
+        if x.is_cpu:  # back to channels-last [b, L, heads·d] for the projection
+            merged = out.transpose(1, 2).reshape(b, length, c).transpose(1, 2)
+        else:
+            merged = out.transpose(2, 3).reshape(b, c, length)
+        return self.proj(merged) + x
 
 
 class Upsample(nn.Module):
@@ -99,17 +131,20 @@ class Upsample(nn.Module):
         super().__init__()
         self.use_conv = use_conv
         if use_conv:
-            self.conv = nn.Conv1d(channels, channels, kernel_size=3, padding=1)
+            self.conv = Conv1d(channels, channels, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        if x.is_cpu:  # nearest ×2 as a repeat along L, keeping the channels-last layout
+            x = x.transpose(1, 2).repeat_interleave(2, dim=1).transpose(1, 2)
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
 
 class Downsample(nn.Module):
     def __init__(self, channels: int, use_conv: bool):
         super().__init__()
-        self.op = nn.Conv1d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool1d(2, 2)
+        self.op = Conv1d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool1d(2, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
@@ -155,7 +190,7 @@ class ConditionalUNet1d(nn.Module):
         self.label_embedding = nn.Linear(label_num, time_embed_dim)
         self.to_time_tokens = nn.Sequential(nn.Linear(time_embed_dim, num_time_tokens * time_embed_dim),
                                             _Tokens(num_time_tokens))
-        self.down_blocks = nn.ModuleList([TimestepSequential(nn.Conv1d(in_channels, model_channels, 3, padding=1))])
+        self.down_blocks = nn.ModuleList([TimestepSequential(Conv1d(in_channels, model_channels, 3, padding=1))])
         chans, ch, ds = [model_channels], model_channels, 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
@@ -183,7 +218,25 @@ class ConditionalUNet1d(nn.Module):
                     layers.append(Upsample(ch, conv_resample))
                     ds //= 2
                 self.up_blocks.append(TimestepSequential(*layers))
-        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv1d(model_channels, out_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), Conv1d(model_channels, out_channels, 3, padding=1))
+        self._lay_out_convolutions()
+
+    def _lay_out_convolutions(self) -> None:
+        """Convolution weights channels-last ([out, k, in] in memory) on the CPU, contiguous elsewhere.
+
+        With channels-last activations and weights oneDNN runs its NWC convolutions, markedly faster
+        on the CPU than NCW; values, shapes and state_dict keys are unchanged (only strides)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv1d):
+                weight = module.weight
+                wanted = _channels_last(weight.data) if weight.is_cpu else weight.data.contiguous()
+                if wanted.stride() != weight.stride():
+                    weight.data = wanted
+
+    def _apply(self, fn, *args, **kwargs):
+        module = super()._apply(fn, *args, **kwargs)
+        self._lay_out_convolutions()  # after .to(device) / .cpu() / .cuda() / dtype casts
+        return module
 
     @property
     def length_multiple(self) -> int:
@@ -214,11 +267,11 @@ class ConditionalUNet1d(nn.Module):
         t_silu = F.silu(t_emb)
         tokens = self.to_time_tokens(self.label_embedding(y))
         skips = []
-        h = x
+        h = _channels_last(x) if x.is_cpu else x
         for module in self.down_blocks:
             h = module(h, t_silu, tokens)
             skips.append(h)
         h = self.middle_block(h, t_silu, tokens)
         for module in self.up_blocks:
-            h = module(torch.cat([h, skips.pop()], dim=1), t_silu, tokens)
-        return self.out[2](_group_norm(self.out[0], h, silu=True))
+            h = module(_cat_channels(h, skips.pop()), t_silu, tokens)
+        return self.out[2](_group_norm(self.out[0], h, silu=True)).contiguous()

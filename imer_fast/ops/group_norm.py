@@ -16,7 +16,9 @@ Semantics, for x [B, C, *spatial] (S = spatial size) in G = ``num_groups`` group
     y  = silu(f) if apply_silu else f
 
 Statistics are float32 (float64 for float64 x); half types are computed in float32. The operator
-returns ``(y, mean [B, G], rstd [B, G])``; ``group_norm_film_silu_backward`` returns gradients for
+returns ``(y, mean [B, G], rstd [B, G])``, y (and the backward's dx) channels-last when x is a 3-D
+channels-last tensor (:func:`is_channels_last`; the C++ kernel then streams rows of channels), contiguous
+otherwise; ``group_norm_film_silu_backward`` returns gradients for
 (x, weight, bias, input_bias, scale, shift), reduced in a fixed order (bitwise-repeatable), and
 distinct empty tensors for the ones not asked for or absent. Double backward is not supported.
 
@@ -67,10 +69,27 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """x [B, C, S] stored as [B, S, C] (strides (C·S, 1, C)), C > 1 and S > 1: the layout the U-Nets use
+    on the CPU. y and dx come out in it; every other input layout gives contiguous outputs."""
+    return (x.dim() == 3 and x.shape[1] > 1 and x.shape[2] > 1
+            and x.stride() == (x.shape[1] * x.shape[2], 1, x.shape[1]))
+
+
+def _empty_in_layout(x: Tensor, channels_last: bool) -> Tensor:
+    if channels_last:
+        return x.new_empty((x.shape[0], x.shape[2], x.shape[1])).transpose(1, 2)
+    return x.new_empty(x.shape)
+
+
+def _in_layout(t: Tensor, channels_last: bool) -> Tensor:
+    return t.transpose(1, 2).contiguous().transpose(1, 2) if channels_last else t
+
+
 @torch.library.register_fake("imer_fast::group_norm_film_silu")
 def _fake(x, weight, bias, input_bias, scale, shift, num_groups, eps, apply_silu):
     stats = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x.dtype))
-    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+    return _empty_in_layout(x, is_channels_last(x)), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake("imer_fast::group_norm_film_silu_backward")
@@ -78,7 +97,8 @@ def _backward_fake(grad_y, x, weight, bias, input_bias, scale, shift, mean, rstd
     def like(flag, t):
         return t.new_empty(t.shape) if flag and t is not None else x.new_empty(0)
 
-    return (like(output_mask[0], x), like(output_mask[1], weight), like(output_mask[2], bias),
+    dx = _empty_in_layout(x, is_channels_last(x)) if output_mask[0] else x.new_empty(0)
+    return (dx, like(output_mask[1], weight), like(output_mask[2], bias),
             like(output_mask[3], input_bias), like(output_mask[4], scale), like(output_mask[5], shift))
 
 
@@ -115,16 +135,19 @@ torch.library.register_autograd("imer_fast::group_norm_film_silu_backward", _no_
                                 setup_context=lambda ctx, inputs, output: None)
 
 
-def _forward_triton(*args):
+def _forward_triton(x, *args):
     from imer_fast._kernels import group_norm as kernels
 
-    return kernels.group_norm_film_silu_forward(*args)
+    # The kernels work on contiguous [B, C, S]; a channels-last x gets its y back in its layout.
+    y, mean, rstd = kernels.group_norm_film_silu_forward(x, *args)
+    return _in_layout(y, is_channels_last(x)), mean, rstd
 
 
-def _backward_triton(*args):
+def _backward_triton(grad_y, x, *args):
     from imer_fast._kernels import group_norm as kernels
 
-    return kernels.group_norm_film_silu_backward(*args)
+    dx, *rest = kernels.group_norm_film_silu_backward(grad_y, x, *args)
+    return (_in_layout(dx, is_channels_last(x) and dx.numel() > 0), *rest)
 
 
 for _name, _kernel in (("group_norm_film_silu", _forward_triton), ("group_norm_film_silu_backward", _backward_triton)):
