@@ -32,7 +32,7 @@ test labels; this class cannot.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,8 @@ class DISCDiffusion(nn.Module):
         train_projection: let :meth:`loss` train the projections. Off by default: an ε-prediction loss
             is minimised trivially by collapsing the latents, so the projections are trained by the
             classifier that consumes them and the generators learn to model what it gives them.
+        unet_cls: the denoiser class (``ConditionalUNet1d``; the eager release twin for benchmarks).
+        build_generators: False keeps only the projections and scaling (a no-recovery baseline).
     """
 
     def __init__(self, feature_dims: Mapping[str, int], num_classes: int, *, latent_channels: int = 32,
@@ -77,7 +79,8 @@ class DISCDiffusion(nn.Module):
                  timesteps: int = 1000, beta_schedule: str = "linear", unet: Optional[Mapping] = None,
                  sampler: str = "ddim", sampling_steps: int = 50, ddim_discr_method: str = "quad",
                  ddim_eta: float = 0.0, clip_denoised: bool = True,
-                 latent_range: Optional[Mapping[str, Tuple[float, float]]] = None, train_projection: bool = False):
+                 latent_range: Optional[Mapping[str, Tuple[float, float]]] = None, train_projection: bool = False,
+                 unet_cls: Type[nn.Module] = ConditionalUNet1d, build_generators: bool = True):
         super().__init__()
         unknown = set(feature_dims) - set(MODALITIES)
         if unknown or not feature_dims:
@@ -107,7 +110,9 @@ class DISCDiffusion(nn.Module):
         unet_kwargs.update(in_channels=latent_channels, out_channels=latent_channels, label_num=self.condition_dim)
         for m in self.modalities:
             self.add_module(PROJECTION_NAMES[m], nn.Sequential(nn.Linear(self.feature_dims[m], latent_channels * latent_length)))
-            self.add_module(GENERATOR_NAMES[m], ConditionalUNet1d(**unet_kwargs))
+            if build_generators:
+                self.add_module(GENERATOR_NAMES[m], unet_cls(**unet_kwargs))
+        self.has_generators = build_generators
         self.diffusion = GaussianDiffusion(timesteps=timesteps, beta_schedule=beta_schedule)
         self.register_buffer("latent_min", torch.full((len(MODALITIES),), -1.0))
         self.register_buffer("latent_max", torch.full((len(MODALITIES),), 1.0))
@@ -117,7 +122,9 @@ class DISCDiffusion(nn.Module):
 
     # ---- modules by modality --------------------------------------------------------------------
 
-    def generator(self, modality: str) -> ConditionalUNet1d:
+    def generator(self, modality: str) -> nn.Module:
+        if not self.has_generators:
+            raise RuntimeError("DISCDiffusion: built with build_generators=False; it has no generators")
         return getattr(self, GENERATOR_NAMES[self._known(modality)])
 
     def project(self, modality: str, features: Tensor) -> Tensor:
