@@ -1,7 +1,10 @@
 """``imer-fast`` command line.
 
 Commands:
+  imer-fast train --model feddisc --data synthetic-iemocap6 --missing gcnet:0.3 [--out runs/feddisc] ...
   imer-fast train --model dgn --data synthetic-iemocap6 --missing-rate 0.3 [--out runs/dgn] ...
+  imer-fast eval --checkpoint runs/feddisc/feddisc/model.pt --data synthetic-iemocap6 [--missing fixed:ta]
+  imer-fast recover --checkpoint runs/feddisc/feddisc/model.pt --data ... --out recovered.npz
   imer-fast synthesize --name iemocap6 --out data/iemocap6 [--formats gcnet,dialoguegcn,mmsa]
   imer-fast backends            # which backend each op picks on this machine, and why
 """
@@ -12,7 +15,7 @@ import json
 import sys
 from typing import Dict, List, Optional
 
-MODELS = ("dgn",)  # FedDISC, RoHyDR and DRKF arrive with the full systems
+MODELS = ("feddisc", "dgn")  # RoHyDR and DRKF follow
 
 
 def _feature_dirs(items: List[str]) -> Dict[str, str]:
@@ -48,10 +51,7 @@ def load_corpus(args):
     raise SystemExit(f"--data: expected synthetic-<name>, gcnet or dialoguegcn; got {args.data!r}")
 
 
-def _add_train(sub):
-    p = sub.add_parser("train", help="train a model and write metrics.json (+ model.pt) to --out",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", choices=MODELS, default="dgn", help="model to train (dgn: GCNet's Dialogue Graph Network)")
+def _add_data(p) -> None:
     p.add_argument("--data", default="synthetic-iemocap6",
                    help="synthetic-{iemocap6,iemocap4,mosi,mosei} (bundled generator), gcnet or dialoguegcn")
     p.add_argument("--label-path", help="gcnet: the label pickle")
@@ -61,23 +61,61 @@ def _add_train(sub):
     p.add_argument("--feature-dim", type=int, default=None,
                    help="synthetic: one feature width for every modality (default: GCNet's 1024/512/1024)")
     p.add_argument("--data-seed", type=int, default=0, help="synthetic: generator seed")
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a model and write metrics.json (+ model.pt) to --out",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="feddisc",
+                   help="feddisc: FedDISC recovery + classification (and its zero-fill baseline); "
+                        "dgn: GCNet's Dialogue Graph Network alone")
+    _add_data(p)
     p.add_argument("--missing", default=None,
                    help="missing-modality protocol: none, gcnet:RATE, imder:RATE or fixed:PATTERN (e.g. fixed:ta)")
     p.add_argument("--missing-rate", type=float, default=0.3, help="shorthand for --missing gcnet:RATE")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--hidden", type=int, default=100, help="GCNet hidden size (graph hidden = hidden // 2)")
-    p.add_argument("--window-past", type=int, default=2)
-    p.add_argument("--window-future", type=int, default=2)
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--no-time-attn", action="store_true", help="disable the matching attention")
-    p.add_argument("--recon-weight", type=float, default=1.0, help="weight of the reconstruction loss (0: off)")
+    p.add_argument("--batch-size", type=int, default=None, help="dialogues per batch (default: feddisc 8, dgn 16)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: feddisc 5e-4, dgn 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: feddisc 0.01 (AdamW), dgn 1e-5")
+    p.add_argument("--window-past", type=int, default=None, help="dialogue-graph past window (default: feddisc 6, dgn 2)")
+    p.add_argument("--window-future", type=int, default=None, help="future window (default: feddisc 6, dgn 2)")
     p.add_argument("--no-pattern-eval", action="store_true", help="skip the per-availability-pattern evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    p.add_argument("--out", default="runs/dgn", help="output folder for metrics.json and model.pt")
+    p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
+    f = p.add_argument_group("feddisc")
+    f.add_argument("--preset", choices=("release", "small"), default="release",
+                   help="model sizes: release (32x48 latents, 16.4M-parameter U-Nets, 1000 steps, DDIM-50) or small "
+                        "(16x16 latents, small U-Nets, 200 steps, DDIM-10; minutes on a CPU)")
+    f.add_argument("--schedule", choices=("release", "afa"), default="release",
+                   help="release: extractor -> generator -> classifier; afa: extractor, then --afa-cycles cycles "
+                        "alternating generator (classifier frozen) and classifier (recovery frozen) stages")
+    f.add_argument("--extractor-epochs", type=int, default=20, help="projections + DGN/MulT pseudo-labeller")
+    f.add_argument("--generator-epochs", type=int, default=20, help="DISC-Diffusion generators (per AFA cycle)")
+    f.add_argument("--classifier-epochs", type=int, default=20, help="MulT classifier + prompts (per AFA cycle)")
+    f.add_argument("--afa-cycles", type=int, default=2)
+    f.add_argument("--recovery", choices=("diffusion", "zero"), default="diffusion",
+                   help="diffusion: DISC-Diffusion recovery; zero: the no-recovery baseline only")
+    f.add_argument("--no-baseline", action="store_true", help="do not also train the zero-fill baseline")
+    f.add_argument("--temperature", type=float, default=0.2, help="pseudo-label softmax temperature (release: "
+                                                                   "0.2 IEMOCAP, 1.0 MOSI/MOSEI)")
+    f.add_argument("--condition-speaker", action="store_true", help="add speaker identity to the condition")
+    f.add_argument("--condition-context", action="store_true", help="add DGN dialogue context to the condition")
+    f.add_argument("--sampling-steps", type=int, default=None, help="recovery DDIM steps (preset default)")
+    f.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
+    f.add_argument("--clip-mode", choices=("norm", "value"), default="norm", help="release: value")
+    f.add_argument("--patience", type=int, default=10, help="early stopping on the validation loss, per stage")
+    f.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    f.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    f.add_argument("--eval-rates", default="0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7",
+                   help="missing rates evaluated after training (comma-separated)")
+    f.add_argument("--layers", choices=("fused", "reference"), default="fused",
+                   help="fused: imer_fast modules; reference: the eager release twins (benchmark baseline)")
+    d = p.add_argument_group("dgn")
+    d.add_argument("--epochs", type=int, default=20)
+    d.add_argument("--hidden", type=int, default=100, help="GCNet hidden size (graph hidden = hidden // 2)")
+    d.add_argument("--dropout", type=float, default=0.2)
+    d.add_argument("--no-time-attn", action="store_true", help="disable the matching attention")
+    d.add_argument("--recon-weight", type=float, default=1.0, help="weight of the reconstruction loss (0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
 
@@ -87,24 +125,38 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def cmd_train(args) -> int:
+def _missing(args) -> str:
     from .data import make_protocol
-    from .train import DGNConfig, train_dgn
 
     missing = args.missing if args.missing is not None else f"gcnet:{args.missing_rate}"
     try:
         make_protocol(missing)
     except ValueError as err:
         raise SystemExit(f"--missing: {err}")
+    return missing
+
+
+def _pick(value, default):
+    return default if value is None else value
+
+
+def cmd_train(args) -> int:
+    missing = _missing(args)
     corpus = load_corpus(args)
-    config = DGNConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, hidden=args.hidden,
-        window_past=args.window_past, window_future=args.window_future, dropout=args.dropout,
-        time_attn=not args.no_time_attn, recon_weight=args.recon_weight, missing=missing, seed=args.seed,
-        device=args.device, out_dir=args.out, progress=not args.quiet, eval_patterns=not args.no_pattern_eval,
-    )
+    args.out = args.out or f"runs/{args.model}"
     print(f"training {args.model} on {corpus.name} ({len(corpus.split('train'))} train / "
           f"{len(corpus.split('test'))} test dialogues), missing={missing}", flush=True)
+    if args.model == "feddisc":
+        return _train_feddisc(args, corpus, missing)
+    from .train import DGNConfig, train_dgn
+
+    config = DGNConfig(
+        epochs=args.epochs, batch_size=_pick(args.batch_size, 16), lr=_pick(args.lr, 1e-3),
+        weight_decay=_pick(args.weight_decay, 1e-5), hidden=args.hidden, window_past=_pick(args.window_past, 2),
+        window_future=_pick(args.window_future, 2), dropout=args.dropout, time_attn=not args.no_time_attn,
+        recon_weight=args.recon_weight, missing=missing, seed=args.seed, device=args.device, out_dir=args.out,
+        progress=not args.quiet, eval_patterns=not args.no_pattern_eval,
+    )
     result = train_dgn(corpus, config)
     t = result["test"]
     print(f"\ntest ({missing}): WA {t['WA']:.4f}  UA {t['UA']:.4f}  WF1 {t['F1_weighted']:.4f}")
@@ -112,8 +164,116 @@ def cmd_train(args) -> int:
         print("per availability pattern (t=text, a=audio, v=video):")
         for name, m in result["patterns"].items():
             print(f"  {name:>4}: WA {m['WA']:.4f}  UA {m['UA']:.4f}  WF1 {m['F1_weighted']:.4f}")
+    print(f"metrics written to {args.out}/metrics.json")
+    return 0
+
+
+def _eval_rates(text: str):
+    try:
+        rates = tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise SystemExit(f"--eval-rates: expected comma-separated numbers such as 0.0,0.3,0.7; got {text!r}")
+    bad = [r for r in rates if not 0.0 <= r <= 0.7]
+    if bad:
+        raise SystemExit(f"--eval-rates: GCNet missing rates lie in [0, 0.7]; got {bad}")
+    return rates
+
+
+def _train_feddisc(args, corpus, missing) -> int:
+    from .train.feddisc import FedDISCConfig, train_feddisc
+    from .train.report import plot_results, results_table
+    from .train.trainer import TrainerConfig
+
+    trainer = TrainerConfig(lr=_pick(args.lr, 5e-4), weight_decay=_pick(args.weight_decay, 0.01),
+                            grad_clip=args.grad_clip, clip_mode=args.clip_mode, patience=args.patience, amp=args.amp,
+                            device=args.device, seed=args.seed, out_dir=args.out, resume=args.resume,
+                            progress=not args.quiet)
+    config = FedDISCConfig(preset=args.preset, schedule=args.schedule, extractor_epochs=args.extractor_epochs,
+                           generator_epochs=args.generator_epochs, classifier_epochs=args.classifier_epochs,
+                           afa_cycles=args.afa_cycles, batch_size=_pick(args.batch_size, 8), missing=missing,
+                           recovery=args.recovery, temperature=args.temperature,
+                           condition_speaker=args.condition_speaker, condition_context=args.condition_context,
+                           sampling_steps=args.sampling_steps, window_past=_pick(args.window_past, 6),
+                           window_future=_pick(args.window_future, 6), eval_rates=_eval_rates(args.eval_rates),
+                           eval_patterns=not args.no_pattern_eval, layers=args.layers, trainer=trainer)
+    try:
+        result = train_feddisc(corpus, config, baseline=not args.no_baseline)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"imer-fast train: {err}")
+    systems = {name: r["evaluation"] for name, r in result["systems"].items()}
+    print("\ntest split, WA and weighted F1 per availability pattern (t text, a audio, v video) and missing rate:")
+    print(results_table(systems))
+    for name, r in result["systems"].items():
+        print(f"{name}: trained in {r['train_seconds']:.0f}s, evaluated in {r['eval_seconds']:.0f}s; "
+              f"{r['skipped_all_missing_utterances']} all-missing utterances left out of the losses")
+    plot = plot_results(systems, f"{args.out}/results.png", title=f"FedDISC on {corpus.name}")
+    print(f"results written to {args.out}/results.json" + (f" and {plot}" if plot else
+                                                            " (install matplotlib for results.png)"))
+    return 0
+
+
+def _load_checkpoint(args):
+    from .train.feddisc import load_feddisc
+
+    try:
+        return load_feddisc(args.checkpoint, args.device)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise SystemExit(f"--checkpoint: {err}")
+
+
+def cmd_eval(args) -> int:
+    from .train.feddisc import FedDISCRun, _check_corpus
+
+    model, config = _load_checkpoint(args)
+    corpus = load_corpus(args)
+    _check_corpus(corpus)
+    if corpus.feature_dims != model.recovery.feature_dims:
+        raise SystemExit(f"--data: feature widths {corpus.feature_dims} do not match the checkpoint's "
+                         f"{model.recovery.feature_dims}")
+    config.trainer.device, config.batch_size = args.device, args.batch_size
+    run = FedDISCRun(model, corpus, config)
+    if args.missing is None:
+        config.eval_rates = _eval_rates(args.eval_rates)
+        result = run.evaluate_all(args.split)
+    else:
+        result = {args.missing: run.evaluate(args.split, _missing(args))}
+    for name, m in result.items():
+        print(f"{name:>13}: WA {m['WA']:.4f}  UA {m['UA']:.4f}  WF1 {m['F1_weighted']:.4f}")
     if args.out:
-        print(f"metrics written to {args.out}/metrics.json")
+        from .io import atomic_write_json
+
+        atomic_write_json(args.out, result)
+        print(f"written to {args.out}")
+    return 0
+
+
+def cmd_recover(args) -> int:
+    import numpy as np
+    import torch
+
+    from .data import MODALITIES, make_loader
+    from .io import atomic_write
+
+    model, config = _load_checkpoint(args)
+    corpus = load_corpus(args)
+    missing = _missing(args)
+    ids, positions, availability, latents = [], [], [], {m: [] for m in MODALITIES}
+    with torch.no_grad():
+        for batch in make_loader(corpus, args.split, args.batch_size, missing=missing, seed=args.seed):
+            batch = batch.to(args.device)
+            packed = batch.packed()
+            out = model(batch, seed=args.seed)
+            for m in MODALITIES:
+                latents[m].append(out["latents"][m].cpu().numpy())
+            availability.append(packed.availability.cpu().numpy())
+            ids += [packed.dialogue_ids[b] for b in packed.batch_index.tolist()]
+            positions.append(packed.position.cpu().numpy())
+    arrays = {f"latent_{m}": np.concatenate(v) for m, v in latents.items()}
+    arrays.update(dialogue_id=np.array(ids), position=np.concatenate(positions),
+                  availability=np.concatenate(availability))
+    atomic_write(args.out, lambda f: np.savez(f, **arrays), binary=True)
+    n = len(ids)
+    print(f"wrote latents of {n} utterances ({int((~arrays['availability']).sum())} recovered entries) to {args.out}")
     return 0
 
 
@@ -146,6 +306,28 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    e = sub.add_parser("eval", help="evaluate a trained FedDISC checkpoint per pattern / missing rate",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("--checkpoint", required=True, help="model.pt written by imer-fast train --model feddisc")
+    _add_data(e)
+    e.add_argument("--split", default="test")
+    e.add_argument("--missing", default=None, help="one protocol (default: every pattern and --eval-rates)")
+    e.add_argument("--eval-rates", default="0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    e.add_argument("--out", default=None, help="write the metrics as JSON here")
+    r = sub.add_parser("recover", help="write recovered latents of a dataset (observed where present, generated "
+                                       "where missing) to an .npz", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--checkpoint", required=True)
+    _add_data(r)
+    r.add_argument("--split", default="test")
+    r.add_argument("--missing", default=None, help="protocol deciding what is missing (e.g. fixed:ta)")
+    r.add_argument("--missing-rate", type=float, default=0.3, help="shorthand for --missing gcnet:RATE")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--seed", type=int, default=0, help="mask and sampler seed")
+    r.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    r.add_argument("--out", required=True, help="output .npz: latent_<modality> [N, C, L], dialogue_id, position, "
+                                                "availability [N, 3]")
     s = sub.add_parser("synthesize", help="write a synthetic corpus in the GCNet, DialogueGCN and MMSA formats")
     s.add_argument("--name", default="iemocap6")
     s.add_argument("--out", required=True)
@@ -155,7 +337,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     b = sub.add_parser("backends", help="show which backend each op selects and why")
     b.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    return {"train": cmd_train, "synthesize": cmd_synthesize, "backends": cmd_backends}[args.command](args)
+    commands = {"train": cmd_train, "eval": cmd_eval, "recover": cmd_recover, "synthesize": cmd_synthesize,
+                "backends": cmd_backends}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,262 @@
+"""A staged trainer shared by the imer_fast systems.
+
+A run is a list of :class:`Stage` s (the systems' schedules: FedDISC's extractor → generator →
+classifier, or Alternating Frozen Aggregation cycles). Each stage trains one parameter group with
+the rest frozen, with AdamW + ReduceLROnPlateau on the validation loss (one optimiser per group, so a
+group that comes back in a later cycle keeps its moments), gradient clipping, optional bf16 autocast
+on CUDA, early stopping on a validation metric (the best weights of the stage are restored when it
+ends), and after every epoch an atomic checkpoint (temporary file + rename) plus ``metrics.json``.
+``resume=True`` continues from the checkpoint in ``out_dir``: finished stages are skipped and the
+interrupted one continues with its optimiser, scheduler, early-stopping state and RNG.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..data import Corpus
+from ..io import atomic_torch_save, atomic_write_json
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+
+
+@dataclass
+class Stage:
+    """One phase of a schedule.
+
+    name: unique in the schedule (``"classifier[2]"``); group: optimiser key (a group trained in
+    several stages shares one optimiser); parameters: what this stage trains; train_step(batch,
+    epoch) returns (loss or None to skip the batch, utterances counted); validate() returns metrics
+    holding ``monitor``; train_modules: modules put in training mode (the rest run in eval mode, as
+    frozen parts should); before(): called when the stage starts (not again on resume mid-stage if it
+    already ran); batches(epoch): the training batches of an epoch.
+    """
+    name: str
+    group: str
+    epochs: int
+    parameters: List[nn.Parameter]
+    train_step: Callable[[object, int], Tuple[Optional[Tensor], int]]
+    validate: Callable[[], Dict[str, float]]
+    batches: Callable[[int], Iterable]
+    train_modules: List[nn.Module] = field(default_factory=list)
+    monitor: str = "loss"
+    mode: str = "min"
+    before: Optional[Callable[[], None]] = None
+
+
+@dataclass
+class TrainerConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0          # 0 disables clipping
+    clip_mode: str = "norm"         # "norm" or "value" (the FedDISC release clips by value)
+    patience: int = 10              # early stopping: epochs without validation improvement
+    lr_patience: int = 5
+    lr_factor: float = 0.5
+    amp: bool = False               # bf16 autocast (CUDA only)
+    device: str = "cpu"
+    seed: int = 0
+    out_dir: Optional[str] = None
+    resume: bool = False
+    progress: bool = True
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, stages: List[Stage], config: TrainerConfig,
+                 extra_state: Optional[Dict] = None):
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Trainer: stage names must be unique; got {names}")
+        if config.clip_mode not in ("norm", "value"):
+            raise ValueError(f"Trainer: clip_mode must be 'norm' or 'value'; got {config.clip_mode!r}")
+        self.model, self.stages, self.config = model, stages, config
+        self.out_dir = Path(config.out_dir) if config.out_dir else None
+        self.optimizers: Dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: Dict[str, torch.optim.lr_scheduler.ReduceLROnPlateau] = {}
+        self.history: List[Dict] = []
+        self.extra_state = extra_state if extra_state is not None else {}
+        self.position = {"stage": 0, "epoch": 0, "best": None, "best_value": None, "bad_epochs": 0,
+                         "started": False}
+
+    # ---- optimisation state ---------------------------------------------------------------------
+
+    def _optimizer(self, stage: Stage) -> torch.optim.Optimizer:
+        if stage.group not in self.optimizers:
+            params = [p for p in stage.parameters]
+            self.optimizers[stage.group] = torch.optim.AdamW(params, lr=self.config.lr,
+                                                             weight_decay=self.config.weight_decay)
+            self.schedulers[stage.group] = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizers[stage.group], mode="min", factor=self.config.lr_factor,
+                patience=self.config.lr_patience)
+        return self.optimizers[stage.group]
+
+    def _freeze_all_but(self, stage: Stage) -> None:
+        trainable = {id(p) for p in stage.parameters}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+    def _set_modes(self, stage: Stage) -> None:
+        self.model.eval()
+        for module in stage.train_modules:
+            module.train()
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def _checkpoint(self) -> Dict:
+        return {"model": self.model.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+                "position": self.position, "history": self.history, "extra": self.extra_state,
+                "stages": [s.name for s in self.stages],
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+
+    def _save(self) -> None:
+        if self.out_dir is None:
+            return
+        atomic_torch_save(self.out_dir / CHECKPOINT, self._checkpoint())
+        atomic_write_json(self.out_dir / METRICS, {"history": self.history, "extra": _jsonable(self.extra_state)})
+
+    def _restore(self) -> None:
+        path = self.out_dir / CHECKPOINT if self.out_dir else None
+        if path is None or not path.exists():
+            raise FileNotFoundError(f"Trainer: resume=True but there is no checkpoint at {path}")
+        state = torch.load(path, map_location=self.config.device, weights_only=False)
+        if state.get("stages") != [s.name for s in self.stages]:
+            raise ValueError(f"Trainer: the checkpoint at {path} was written by a different schedule "
+                             f"{state.get('stages')}; this run's is {[s.name for s in self.stages]}")
+        self.model.load_state_dict(state["model"])
+        self.position, self.history = state["position"], state["history"]
+        self.extra_state.update(state.get("extra", {}))
+        for stage in self.stages:
+            if stage.group in state["optimizers"] and stage.group not in self.optimizers:
+                self._optimizer(stage).load_state_dict(state["optimizers"][stage.group])
+                self.schedulers[stage.group].load_state_dict(state["schedulers"][stage.group])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> List[Dict]:
+        cfg = self.config
+        if cfg.resume:
+            self._restore()
+        else:
+            torch.manual_seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            random.seed(cfg.seed)
+        while self.position["stage"] < len(self.stages):
+            stage = self.stages[self.position["stage"]]
+            if not self.position["started"]:
+                if stage.before is not None:
+                    stage.before()
+                self.position.update(epoch=0, best=None, best_value=None, bad_epochs=0, started=True)
+            stop = self.position["epoch"] >= stage.epochs or not stage.parameters
+            while not stop:
+                self._run_epoch(stage)
+                stop = (self.position["epoch"] >= stage.epochs
+                        or self.position["bad_epochs"] >= cfg.patience)
+                self._save()
+            if self.position["best"] is not None:
+                self.model.load_state_dict(self.position["best"])
+            self.position.update(stage=self.position["stage"] + 1, started=False, best=None)
+            self._save()
+        return self.history
+
+    def _run_epoch(self, stage: Stage) -> None:
+        cfg, epoch = self.config, self.position["epoch"]
+        optimizer = self._optimizer(stage)
+        self._freeze_all_but(stage)
+        self._set_modes(stage)
+        start, total, count, skipped_batches = time.perf_counter(), 0.0, 0, 0
+        amp = cfg.amp and str(cfg.device).startswith("cuda")
+        bar = tqdm(stage.batches(epoch), desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
+                   disable=not cfg.progress, leave=False)
+        for batch in bar:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                loss, n = stage.train_step(batch, epoch)
+            if loss is None:
+                skipped_batches += 1
+                continue
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"Trainer: non-finite loss {loss.item()} in stage {stage.name!r}, "
+                                         f"epoch {epoch + 1}; the checkpoint of the previous epoch is kept")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                params = [p for p in stage.parameters if p.grad is not None]
+                if cfg.clip_mode == "norm":
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                else:
+                    torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
+            optimizer.step()
+            total, count = total + float(loss.detach()) * n, count + n
+            bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+        with torch.no_grad():
+            self.model.eval()
+            val = stage.validate()
+        if stage.monitor not in val:
+            raise KeyError(f"Trainer: stage {stage.name!r} monitors {stage.monitor!r} but validate() returned "
+                           f"{sorted(val)}")
+        self.schedulers[stage.group].step(val.get("loss", -val[stage.monitor]))
+        value = val[stage.monitor] if stage.mode == "min" else -val[stage.monitor]
+        best = self.position["best_value"]
+        if best is None or value < best - 1e-6:
+            self.position.update(best_value=value, bad_epochs=0,
+                                 best=copy.deepcopy(self.model.state_dict()))
+        else:
+            self.position["bad_epochs"] += 1
+        self.position["epoch"] = epoch + 1
+        entry = {"stage": stage.name, "epoch": epoch + 1, "train_loss": total / max(count, 1),
+                 "utterances": count, "skipped_batches": skipped_batches,
+                 "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start, "valid": val}
+        self.history.append(entry)
+        if cfg.progress:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
+            print(f"{stage.name:>14} epoch {epoch + 1:3d}  loss {entry['train_loss']:.4f}  valid {shown}  "
+                  f"({entry['seconds']:.1f}s)", flush=True)
+
+
+def with_validation(corpus: Corpus, fraction: float = 0.1, seed: int = 0) -> Corpus:
+    """The corpus itself if it has a ``valid`` split; otherwise a copy whose ``valid`` split is a seeded
+    ``fraction`` of the training dialogues (at least one), removed from ``train``."""
+    if corpus.splits.get("valid"):
+        return corpus
+    train = list(corpus.splits.get("train", []))
+    if len(train) < 2:
+        raise ValueError(f"with_validation: corpus {corpus.name!r} needs at least 2 training dialogues to hold "
+                         f"some out for validation; it has {len(train)}")
+    k = max(1, int(math.ceil(fraction * len(train))))
+    order = np.random.default_rng(seed).permutation(len(train))
+    held = {train[i] for i in order[:k]}
+    splits = dict(corpus.splits)
+    splits["train"] = [i for i in train if i not in held]
+    splits["valid"] = [i for i in train if i in held]
+    return replace(corpus, splits=splits)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Tensor) and obj.numel() == 1:
+        return obj.item()
+    return repr(obj)
+
+
+__all__ = ["Stage", "Trainer", "TrainerConfig", "with_validation"]

@@ -1,0 +1,123 @@
+"""Staged trainer: freezing, early stopping, best-weight restore, atomic checkpoints, exact resume."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from imer_fast.data import make_synthetic
+from imer_fast.train.trainer import Stage, Trainer, TrainerConfig, with_validation
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 1)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        return self.b(self.drop(torch.relu(self.a(x))))
+
+
+def make_stages(model, crash_in=None, epochs=3):
+    data = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    target = data.sum(1, keepdim=True)
+
+    def batches(epoch):
+        order = torch.randperm(64)  # the global RNG: restored on resume
+        return [order[i:i + 16] for i in range(0, 64, 16)]
+
+    def step(name):
+        def run(idx, epoch):
+            if crash_in == (name, epoch):
+                raise KeyboardInterrupt("simulated crash")
+            return ((model(data[idx]) - target[idx]) ** 2).mean(), len(idx)
+        return run
+
+    def validate():
+        return {"loss": float(((model(data) - target) ** 2).mean())}
+
+    groups = {"a": list(model.a.parameters()), "b": list(model.b.parameters())}
+    return [Stage(name, name[0], epochs, groups[name[0]], step(name), validate, batches, train_modules=[model])
+            for name in ("a1", "b1", "a2")]
+
+
+def test_stages_train_only_their_group():
+    torch.manual_seed(0)
+    model = Toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stages = make_stages(model)[:1]
+    Trainer(model, stages, TrainerConfig(progress=False, lr=1e-2)).run()
+    after = model.state_dict()
+    assert not torch.equal(before["a.weight"], after["a.weight"])
+    assert torch.equal(before["b.weight"], after["b.weight"])
+
+
+def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path):
+    torch.manual_seed(0)
+    model = Toy()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    Trainer(model, make_stages(model), TrainerConfig(progress=False, lr=1e-2, out_dir=str(tmp_path / "full"))).run()
+    expected = model.state_dict()
+
+    crashed = Toy()
+    crashed.load_state_dict(init)
+    cfg = TrainerConfig(progress=False, lr=1e-2, out_dir=str(tmp_path / "crash"))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(crashed, make_stages(crashed, crash_in=("b1", 1)), cfg).run()
+    metrics = json.loads((tmp_path / "crash" / "metrics.json").read_text())
+    assert [(e["stage"], e["epoch"]) for e in metrics["history"]] == [("a1", 1), ("a1", 2), ("a1", 3), ("b1", 1)]
+    resumed = Toy()  # a fresh process: weights come from the checkpoint
+    cfg.resume = True
+    history = Trainer(resumed, make_stages(resumed), cfg).run()
+    assert len(history) == 9
+    for k, v in expected.items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+
+
+def test_early_stopping_restores_the_best_epoch():
+    torch.manual_seed(0)
+    model = Toy()
+    values = iter([1.0, 0.5, 0.7, 0.9, 0.2])
+    snapshots = []
+
+    def validate():
+        snapshots.append(model.a.weight.detach().clone())
+        return {"loss": next(values)}
+
+    stage = make_stages(model, epochs=5)[0]
+    stage.validate = validate
+    history = Trainer(model, [stage], TrainerConfig(progress=False, lr=1e-2, patience=2)).run()
+    assert len(history) == 4  # epochs 3 and 4 did not improve on epoch 2
+    assert torch.equal(model.a.weight, snapshots[1])
+
+
+def test_resume_refuses_a_checkpoint_of_another_schedule(tmp_path):
+    model = Toy()
+    Trainer(model, make_stages(model, epochs=1)[:1], TrainerConfig(progress=False, out_dir=str(tmp_path))).run()
+    with pytest.raises(ValueError, match="different schedule"):
+        Trainer(model, make_stages(model, epochs=1), TrainerConfig(progress=False, out_dir=str(tmp_path),
+                                                                   resume=True)).run()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Trainer(model, make_stages(model), TrainerConfig(progress=False, out_dir=str(tmp_path / "x"),
+                                                         resume=True)).run()
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    model = Toy()
+    stages = make_stages(model, epochs=2)[:1]
+    good = stages[0].train_step
+    stages[0].train_step = lambda idx, epoch: (good(idx, epoch)[0] * (float("nan") if epoch == 1 else 1.0), 1)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        Trainer(model, stages, TrainerConfig(progress=False, out_dir=str(tmp_path))).run()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["position"]["epoch"] == 1
+
+
+def test_with_validation_holds_out_training_dialogues():
+    corpus = make_synthetic("iemocap6", seed=0, scale=0.1, feature_dims=8)
+    split = with_validation(corpus, 0.2, seed=1)
+    assert split.splits["valid"] and not set(split.splits["valid"]) & set(split.splits["train"])
+    assert sorted(split.splits["valid"] + split.splits["train"]) == sorted(corpus.splits["train"])
+    assert split.splits["test"] == corpus.splits["test"]
