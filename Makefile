@@ -1,5 +1,5 @@
 # Two commands do all set-up from a fresh clone:
-#   make demo   trains the Dialogue Graph Network on the bundled synthetic IEMOCAP-like corpus
+#   make demo   trains FedDISC (and its zero-fill baseline) on the bundled synthetic IEMOCAP-like corpus
 #   make test   runs the test suite
 # Both create .venv, install the pinned CPU torch wheel first, then build imer_fast against it
 # (--no-build-isolation: an isolated build would pull an unpinned, multi-GB CUDA torch).
@@ -24,7 +24,9 @@ $(STAMP): $(SOURCES)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m imer_fast train --model dgn --data synthetic-iemocap6 --missing-rate 0.3 --epochs 10 --out runs/demo
+	$(PY) -m imer_fast train --model feddisc --data synthetic-iemocap6 --scale 0.3 --feature-dim 64 --preset small \
+		--missing gcnet:0.5 --extractor-epochs 10 --generator-epochs 15 --classifier-epochs 8 --batch-size 4 --lr 1e-3 \
+		--eval-rates 0.0,0.3,0.5,0.7 --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

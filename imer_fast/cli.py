@@ -108,6 +108,8 @@ def _add_train(sub):
     f.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     f.add_argument("--eval-rates", default="0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7",
                    help="missing rates evaluated after training (comma-separated)")
+    f.add_argument("--cold-classifier", action="store_true",
+                   help="train the classifier from scratch (default: start from the pseudo-label MulT head)")
     f.add_argument("--layers", choices=("fused", "reference"), default="fused",
                    help="fused: imer_fast modules; reference: the eager release twins (benchmark baseline)")
     d = p.add_argument_group("dgn")
@@ -195,7 +197,8 @@ def _train_feddisc(args, corpus, missing) -> int:
                            condition_speaker=args.condition_speaker, condition_context=args.condition_context,
                            sampling_steps=args.sampling_steps, window_past=_pick(args.window_past, 6),
                            window_future=_pick(args.window_future, 6), eval_rates=_eval_rates(args.eval_rates),
-                           eval_patterns=not args.no_pattern_eval, layers=args.layers, trainer=trainer)
+                           eval_patterns=not args.no_pattern_eval, layers=args.layers,
+                           warm_start_classifier=not args.cold_classifier, trainer=trainer)
     try:
         result = train_feddisc(corpus, config, baseline=not args.no_baseline)
     except (ValueError, FileNotFoundError) as err:
@@ -206,6 +209,10 @@ def _train_feddisc(args, corpus, missing) -> int:
     for name, r in result["systems"].items():
         print(f"{name}: trained in {r['train_seconds']:.0f}s, evaluated in {r['eval_seconds']:.0f}s; "
               f"{r['skipped_all_missing_utterances']} all-missing utterances left out of the losses")
+        if "recovery_error" in r:
+            e = r["recovery_error"]
+            print(f"{name}: latent MSE of the {e['entries']} recovered test entries {e['recovered_mse']:.4f} "
+                  f"(mean imputation {e['mean_imputation_mse']:.4f})")
     plot = plot_results(systems, f"{args.out}/results.png", title=f"FedDISC on {corpus.name}")
     print(f"results written to {args.out}/results.json" + (f" and {plot}" if plot else
                                                             " (install matplotlib for results.png)"))
