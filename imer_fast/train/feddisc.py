@@ -90,16 +90,20 @@ def num_task_classes(corpus: Corpus) -> int:
 
 
 def build_model(corpus: Corpus, config: FedDISCConfig, recovery: Optional[str] = None) -> FedDISC:
+    return _model(corpus.feature_dims, num_task_classes(corpus), corpus.num_speakers, config,
+                  recovery or config.recovery)
+
+
+def _model(feature_dims, num_classes: int, num_speakers: int, config: FedDISCConfig, recovery: str) -> FedDISC:
     if config.preset not in PRESETS:
         raise ValueError(f"FedDISC: preset must be one of {sorted(PRESETS)}; got {config.preset!r}")
     preset = dict(PRESETS[config.preset])
     if config.sampling_steps is not None:
         preset["sampling_steps"] = config.sampling_steps
-    return FedDISC(corpus.feature_dims, num_task_classes(corpus), num_speakers=max(corpus.num_speakers, 1),
-                   temperature=config.temperature, recovery=recovery or config.recovery,
-                   condition_speaker=config.condition_speaker, condition_context=config.condition_context,
-                   window_past=config.window_past, window_future=config.window_future, layers=config.layers,
-                   **preset)
+    return FedDISC(feature_dims, num_classes, num_speakers=max(num_speakers, 1), temperature=config.temperature,
+                   recovery=recovery, condition_speaker=config.condition_speaker,
+                   condition_context=config.condition_context, window_past=config.window_past,
+                   window_future=config.window_future, layers=config.layers, **preset)
 
 
 def _check_corpus(corpus: Corpus) -> None:
@@ -364,16 +368,10 @@ def load_feddisc(path, device: str = "cpu") -> Tuple[FedDISC, FedDISCConfig]:
     if not isinstance(state, dict) or state.get("model") != "feddisc":
         got = state.get("model") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"load_feddisc: {path} is not a FedDISC checkpoint (its model is {got!r})")
-    cfg = state["config"]
+    cfg = dict(state["config"])
     trainer = TrainerConfig(**cfg.pop("trainer"))
-    config = FedDISCConfig(**cfg, trainer=trainer)
-    preset = dict(PRESETS[config.preset])
-    if config.sampling_steps is not None:
-        preset["sampling_steps"] = config.sampling_steps
-    model = FedDISC(state["feature_dims"], state["num_classes"], num_speakers=max(state["num_speakers"], 1),
-                    temperature=config.temperature, recovery=state["recovery"],
-                    condition_speaker=config.condition_speaker, condition_context=config.condition_context,
-                    window_past=config.window_past, window_future=config.window_future, **preset)
+    config = FedDISCConfig(**{**cfg, "layers": "fused"}, trainer=trainer)
+    model = _model(state["feature_dims"], state["num_classes"], state["num_speakers"], config, state["recovery"])
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), config
 
