@@ -121,3 +121,75 @@ def test_with_validation_holds_out_training_dialogues():
     assert split.splits["valid"] and not set(split.splits["valid"]) & set(split.splits["train"])
     assert sorted(split.splits["valid"] + split.splits["train"]) == sorted(corpus.splits["train"])
     assert split.splits["test"] == corpus.splits["test"]
+
+
+def make_update_stage(model, order_log, crash_at=None, epochs=2):
+    """One stage with two optimiser steps per batch: group "a" on one loss, then group "b" on another."""
+    data = torch.randn(32, 4, generator=torch.Generator().manual_seed(1))
+    target = data.sum(1, keepdim=True)
+
+    def step(idx, epoch, update):
+        if crash_at == epoch:
+            raise KeyboardInterrupt("simulated crash")
+        first = ((model(data[idx]) - target[idx]) ** 2).mean()
+        update("a", first)
+        order_log.append("a")
+        second = (model(data[idx]) - target[idx]).abs().mean()   # computed after "a" stepped
+        update("b", second)
+        order_log.append("b")
+        return second, len(idx)
+
+    def validate():
+        return {"loss": float(((model(data) - target) ** 2).mean())}
+
+    groups = {"a": list(model.a.parameters()), "b": list(model.b.parameters())}
+    union = groups["a"] + groups["b"]
+    return Stage("joint", "joint", epochs, union, step, validate,
+                 lambda epoch: [torch.arange(i, i + 8) for i in range(0, 32, 8)], train_modules=[model],
+                 updates=groups, group_lr={"a": 1e-2, "b": 1e-3})
+
+
+def test_update_mode_steps_each_group_with_its_own_optimiser_and_lr():
+    torch.manual_seed(0)
+    model = Toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    log = []
+    trainer = Trainer(model, [make_update_stage(model, log, epochs=1)],
+                      TrainerConfig(progress=False, patience=99))
+    trainer.run()
+    assert log == ["a", "b"] * 4
+    assert set(trainer.optimizers) == {"a", "b"}
+    assert trainer.optimizers["a"].param_groups[0]["lr"] == pytest.approx(1e-2)
+    assert trainer.optimizers["b"].param_groups[0]["lr"] == pytest.approx(1e-3)
+    after = model.state_dict()
+    assert not torch.equal(before["a.weight"], after["a.weight"])
+    assert not torch.equal(before["b.weight"], after["b.weight"])
+    # the "a" optimiser only ever saw group a's parameters
+    assert {id(p) for g in trainer.optimizers["a"].param_groups for p in g["params"]} == \
+        {id(p) for p in model.a.parameters()}
+
+
+def test_update_mode_resume_equals_an_uninterrupted_run(tmp_path):
+    torch.manual_seed(0)
+    model = Toy()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    Trainer(model, [make_update_stage(model, [], epochs=3)], TrainerConfig(progress=False, patience=99)).run()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model.load_state_dict(init)
+    torch.manual_seed(0)
+    cfg = TrainerConfig(progress=False, patience=99, out_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(model, [make_update_stage(model, [], crash_at=2, epochs=3)], cfg).run()
+    model.load_state_dict(init)  # the resumed run must take everything from the checkpoint
+    Trainer(model, [make_update_stage(model, [], epochs=3)], TrainerConfig(**{**cfg.__dict__, "resume": True})).run()
+    for k in expected:
+        assert torch.equal(model.state_dict()[k], expected[k]), k
+
+
+def test_update_mode_rejects_an_unknown_group():
+    model = Toy()
+    stage = make_update_stage(model, [], epochs=1)
+    stage.train_step = lambda idx, epoch, update: (update("c", model(idx.float()[:, None].repeat(1, 4)).sum()), 1)
+    with pytest.raises(KeyError, match="no optimiser group 'c'"):
+        Trainer(model, [stage], TrainerConfig(progress=False)).run()

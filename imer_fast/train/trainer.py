@@ -41,6 +41,13 @@ class Stage:
     holding ``monitor``; train_modules: modules put in training mode (the rest run in eval mode, as
     frozen parts should); before(): called when the stage starts (not again on resume mid-stage if it
     already ran); batches(epoch): the training batches of an epoch.
+
+    Several optimiser steps per batch (RoHyDR's discriminator / reconstructor / classifier sub-steps):
+    give ``updates`` (optimiser group -> its parameters; their union is trainable, ``parameters``
+    should be that union) and the trainer calls ``train_step(batch, epoch, update)``, where
+    ``update(group, loss)`` zero-grads, backpropagates, clips and steps that group's optimiser
+    (learning rate ``group_lr.get(group, config.lr)``); train_step then returns (loss to log or None,
+    utterances) and the trainer runs no backward itself.
     """
     name: str
     group: str
@@ -53,6 +60,11 @@ class Stage:
     monitor: str = "loss"
     mode: str = "min"
     before: Optional[Callable[[], None]] = None
+    updates: Optional[Dict[str, List[nn.Parameter]]] = None
+    group_lr: Optional[Dict[str, float]] = None
+
+    def optimiser_groups(self) -> Dict[str, List[nn.Parameter]]:
+        return dict(self.updates) if self.updates is not None else {self.group: self.parameters}
 
 
 @dataclass
@@ -91,18 +103,32 @@ class Trainer:
 
     # ---- optimisation state ---------------------------------------------------------------------
 
-    def _optimizer(self, stage: Stage) -> torch.optim.Optimizer:
-        if stage.group not in self.optimizers:
-            params = [p for p in stage.parameters]
-            self.optimizers[stage.group] = torch.optim.AdamW(params, lr=self.config.lr,
-                                                             weight_decay=self.config.weight_decay)
-            self.schedulers[stage.group] = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self.optimizers[stage.group], mode="min", factor=self.config.lr_factor,
-                patience=self.config.lr_patience)
-        return self.optimizers[stage.group]
+    def _optimizer(self, stage: Stage, group: str) -> torch.optim.Optimizer:
+        if group not in self.optimizers:
+            params = list(stage.optimiser_groups()[group])
+            lr = (stage.group_lr or {}).get(group, self.config.lr)
+            self.optimizers[group] = torch.optim.AdamW(params, lr=lr, weight_decay=self.config.weight_decay)
+            self.schedulers[group] = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self.optimizers[group], mode="min", factor=self.config.lr_factor, patience=self.config.lr_patience)
+        return self.optimizers[group]
+
+    def _step(self, stage: Stage, group: str, loss: Tensor, epoch: int) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Trainer: non-finite loss {loss.item()} in stage {stage.name!r} (group "
+                                     f"{group!r}), epoch {epoch + 1}; the checkpoint of the previous epoch is kept")
+        optimizer = self._optimizer(stage, group)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip > 0:
+            params = [p for p in stage.optimiser_groups()[group] if p.grad is not None]
+            if self.config.clip_mode == "norm":
+                torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_value_(params, self.config.grad_clip)
+        optimizer.step()
 
     def _freeze_all_but(self, stage: Stage) -> None:
-        trainable = {id(p) for p in stage.parameters}
+        trainable = {id(p) for params in stage.optimiser_groups().values() for p in params}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in trainable)
 
@@ -139,9 +165,10 @@ class Trainer:
         self.position, self.history = state["position"], state["history"]
         self.extra_state.update(state.get("extra", {}))
         for stage in self.stages:
-            if stage.group in state["optimizers"] and stage.group not in self.optimizers:
-                self._optimizer(stage).load_state_dict(state["optimizers"][stage.group])
-                self.schedulers[stage.group].load_state_dict(state["schedulers"][stage.group])
+            for group in stage.optimiser_groups():
+                if group in state["optimizers"] and group not in self.optimizers:
+                    self._optimizer(stage, group).load_state_dict(state["optimizers"][group])
+                    self.schedulers[group].load_state_dict(state["schedulers"][group])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
@@ -177,31 +204,32 @@ class Trainer:
 
     def _run_epoch(self, stage: Stage) -> None:
         cfg, epoch = self.config, self.position["epoch"]
-        optimizer = self._optimizer(stage)
+        groups = list(stage.optimiser_groups())
+        for group in groups:
+            self._optimizer(stage, group)
         self._freeze_all_but(stage)
         self._set_modes(stage)
         start, total, count, skipped_batches = time.perf_counter(), 0.0, 0, 0
         amp = cfg.amp and str(cfg.device).startswith("cuda")
         bar = tqdm(stage.batches(epoch), desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
                    disable=not cfg.progress, leave=False)
+
+        def update(group: str, loss: Tensor) -> None:
+            if group not in groups:
+                raise KeyError(f"Trainer: stage {stage.name!r} has no optimiser group {group!r}; it has {groups}")
+            self._step(stage, group, loss, epoch)
+
         for batch in bar:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                loss, n = stage.train_step(batch, epoch)
+                if stage.updates is not None:
+                    loss, n = stage.train_step(batch, epoch, update)
+                else:
+                    loss, n = stage.train_step(batch, epoch)
             if loss is None:
                 skipped_batches += 1
                 continue
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"Trainer: non-finite loss {loss.item()} in stage {stage.name!r}, "
-                                         f"epoch {epoch + 1}; the checkpoint of the previous epoch is kept")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                params = [p for p in stage.parameters if p.grad is not None]
-                if cfg.clip_mode == "norm":
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                else:
-                    torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
-            optimizer.step()
+            if stage.updates is None:
+                self._step(stage, stage.group, loss, epoch)
             total, count = total + float(loss.detach()) * n, count + n
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
         with torch.no_grad():
@@ -210,7 +238,8 @@ class Trainer:
         if stage.monitor not in val:
             raise KeyError(f"Trainer: stage {stage.name!r} monitors {stage.monitor!r} but validate() returned "
                            f"{sorted(val)}")
-        self.schedulers[stage.group].step(val.get("loss", -val[stage.monitor]))
+        for group in groups:
+            self.schedulers[group].step(val.get("loss", -val[stage.monitor]))
         value = val[stage.monitor] if stage.mode == "min" else -val[stage.monitor]
         best = self.position["best_value"]
         if best is None or value < best - 1e-6:
@@ -221,7 +250,7 @@ class Trainer:
         self.position["epoch"] = epoch + 1
         entry = {"stage": stage.name, "epoch": epoch + 1, "train_loss": total / max(count, 1),
                  "utterances": count, "skipped_batches": skipped_batches,
-                 "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start, "valid": val}
+                 "lr": self.optimizers[groups[0]].param_groups[0]["lr"], "seconds": time.perf_counter() - start, "valid": val}
         self.history.append(entry)
         if cfg.progress:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
