@@ -2,5 +2,6 @@
 from .feddisc import FedDISC, PseudoLabels
 from .layers import IMPLEMENTATIONS, layer_set
 from .mult_classifier import MulTClassifier
+from .rohydr import RoHyDR
 
-__all__ = ["FedDISC", "PseudoLabels", "MulTClassifier", "IMPLEMENTATIONS", "layer_set"]
+__all__ = ["FedDISC", "PseudoLabels", "MulTClassifier", "RoHyDR", "IMPLEMENTATIONS", "layer_set"]

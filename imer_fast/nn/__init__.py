@@ -3,8 +3,10 @@ from .cond_cross_attention import CondCrossAttention, StableLayerNorm
 from .conditional_unet import ConditionalUNet1d
 from .conv import GraphConv, RGCNConv
 from .cross_modal_transformer import CrossModalTransformer, CrossModalTransformerLayer, PackedMultiheadAttention
+from .dit import DiT1d
 from .dialogue_graph_network import DialogueGraphNetwork, GraphNetwork, MatchingAttention
+from .rcan import rcan_refiner
 from .score_net import ScoreNet
 
-__all__ = ["CondCrossAttention", "ConditionalUNet1d", "CrossModalTransformer", "CrossModalTransformerLayer", "DialogueGraphNetwork",
+__all__ = ["CondCrossAttention", "ConditionalUNet1d", "CrossModalTransformer", "CrossModalTransformerLayer", "DialogueGraphNetwork", "DiT1d", "rcan_refiner",
            "PackedMultiheadAttention", "StableLayerNorm", "GraphConv", "GraphNetwork", "MatchingAttention", "RGCNConv", "ScoreNet"]
