@@ -2,6 +2,8 @@
 
 Commands:
   imer-fast train --model feddisc --data synthetic-iemocap6 --missing gcnet:0.3 [--out runs/feddisc] ...
+  imer-fast train --model rohydr --data synthetic-mosi --missing gcnet:0.3 [--out runs/rohydr] ...
+  imer-fast train --model drkf --data synthetic-iemocap4 --missing gcnet:0.3 [--out runs/drkf] ...
   imer-fast train --model dgn --data synthetic-iemocap6 --missing-rate 0.3 [--out runs/dgn] ...
   imer-fast eval --checkpoint runs/feddisc/feddisc/model.pt --data synthetic-iemocap6 [--missing fixed:ta]
   imer-fast recover --checkpoint runs/feddisc/feddisc/model.pt --data ... --out recovered.npz
@@ -15,7 +17,7 @@ import json
 import sys
 from typing import Dict, List, Optional
 
-MODELS = ("feddisc", "dgn")  # RoHyDR and DRKF follow
+MODELS = ("feddisc", "rohydr", "drkf", "dgn")
 
 
 def _feature_dirs(items: List[str]) -> Dict[str, str]:
@@ -67,8 +69,9 @@ def _add_train(sub):
     p = sub.add_parser("train", help="train a model and write metrics.json (+ model.pt) to --out",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=MODELS, default="feddisc",
-                   help="feddisc: FedDISC recovery + classification (and its zero-fill baseline); "
-                        "dgn: GCNet's Dialogue Graph Network alone")
+                   help="feddisc: FedDISC recovery + classification; rohydr: RoHyDR recovery + regression/"
+                        "classification; drkf: DRKF (audio + text) with missing-modality recovery (each with its "
+                        "zero-fill baseline); dgn: GCNet's Dialogue Graph Network alone")
     _add_data(p)
     p.add_argument("--missing", default=None,
                    help="missing-modality protocol: none, gcnet:RATE, imder:RATE or fixed:PATTERN (e.g. fixed:ta)")
@@ -82,38 +85,52 @@ def _add_train(sub):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
+    p.add_argument("--epochs", type=int, default=20, help="dgn, rohydr: training epochs; drkf: epochs of its main stage")
+    c = p.add_argument_group("recovery systems (feddisc, rohydr, drkf)")
+    c.add_argument("--preset", choices=("release", "small"), default="release",
+                   help="model sizes: release (the papers' sizes: 32x48 latents, release U-Nets / DiT, 1000 diffusion "
+                        "steps, DDIM-50) or small (minutes on a CPU)")
+    c.add_argument("--recovery", choices=("diffusion", "token", "zero"), default="diffusion",
+                   help="diffusion: the system's diffusion recovery; token (drkf only): a learned missing token; "
+                        "zero: the no-recovery baseline only")
+    c.add_argument("--no-baseline", action="store_true", help="do not also train the zero-fill baseline")
+    c.add_argument("--sampling-steps", type=int, default=None, help="recovery DDIM steps (preset default)")
+    c.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
+    c.add_argument("--clip-mode", choices=("norm", "value"), default="norm", help="FedDISC release: value")
+    c.add_argument("--patience", type=int, default=10, help="early stopping on the validation loss, per stage")
+    c.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    c.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    c.add_argument("--eval-rates", default="0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7",
+                   help="missing rates evaluated after training (comma-separated)")
+    c.add_argument("--layers", choices=("fused", "reference"), default="fused",
+                   help="fused: imer_fast modules; reference: the eager release twins (benchmark baseline)")
     f = p.add_argument_group("feddisc")
-    f.add_argument("--preset", choices=("release", "small"), default="release",
-                   help="model sizes: release (32x48 latents, 16.4M-parameter U-Nets, 1000 steps, DDIM-50) or small "
-                        "(16x16 latents, small U-Nets, 200 steps, DDIM-10; minutes on a CPU)")
     f.add_argument("--schedule", choices=("release", "afa"), default="release",
                    help="release: extractor -> generator -> classifier; afa: extractor, then --afa-cycles cycles "
                         "alternating generator (classifier frozen) and classifier (recovery frozen) stages")
     f.add_argument("--extractor-epochs", type=int, default=20, help="projections + DGN/MulT pseudo-labeller")
-    f.add_argument("--generator-epochs", type=int, default=20, help="DISC-Diffusion generators (per AFA cycle)")
+    f.add_argument("--generator-epochs", type=int, default=20, help="feddisc: DISC-Diffusion generators (per AFA cycle); drkf: its generators")
     f.add_argument("--classifier-epochs", type=int, default=20, help="MulT classifier + prompts (per AFA cycle)")
     f.add_argument("--afa-cycles", type=int, default=2)
-    f.add_argument("--recovery", choices=("diffusion", "zero"), default="diffusion",
-                   help="diffusion: DISC-Diffusion recovery; zero: the no-recovery baseline only")
-    f.add_argument("--no-baseline", action="store_true", help="do not also train the zero-fill baseline")
     f.add_argument("--temperature", type=float, default=0.2, help="pseudo-label softmax temperature (release: "
                                                                    "0.2 IEMOCAP, 1.0 MOSI/MOSEI)")
     f.add_argument("--condition-speaker", action="store_true", help="add speaker identity to the condition")
     f.add_argument("--condition-context", action="store_true", help="add DGN dialogue context to the condition")
-    f.add_argument("--sampling-steps", type=int, default=None, help="recovery DDIM steps (preset default)")
-    f.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
-    f.add_argument("--clip-mode", choices=("norm", "value"), default="norm", help="release: value")
-    f.add_argument("--patience", type=int, default=10, help="early stopping on the validation loss, per stage")
-    f.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
-    f.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    f.add_argument("--eval-rates", default="0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7",
-                   help="missing rates evaluated after training (comma-separated)")
     f.add_argument("--cold-classifier", action="store_true",
                    help="train the classifier from scratch (default: start from the pseudo-label MulT head)")
-    f.add_argument("--layers", choices=("fused", "reference"), default="fused",
-                   help="fused: imer_fast modules; reference: the eager release twins (benchmark baseline)")
+    r = p.add_argument_group("rohydr")
+    r.add_argument("--generator", choices=("dit", "score"), default="dit",
+                   help="dit: diffusion transformer (DDPM-trained, DDIM-sampled on the same steps); score: IMDer's "
+                        "VE-SDE ScoreNet with Euler-Maruyama sampling")
+    r.add_argument("--lambda-g", type=float, default=1.0, help="stage 1 weight of the refiner reconstruction loss")
+    r.add_argument("--lambda-al", type=float, default=0.5, help="stage 2 adversarial vs L1 reconstructor weight")
+    r.add_argument("--lambda-c", type=float, default=0.4, help="stage 3 weight of the loss on recovered inputs")
+    k = p.add_argument_group("drkf")
+    k.add_argument("--modalities", default="audio,text", help="fused modalities (release: audio,text)")
+    k.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning on recovered tokens")
+    k.add_argument("--recovery-samples", type=int, default=1, help="recovered latent = mean of this many samples")
+    k.add_argument("--max-pairs", type=int, default=64, help="ordered pairs per batch for the discrimination head")
     d = p.add_argument_group("dgn")
-    d.add_argument("--epochs", type=int, default=20)
     d.add_argument("--hidden", type=int, default=100, help="GCNet hidden size (graph hidden = hidden // 2)")
     d.add_argument("--dropout", type=float, default=0.2)
     d.add_argument("--no-time-attn", action="store_true", help="disable the matching attention")
@@ -144,12 +161,18 @@ def _pick(value, default):
 
 def cmd_train(args) -> int:
     missing = _missing(args)
+    if args.recovery == "token" and args.model != "drkf":
+        raise SystemExit("--recovery token: only DRKF has a learned missing token")
     corpus = load_corpus(args)
     args.out = args.out or f"runs/{args.model}"
     print(f"training {args.model} on {corpus.name} ({len(corpus.split('train'))} train / "
           f"{len(corpus.split('test'))} test dialogues), missing={missing}", flush=True)
     if args.model == "feddisc":
         return _train_feddisc(args, corpus, missing)
+    if args.model == "rohydr":
+        return _train_rohydr(args, corpus, missing)
+    if args.model == "drkf":
+        return _train_drkf(args, corpus, missing)
     from .train import DGNConfig, train_dgn
 
     config = DGNConfig(
@@ -181,15 +204,19 @@ def _eval_rates(text: str):
     return rates
 
 
-def _train_feddisc(args, corpus, missing) -> int:
-    from .train.feddisc import FedDISCConfig, train_feddisc
-    from .train.report import plot_results, results_table
+def _trainer_config(args, lr: float, weight_decay: float):
     from .train.trainer import TrainerConfig
 
-    trainer = TrainerConfig(lr=_pick(args.lr, 5e-4), weight_decay=_pick(args.weight_decay, 0.01),
-                            grad_clip=args.grad_clip, clip_mode=args.clip_mode, patience=args.patience, amp=args.amp,
-                            device=args.device, seed=args.seed, out_dir=args.out, resume=args.resume,
-                            progress=not args.quiet)
+    return TrainerConfig(lr=_pick(args.lr, lr), weight_decay=_pick(args.weight_decay, weight_decay),
+                         grad_clip=args.grad_clip, clip_mode=args.clip_mode, patience=args.patience, amp=args.amp,
+                         device=args.device, seed=args.seed, out_dir=args.out, resume=args.resume,
+                         progress=not args.quiet)
+
+
+def _train_feddisc(args, corpus, missing) -> int:
+    from .train.feddisc import FedDISCConfig, train_feddisc
+
+    trainer = _trainer_config(args, 5e-4, 0.01)
     config = FedDISCConfig(preset=args.preset, schedule=args.schedule, extractor_epochs=args.extractor_epochs,
                            generator_epochs=args.generator_epochs, classifier_epochs=args.classifier_epochs,
                            afa_cycles=args.afa_cycles, batch_size=_pick(args.batch_size, 8), missing=missing,
@@ -199,12 +226,49 @@ def _train_feddisc(args, corpus, missing) -> int:
                            window_future=_pick(args.window_future, 6), eval_rates=_eval_rates(args.eval_rates),
                            eval_patterns=not args.no_pattern_eval, layers=args.layers,
                            warm_start_classifier=not args.cold_classifier, trainer=trainer)
+    return _train_and_report(args, corpus, "FedDISC", lambda: train_feddisc(corpus, config, baseline=not args.no_baseline))
+
+
+def _train_rohydr(args, corpus, missing) -> int:
+    from .train.rohydr import RoHyDRConfig, train_rohydr
+
+    trainer = _trainer_config(args, 5e-4, 0.01)
+    config = RoHyDRConfig(preset=args.preset, generator=args.generator, recovery=args.recovery, epochs=args.epochs,
+                          batch_size=_pick(args.batch_size, 8), missing=missing, lambda_g=args.lambda_g,
+                          lambda_al=args.lambda_al, lambda_c=args.lambda_c, sampling_steps=args.sampling_steps,
+                          eval_rates=_eval_rates(args.eval_rates), eval_patterns=not args.no_pattern_eval,
+                          layers=args.layers, trainer=trainer)
+    return _train_and_report(args, corpus, "RoHyDR", lambda: train_rohydr(corpus, config, baseline=not args.no_baseline))
+
+
+def _train_drkf(args, corpus, missing) -> int:
+    from .data import canonical_modality
+    from .train.drkf import DRKFConfig, train_drkf
+
     try:
-        result = train_feddisc(corpus, config, baseline=not args.no_baseline)
+        modalities = tuple(canonical_modality(m) for m in args.modalities.split(",") if m.strip())
+    except ValueError as err:
+        raise SystemExit(f"--modalities: {err}")
+    trainer = _trainer_config(args, 1e-4, 0.01)
+    config = DRKFConfig(preset=args.preset, modalities=modalities, recovery=args.recovery, drkf_epochs=args.epochs,
+                        generator_epochs=args.generator_epochs, finetune_epochs=args.finetune_epochs,
+                        batch_size=_pick(args.batch_size, 4), missing=missing, max_pairs=args.max_pairs,
+                        sampling_steps=args.sampling_steps, recovery_samples=args.recovery_samples,
+                        eval_rates=_eval_rates(args.eval_rates), eval_patterns=not args.no_pattern_eval,
+                        layers=args.layers, trainer=trainer)
+    return _train_and_report(args, corpus, "DRKF", lambda: train_drkf(corpus, config, baseline=not args.no_baseline))
+
+
+def _train_and_report(args, corpus, title: str, train) -> int:
+    from .train.report import default_metrics, plot_results, results_table, short
+
+    try:
+        result = train()
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"imer-fast train: {err}")
     systems = {name: r["evaluation"] for name, r in result["systems"].items()}
-    print("\ntest split, WA and weighted F1 per availability pattern (t text, a audio, v video) and missing rate:")
+    shown = " and ".join(short(m) for m in default_metrics(systems))
+    print(f"\ntest split, {shown} per availability pattern (t text, a audio, v video) and missing rate:")
     print(results_table(systems))
     for name, r in result["systems"].items():
         print(f"{name}: trained in {r['train_seconds']:.0f}s, evaluated in {r['eval_seconds']:.0f}s; "
@@ -213,39 +277,43 @@ def _train_feddisc(args, corpus, missing) -> int:
             e = r["recovery_error"]
             print(f"{name}: latent MSE of the {e['entries']} recovered test entries {e['recovered_mse']:.4f} "
                   f"(mean imputation {e['mean_imputation_mse']:.4f})")
-    plot = plot_results(systems, f"{args.out}/results.png", title=f"FedDISC on {corpus.name}")
+    plot = plot_results(systems, f"{args.out}/results.png", title=f"{title} on {corpus.name}")
     print(f"results written to {args.out}/results.json" + (f" and {plot}" if plot else
                                                             " (install matplotlib for results.png)"))
     return 0
 
 
 def _load_checkpoint(args):
-    from .train.feddisc import load_feddisc
+    from .train.systems import checkpoint_system, system
 
     try:
-        return load_feddisc(args.checkpoint, args.device)
+        found = system(checkpoint_system(args.checkpoint))
+        return (found,) + tuple(found.load(args.checkpoint, args.device))
     except (FileNotFoundError, ValueError, KeyError) as err:
         raise SystemExit(f"--checkpoint: {err}")
 
 
 def cmd_eval(args) -> int:
-    from .train.feddisc import FedDISCRun, _check_corpus
+    from .train.report import short
 
-    model, config = _load_checkpoint(args)
+    found, model, config = _load_checkpoint(args)
     corpus = load_corpus(args)
-    _check_corpus(corpus)
-    if corpus.feature_dims != model.recovery.feature_dims:
-        raise SystemExit(f"--data: feature widths {corpus.feature_dims} do not match the checkpoint's "
-                         f"{model.recovery.feature_dims}")
+    try:
+        found.check_corpus(corpus, config)
+    except ValueError as err:
+        raise SystemExit(f"--data: {err}")
+    if any(corpus.feature_dims.get(m) != width for m, width in model.feature_dims.items()):
+        raise SystemExit(f"--data: feature widths {dict(corpus.feature_dims)} do not match the checkpoint's "
+                         f"{dict(model.feature_dims)}")
     config.trainer.device, config.batch_size = args.device, args.batch_size
-    run = FedDISCRun(model, corpus, config)
+    run = found.run(model, corpus, config)
     if args.missing is None:
         config.eval_rates = _eval_rates(args.eval_rates)
         result = run.evaluate_all(args.split)
     else:
         result = {args.missing: run.evaluate(args.split, _missing(args))}
     for name, m in result.items():
-        print(f"{name:>13}: WA {m['WA']:.4f}  UA {m['UA']:.4f}  WF1 {m['F1_weighted']:.4f}")
+        print(f"{name:>13}: " + "  ".join(f"{short(k)} {v:.4f}" for k, v in m.items()))
     if args.out:
         from .io import atomic_write_json
 
@@ -258,29 +326,29 @@ def cmd_recover(args) -> int:
     import numpy as np
     import torch
 
-    from .data import MODALITIES, make_loader
+    from .data import make_loader
     from .io import atomic_write
 
-    model, config = _load_checkpoint(args)
+    found, model, config = _load_checkpoint(args)
     corpus = load_corpus(args)
     missing = _missing(args)
-    ids, positions, availability, latents = [], [], [], {m: [] for m in MODALITIES}
+    ids, positions, availability, recovered = [], [], [], {}
     with torch.no_grad():
         for batch in make_loader(corpus, args.split, args.batch_size, missing=missing, seed=args.seed):
             batch = batch.to(args.device)
             packed = batch.packed()
-            out = model(batch, seed=args.seed)
-            for m in MODALITIES:
-                latents[m].append(out["latents"][m].cpu().numpy())
+            for m, x in found.recovered(model, batch, args.seed).items():
+                recovered.setdefault(m, []).append(x.cpu().numpy())
             availability.append(packed.availability.cpu().numpy())
             ids += [packed.dialogue_ids[b] for b in packed.batch_index.tolist()]
             positions.append(packed.position.cpu().numpy())
-    arrays = {f"latent_{m}": np.concatenate(v) for m, v in latents.items()}
+    arrays = {f"latent_{m}": np.concatenate(v) for m, v in recovered.items()}
     arrays.update(dialogue_id=np.array(ids), position=np.concatenate(positions),
                   availability=np.concatenate(availability))
     atomic_write(args.out, lambda f: np.savez(f, **arrays), binary=True)
     n = len(ids)
-    print(f"wrote latents of {n} utterances ({int((~arrays['availability']).sum())} recovered entries) to {args.out}")
+    print(f"wrote {found.name} inputs of {n} utterances ({int((~arrays['availability']).sum())} missing entries, "
+          f"recovered where the model recovers) to {args.out}")
     return 0
 
 
@@ -313,9 +381,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
-    e = sub.add_parser("eval", help="evaluate a trained FedDISC checkpoint per pattern / missing rate",
+    e = sub.add_parser("eval", help="evaluate a trained FedDISC / RoHyDR / DRKF checkpoint per pattern / missing rate",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("--checkpoint", required=True, help="model.pt written by imer-fast train --model feddisc")
+    e.add_argument("--checkpoint", required=True, help="model.pt written by imer-fast train --model feddisc|rohydr|drkf")
     _add_data(e)
     e.add_argument("--split", default="test")
     e.add_argument("--missing", default=None, help="one protocol (default: every pattern and --eval-rates)")
@@ -333,8 +401,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--seed", type=int, default=0, help="mask and sampler seed")
     r.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    r.add_argument("--out", required=True, help="output .npz: latent_<modality> [N, C, L], dialogue_id, position, "
-                                                "availability [N, 3]")
+    r.add_argument("--out", required=True, help="output .npz: latent_<modality> (feddisc/rohydr: latents [N, C, L]; drkf: "
+                                                "tokens [N, T, W]), dialogue_id, position, availability [N, 3]")
     s = sub.add_parser("synthesize", help="write a synthetic corpus in the GCNet, DialogueGCN and MMSA formats")
     s.add_argument("--name", default="iemocap6")
     s.add_argument("--out", required=True)

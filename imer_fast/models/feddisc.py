@@ -102,6 +102,10 @@ class FedDISC(nn.Module):
             build_generators=recovery == "diffusion")
         self.classifier = MulTClassifier(latent_channels, latent_length, num_classes, **mult_kwargs)
 
+    @property
+    def feature_dims(self) -> Dict[str, int]:
+        return dict(self.recovery.feature_dims)
+
     # ---- parameter groups (the stages train and freeze these) ------------------------------------
 
     def parameter_groups(self) -> Dict[str, list]:

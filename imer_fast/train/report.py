@@ -2,16 +2,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..io import atomic_write
 
 PATTERN_ORDER = ("t", "a", "v", "ta", "tv", "av", "tav")
 
 
-def results_table(systems: Dict[str, Dict[str, Dict[str, float]]], metrics=("WA", "F1_weighted")) -> str:
+def default_metrics(systems: Dict[str, Dict[str, Dict[str, float]]]) -> Tuple[str, ...]:
+    """WA and weighted F1 for classification results; MAE and Acc-2 (non-0) for regression (MOSI/MOSEI)."""
+    regression = any("MAE" in m for evaluation in systems.values() for m in evaluation.values())
+    return ("MAE", "Acc2_non0") if regression else ("WA", "F1_weighted")
+
+
+def results_table(systems: Dict[str, Dict[str, Dict[str, float]]], metrics: Optional[Sequence[str]] = None) -> str:
     """Plain-text table: one row per evaluation condition (``pattern:ta``, ``rate:0.3``), one column per
     (system, metric). ``systems``: system name -> condition -> metrics."""
+    metrics = default_metrics(systems) if metrics is None else metrics
     names = list(systems)
     conditions: List[str] = []
     for evaluation in systems.values():
@@ -26,13 +33,15 @@ def results_table(systems: Dict[str, Dict[str, Dict[str, float]]], metrics=("WA"
 
 
 def short(metric: str) -> str:
-    return {"F1_weighted": "WF1"}.get(metric, metric)
+    return {"F1_weighted": "WF1", "Acc2_non0": "Acc2"}.get(metric, metric)
 
 
-def plot_results(systems: Dict[str, Dict[str, Dict[str, float]]], path, metric: str = "WA",
+def plot_results(systems: Dict[str, Dict[str, Dict[str, float]]], path, metric: Optional[str] = None,
                  title: Optional[str] = None) -> Optional[Path]:
-    """PNG with two panels: ``metric`` per fixed availability pattern (bars) and against the missing
-    rate (lines), one series per system. Returns the path, or None when matplotlib is not installed."""
+    """PNG with two panels: ``metric`` (default: the first of :func:`default_metrics`) per fixed
+    availability pattern (bars) and against the missing rate (lines), one series per system. Returns
+    the path, or None when matplotlib is not installed."""
+    metric = default_metrics(systems)[0] if metric is None else metric
     try:
         import matplotlib
         matplotlib.use("Agg")
