@@ -41,7 +41,11 @@ def load_corpus(args):
             raise SystemExit(f"--data: unknown synthetic corpus {name!r}; choose from "
                              f"{', '.join('synthetic-' + n for n in data.SYNTHETIC_NAMES)}")
         dims = args.feature_dim if args.feature_dim else None
-        return data.make_synthetic(name, seed=args.data_seed, scale=args.scale, feature_dims=dims)
+        try:
+            return data.make_synthetic(name, seed=args.data_seed, scale=args.scale, feature_dims=dims,
+                                       modality_noise=args.modality_noise)
+        except ValueError as err:
+            raise SystemExit(f"--data: {err}")
     if args.data == "gcnet":
         if not args.label_path or not args.feature_dir:
             raise SystemExit("--data gcnet needs --label-path and one --feature-dir MODALITY=PATH per modality")
@@ -63,6 +67,9 @@ def _add_data(p) -> None:
     p.add_argument("--feature-dim", type=int, default=None,
                    help="synthetic: one feature width for every modality (default: GCNet's 1024/512/1024)")
     p.add_argument("--data-seed", type=int, default=0, help="synthetic: generator seed")
+    p.add_argument("--modality-noise", type=float, default=1.0,
+                   help="synthetic: amplitude of each modality's private noise (1: the default corpus, where "
+                        "modalities predict each other weakly; smaller: more redundant modalities)")
 
 
 def _add_train(sub):

@@ -234,3 +234,30 @@ def test_context_helps(iemocap6):
             for d in c.dialogues.values() if np.any(d.speakers[1:] == d.speakers[:-1])]
     pi = c.label_counts() / c.num_utterances()
     assert np.mean(same) > (pi ** 2).sum() + 0.3
+
+
+def _cross_modal_r2(c, m):
+    others = [o for o in MODALITIES if o != m]
+    xtr = np.hstack([_stack(c, "train", o) for o in others])
+    xte = np.hstack([_stack(c, "test", o) for o in others])
+    ytr, yte = _stack(c, "train", m), _stack(c, "test", m)
+    pred = _ridge(xtr, ytr)(xte)
+    return 1 - ((pred - yte) ** 2).sum() / ((yte - yte.mean(0)) ** 2).sum()
+
+
+def test_modality_noise_sets_cross_modal_redundancy():
+    default = make_synthetic("iemocap6", seed=0, scale=0.2, feature_dims=16)
+    same = make_synthetic("iemocap6", seed=0, scale=0.2, feature_dims=16, modality_noise=1.0)
+    for key, d in default.dialogues.items():
+        for m in MODALITIES:
+            assert np.array_equal(d.features[m], same.dialogues[key].features[m])
+    redundant = make_synthetic("iemocap6", seed=0, scale=0.2, feature_dims=16, modality_noise=0.2)
+    for m in MODALITIES:
+        low, high = _cross_modal_r2(default, m), _cross_modal_r2(redundant, m)
+        assert low < 0.5 and high > 0.8 and high > low + 0.3, (m, low, high)
+    # labels, speakers and the shared latent do not depend on the noise amplitude
+    for key, d in default.dialogues.items():
+        r = redundant.dialogues[key]
+        assert np.array_equal(d.labels, r.labels) and np.array_equal(d.extras["latent"], r.extras["latent"])
+    with pytest.raises(ValueError, match="modality_noise: expected a non-negative number"):
+        make_synthetic("mosi", modality_noise=-0.1)
