@@ -193,3 +193,20 @@ def test_update_mode_rejects_an_unknown_group():
     stage.train_step = lambda idx, epoch, update: (update("c", model(idx.float()[:, None].repeat(1, 4)).sum()), 1)
     with pytest.raises(KeyError, match="no optimiser group 'c'"):
         Trainer(model, [stage], TrainerConfig(progress=False)).run()
+
+
+def test_variant_config_resumes_only_variants_that_began(tmp_path):
+    from imer_fast.train.trainer import CHECKPOINT, variant_config
+
+    base = TrainerConfig(resume=True, progress=False)
+    (tmp_path / "system").mkdir()
+    (tmp_path / "system" / CHECKPOINT).write_bytes(b"")
+    first = variant_config(base, tmp_path, "system", first=True)
+    assert first.resume and first.out_dir == str(tmp_path / "system")
+    assert not variant_config(base, tmp_path, "zero_fill", first=False).resume    # never began: fresh
+    assert variant_config(base, tmp_path, "other", first=True).resume             # the first must resume (or fail)
+    (tmp_path / "zero_fill").mkdir()
+    (tmp_path / "zero_fill" / CHECKPOINT).write_bytes(b"")
+    assert variant_config(base, tmp_path, "zero_fill", first=False).resume
+    assert not variant_config(TrainerConfig(progress=False), tmp_path, "zero_fill", first=False).resume
+    assert variant_config(base, None, "x", first=True).out_dir is None

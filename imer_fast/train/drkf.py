@@ -37,7 +37,7 @@ from ..data import Corpus, classification_report, make_loader, pattern_name
 from ..data.corpus import MODALITIES
 from ..io import atomic_torch_save, atomic_write_json
 from ..models.drkf import DRKF, RELEASE_LOSS_WEIGHTS, Tokens, ordered_pairs, pair_targets
-from .trainer import Stage, Trainer, TrainerConfig, with_validation
+from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 PRESETS = {
     # The release's fusion BERT and augmentation; utterance vectors become 32 × 48 latents (FedDISC's).
@@ -377,7 +377,7 @@ def train_drkf(corpus: Corpus, config: DRKFConfig, baseline: bool = True) -> Dic
     results: Dict = {"config": _config_dict(config), "corpus": corpus.name, "systems": {}}
     variants = [("drkf", config.recovery)] + ([("zero_fill", "zero")] if baseline and config.recovery != "zero" else [])
     for name, recovery in variants:
-        trainer_cfg = TrainerConfig(**{**asdict(config.trainer), "out_dir": str(out_dir / name) if out_dir else None})
+        trainer_cfg = variant_config(config.trainer, out_dir, name, first=name == variants[0][0])
         torch.manual_seed(trainer_cfg.seed)
         model = build_model(corpus, config, recovery).to(trainer_cfg.device)
         run = DRKFRun(model, corpus, config)

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..data import Corpus, classification_report, evaluate_patterns, make_loader
 from ..io import atomic_torch_save, atomic_write_json
 from ..models import FedDISC
-from .trainer import Stage, Trainer, TrainerConfig, with_validation
+from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 SCHEDULES = ("release", "afa")
 PRESETS = {
@@ -337,8 +337,7 @@ def train_feddisc(corpus: Corpus, config: FedDISCConfig, baseline: bool = True) 
     variants = [("feddisc", config.recovery)] + ([("zero_fill", "zero")] if baseline and config.recovery != "zero"
                                                   else [])
     for name, recovery in variants:
-        trainer_cfg = TrainerConfig(**{**asdict(config.trainer),
-                                       "out_dir": str(out_dir / name) if out_dir else None})
+        trainer_cfg = variant_config(config.trainer, out_dir, name, first=name == variants[0][0])
         torch.manual_seed(trainer_cfg.seed)
         model = build_model(corpus, config, recovery).to(trainer_cfg.device)
         run = FedDISCRun(model, corpus, config)

@@ -39,7 +39,7 @@ from torch import Tensor
 from ..data import MODALITIES, Corpus, classification_report, evaluate_patterns, make_loader, regression_report
 from ..io import atomic_torch_save, atomic_write_json
 from ..models.rohydr import RoHyDR
-from .trainer import Stage, Trainer, TrainerConfig, with_validation
+from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 PRESETS = {
     # The release's MOSI model: 32 × 48 latents, DiT 64/6/16, 1,000 DDPM steps sampled by DDIM-50, RCAN 20 blocks.
@@ -334,7 +334,7 @@ def train_rohydr(corpus: Corpus, config: RoHyDRConfig, baseline: bool = True) ->
     variants = [("rohydr", config.recovery)] + ([("zero_fill", "zero")] if baseline and config.recovery != "zero"
                                                  else [])
     for name, recovery in variants:
-        trainer_cfg = TrainerConfig(**{**asdict(config.trainer), "out_dir": str(out_dir / name) if out_dir else None})
+        trainer_cfg = variant_config(config.trainer, out_dir, name, first=name == variants[0][0])
         torch.manual_seed(trainer_cfg.seed)
         model = build_model(corpus, config, recovery).to(trainer_cfg.device)
         run = RoHyDRRun(model, corpus, config)

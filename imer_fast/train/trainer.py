@@ -258,6 +258,15 @@ class Trainer:
                   f"({entry['seconds']:.1f}s)", flush=True)
 
 
+def variant_config(config: TrainerConfig, out_dir: Optional[Path], name: str, first: bool) -> TrainerConfig:
+    """The trainer settings of one variant of a run (a system and its zero-fill baseline) written under
+    ``out_dir / name``. With ``resume``, a later variant that has no checkpoint yet — the run stopped
+    before it began — starts fresh; the first variant must have one."""
+    variant_dir = out_dir / name if out_dir else None
+    resume = config.resume and (first or (variant_dir is not None and (variant_dir / CHECKPOINT).exists()))
+    return replace(config, out_dir=str(variant_dir) if variant_dir else None, resume=resume)
+
+
 def with_validation(corpus: Corpus, fraction: float = 0.1, seed: int = 0) -> Corpus:
     """The corpus itself if it has a ``valid`` split; otherwise a copy whose ``valid`` split is a seeded
     ``fraction`` of the training dialogues (at least one), removed from ``train``."""
@@ -288,4 +297,4 @@ def _jsonable(obj):
     return repr(obj)
 
 
-__all__ = ["Stage", "Trainer", "TrainerConfig", "with_validation"]
+__all__ = ["Stage", "Trainer", "TrainerConfig", "variant_config", "with_validation"]
