@@ -85,7 +85,7 @@ def test_stage_losses_follow_the_release_formulas(corpus):
         y = packed.labels
         pred_gt = model.head(model.fuse(truth))
         samples = model.draw(model.latents(packed.ground_truth, packed.availability), packed.availability,
-                             seed=run._sample_seed(0))
+                             seed=run.batch_seed(0))
         recovered = model.recover(model.latents(packed.ground_truth, packed.availability), packed.availability,
                                   samples=samples)
         pred_rec = model.head(model.reconstruction(model.fuse(recovered)))

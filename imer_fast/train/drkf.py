@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data import Corpus, classification_report, make_loader, pattern_name
+from ..data import Corpus, classification_report, pattern_name
 from ..data.corpus import MODALITIES
 from ..io import atomic_torch_save, atomic_write_json
 from ..models.drkf import DRKF, RELEASE_LOSS_WEIGHTS, Tokens, ordered_pairs, pair_targets
+from .run import SystemRun
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 PRESETS = {
@@ -107,33 +108,12 @@ def _check(corpus: Corpus, config: DRKFConfig) -> None:
         raise ValueError(f"DRKF: loss_weights has unknown terms {sorted(unknown)}; known {sorted(RELEASE_LOSS_WEIGHTS)}")
 
 
-class DRKFRun:
+class DRKFRun(SystemRun):
     """Stages, validation and evaluation of one DRKF model on one corpus."""
 
     def __init__(self, model: DRKF, corpus: Corpus, config: DRKFConfig):
-        self.model, self.corpus, self.config = model, corpus, config
-        self.device = config.trainer.device
+        super().__init__(model, corpus, config)
         self.weights = {**RELEASE_LOSS_WEIGHTS, **config.loss_weights}
-        self.skipped_utterances = 0
-        self._batch_index = 0
-
-    # ---- batches --------------------------------------------------------------------------------
-
-    def loader(self, split: str, epoch: int = 0, missing=None, shuffle: bool = False, seed: Optional[int] = None):
-        cfg = self.config
-        for batch in make_loader(self.corpus, split, cfg.batch_size, shuffle=shuffle,
-                                 missing=cfg.missing if missing is None else missing,
-                                 seed=cfg.trainer.seed if seed is None else seed, epoch=epoch):
-            yield batch.to(self.device)
-
-    def train_batches(self, epoch: int):
-        for i, batch in enumerate(self.loader("train", epoch, shuffle=True)):
-            self._batch_index = i
-            yield batch
-
-    def _seed(self, epoch: int) -> int:
-        # A function of (run seed, epoch, batch): a resumed run draws the same pairs and recoveries.
-        return (self.config.trainer.seed * 1_000_003 + epoch) * 100_003 + self._batch_index
 
     def _targets(self, packed, observed: Tokens) -> Tuple[Tensor, Tensor]:
         keep = torch.stack([self.model.present(observed, m) for m in self.model.modalities]).any(0)
@@ -161,7 +141,7 @@ class DRKFRun:
         if not i.numel():
             return None
         if self.config.max_pairs is not None and i.numel() > self.config.max_pairs:
-            gen = torch.Generator().manual_seed(self._seed(epoch))
+            gen = torch.Generator().manual_seed(self.batch_seed(epoch))
             pick = torch.randperm(i.numel(), generator=gen)[:self.config.max_pairs].sort().values
             i, j = i[pick], j[pick]
         i, j = i.to(y.device), j.to(y.device)
@@ -215,7 +195,7 @@ class DRKFRun:
             return None, 0
         if model.recovery_mode == "diffusion":
             with torch.no_grad():
-                completed, _ = model.complete(packed.features, observed, seed=self._seed(epoch))
+                completed, _ = model.complete(packed.features, observed, seed=self.batch_seed(epoch))
             completed = _rows(completed, keep)
         else:
             completed = model.fill(_rows(observed, keep))

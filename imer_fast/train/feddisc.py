@@ -33,9 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data import Corpus, classification_report, evaluate_patterns, make_loader
+from ..data import Corpus, classification_report, evaluate_patterns
 from ..io import atomic_torch_save, atomic_write_json
 from ..models import FedDISC
+from .run import SystemRun
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 SCHEDULES = ("release", "afa")
@@ -115,28 +116,8 @@ def _check_corpus(corpus: Corpus) -> None:
         raise ValueError(f"FedDISC: the corpus {corpus.name!r} has no training dialogues")
 
 
-class FedDISCRun:
+class FedDISCRun(SystemRun):
     """Stages, validation and evaluation of one FedDISC model on one corpus."""
-
-    def __init__(self, model: FedDISC, corpus: Corpus, config: FedDISCConfig):
-        self.model, self.corpus, self.config = model, corpus, config
-        self.device = config.trainer.device
-        self.skipped_utterances = 0
-        self._batch_index = 0
-
-    # ---- batches --------------------------------------------------------------------------------
-
-    def loader(self, split: str, epoch: int = 0, missing=None, shuffle: bool = False, seed: Optional[int] = None):
-        cfg = self.config
-        for batch in make_loader(self.corpus, split, cfg.batch_size, shuffle=shuffle,
-                                 missing=cfg.missing if missing is None else missing,
-                                 seed=cfg.trainer.seed if seed is None else seed, epoch=epoch):
-            yield batch.to(self.device)
-
-    def train_batches(self, epoch: int):
-        for i, batch in enumerate(self.loader("train", epoch, shuffle=True)):
-            self._batch_index = i
-            yield batch
 
     def _targets(self, packed) -> Tuple[Tensor, Tensor]:
         keep = packed.availability.any(dim=1)
@@ -147,10 +128,6 @@ class FedDISCRun:
             raise ValueError(f"FedDISC: labels must lie in [0, {classes}); got values from {int(y.min())} to "
                              f"{int(y.max())} in dialogues {packed.dialogue_ids[:3]}")
         return y[keep], keep
-
-    def _sample_seed(self, epoch: int) -> int:
-        # A function of (run seed, epoch, batch), so a resumed run draws the same recoveries.
-        return (self.config.trainer.seed * 1_000_003 + epoch) * 100_003 + self._batch_index
 
     # ---- stage steps ----------------------------------------------------------------------------
 
@@ -182,7 +159,7 @@ class FedDISCRun:
         with torch.no_grad():
             observed = self.model.observed_latents(packed)
             pseudo = self.model.pseudo_labels(batch, packed, observed)
-            latents = self.model.recover(packed, pseudo, observed, seed=self._sample_seed(epoch))
+            latents = self.model.recover(packed, pseudo, observed, seed=self.batch_seed(epoch))
         logits = self.model.classify(latents, packed.availability)
         return F.cross_entropy(logits[keep], y), int(keep.sum())
 

@@ -36,9 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data import MODALITIES, Corpus, classification_report, evaluate_patterns, make_loader, regression_report
+from ..data import MODALITIES, Corpus, classification_report, evaluate_patterns, regression_report
 from ..io import atomic_torch_save, atomic_write_json
 from ..models.rohydr import RoHyDR
+from .run import SystemRun
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 PRESETS = {
@@ -98,7 +99,7 @@ def _check_corpus(corpus: Corpus) -> None:
         raise ValueError(f"RoHyDR: the corpus {corpus.name!r} has no training dialogues")
 
 
-class RoHyDRRun:
+class RoHyDRRun(SystemRun):
     """Stages, validation and evaluation of one RoHyDR model on one corpus."""
 
     def __init__(self, model: RoHyDR, corpus: Corpus, config: RoHyDRConfig):
@@ -107,28 +108,7 @@ class RoHyDRRun:
                 raise ValueError(f"RoHyDR: {name} must lie in [0, 1]; got {value}")
         if config.lambda_g < 0:
             raise ValueError(f"RoHyDR: lambda_g must be >= 0; got {config.lambda_g}")
-        self.model, self.corpus, self.config = model, corpus, config
-        self.device = config.trainer.device
-        self.skipped_utterances = 0
-        self._batch_index = 0
-
-    # ---- batches --------------------------------------------------------------------------------
-
-    def loader(self, split: str, epoch: int = 0, missing=None, shuffle: bool = False, seed: Optional[int] = None):
-        cfg = self.config
-        for batch in make_loader(self.corpus, split, cfg.batch_size, shuffle=shuffle,
-                                 missing=cfg.missing if missing is None else missing,
-                                 seed=cfg.trainer.seed if seed is None else seed, epoch=epoch):
-            yield batch.to(self.device)
-
-    def train_batches(self, epoch: int):
-        for i, batch in enumerate(self.loader("train", epoch, shuffle=True)):
-            self._batch_index = i
-            yield batch
-
-    def _sample_seed(self, epoch: int) -> int:
-        # A function of (run seed, epoch, batch), so a resumed run draws the same recoveries.
-        return (self.config.trainer.seed * 1_000_003 + epoch) * 100_003 + self._batch_index
+        super().__init__(model, corpus, config)
 
     def task_loss(self, prediction: Tensor, labels: Tensor) -> Tensor:
         if self.model.task == "regression":
@@ -199,7 +179,7 @@ class RoHyDRRun:
             cond, has = model.condition(m, standardised, avail)
             if bool(has.any()):
                 gen_losses.append(model.generator_loss(m, targets[m][has], cond[has]))
-        samples = model.draw(observed, avail, seed=self._sample_seed(epoch))
+        samples = model.draw(observed, avail, seed=self.batch_seed(epoch))
         rec_losses = [F.mse_loss(model.refiner(m)(samples[m]), targets[m][rows])
                       for m, rows in model.recoverable_rows(avail).items() if rows.numel()]
         rec = torch.stack(rec_losses).sum() if rec_losses else torch.zeros((), device=avail.device)
