@@ -37,7 +37,7 @@ from ..data import Corpus, classification_report, pattern_name
 from ..data.corpus import MODALITIES
 from ..io import atomic_torch_save, atomic_write_json
 from ..models.drkf import DRKF, RELEASE_LOSS_WEIGHTS, Tokens, ordered_pairs, pair_targets
-from .run import SystemRun
+from .run import SystemRun, read_model_checkpoint
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 PRESETS = {
@@ -382,13 +382,8 @@ def train_drkf(corpus: Corpus, config: DRKFConfig, baseline: bool = True) -> Dic
 
 def load_drkf(path, device: str = "cpu") -> Tuple[DRKF, DRKFConfig]:
     """A model saved by :func:`train_drkf` (``.../model.pt``)."""
-    state = torch.load(path, map_location=device, weights_only=False)
-    if not isinstance(state, dict) or state.get("model") != "drkf":
-        got = state.get("model") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"load_drkf: {path} is not a DRKF checkpoint (its model is {got!r})")
-    cfg = dict(state["config"])
-    trainer = TrainerConfig(**cfg.pop("trainer"))
-    config = DRKFConfig(**{**cfg, "layers": "fused"}, trainer=trainer)
+    state, fields, trainer = read_model_checkpoint(path, "drkf", "DRKF", device)
+    config = DRKFConfig(**fields, trainer=trainer)
     model = _model(state["feature_dims"], state["num_classes"], config, state["recovery"])
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), config

@@ -36,7 +36,7 @@ from torch import Tensor
 from ..data import Corpus, classification_report, evaluate_patterns
 from ..io import atomic_torch_save, atomic_write_json
 from ..models import FedDISC
-from .run import SystemRun
+from .run import SystemRun, read_model_checkpoint
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 SCHEDULES = ("release", "afa")
@@ -340,13 +340,8 @@ def train_feddisc(corpus: Corpus, config: FedDISCConfig, baseline: bool = True) 
 
 def load_feddisc(path, device: str = "cpu") -> Tuple[FedDISC, FedDISCConfig]:
     """A model saved by :func:`train_feddisc` (``.../model.pt``)."""
-    state = torch.load(path, map_location=device, weights_only=False)
-    if not isinstance(state, dict) or state.get("model") != "feddisc":
-        got = state.get("model") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"load_feddisc: {path} is not a FedDISC checkpoint (its model is {got!r})")
-    cfg = dict(state["config"])
-    trainer = TrainerConfig(**cfg.pop("trainer"))
-    config = FedDISCConfig(**{**cfg, "layers": "fused"}, trainer=trainer)
+    state, fields, trainer = read_model_checkpoint(path, "feddisc", "FedDISC", device)
+    config = FedDISCConfig(**fields, trainer=trainer)
     model = _model(state["feature_dims"], state["num_classes"], state["num_speakers"], config, state["recovery"])
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), config

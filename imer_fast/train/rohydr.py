@@ -39,7 +39,7 @@ from torch import Tensor
 from ..data import MODALITIES, Corpus, classification_report, evaluate_patterns, regression_report
 from ..io import atomic_torch_save, atomic_write_json
 from ..models.rohydr import RoHyDR
-from .run import SystemRun
+from .run import SystemRun, read_model_checkpoint
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 PRESETS = {
@@ -339,13 +339,8 @@ def train_rohydr(corpus: Corpus, config: RoHyDRConfig, baseline: bool = True) ->
 
 def load_rohydr(path, device: str = "cpu") -> Tuple[RoHyDR, RoHyDRConfig]:
     """A model saved by :func:`train_rohydr` (``.../model.pt``)."""
-    state = torch.load(path, map_location=device, weights_only=False)
-    if not isinstance(state, dict) or state.get("model") != "rohydr":
-        got = state.get("model") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"load_rohydr: {path} is not a RoHyDR checkpoint (its model is {got!r})")
-    cfg = dict(state["config"])
-    trainer = TrainerConfig(**cfg.pop("trainer"))
-    config = RoHyDRConfig(**{**cfg, "layers": "fused"}, trainer=trainer)
+    state, fields, trainer = read_model_checkpoint(path, "rohydr", "RoHyDR", device)
+    config = RoHyDRConfig(**fields, trainer=trainer)
     model = _model(state["feature_dims"], state["task"], state["num_classes"], config, state["recovery"])
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), config

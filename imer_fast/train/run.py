@@ -1,9 +1,24 @@
 """What every system's run (FedDISC, RoHyDR, DRKF) shares: its batches and its per-batch seeds."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
+
+import torch
 
 from ..data import make_loader
+from .trainer import TrainerConfig
+
+
+def read_model_checkpoint(path, model: str, title: str, device: str = "cpu") -> Tuple[Dict, Dict, TrainerConfig]:
+    """A ``model.pt`` written by ``train_<model>``: (the whole saved dict, its config fields with
+    ``layers="fused"``, its trainer settings). Refuses a checkpoint of another model."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    if not isinstance(state, dict) or state.get("model") != model:
+        got = state.get("model") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"load_{model}: {path} is not a {title} checkpoint (its model is {got!r})")
+    fields = dict(state["config"])
+    trainer = TrainerConfig(**fields.pop("trainer"))
+    return state, {**fields, "layers": "fused"}, trainer
 
 
 class SystemRun:
