@@ -208,3 +208,78 @@ def test_bad_inputs_are_named():
         model.recover(dict(features, video=features["video"][:, :3]), ok, logits)
     with pytest.raises(ValueError, match="latent_range"):
         model.set_scaling({"text": (1.0, 1.0)})
+
+
+def test_standard_scaling_is_the_per_element_mean_and_std_of_present_latents():
+    model = small_model(scaling="standard")
+    assert model.clip_denoised is False and small_model().clip_denoised is True
+    gen = torch.Generator().manual_seed(5)
+    features, _, _ = synthetic(80, gen)
+    availability = torch.rand(80, 3, generator=gen) > 0.3
+    halves = [({m: f[:40] for m, f in features.items()}, availability[:40]),
+              ({m: f[40:] for m, f in features.items()}, availability[40:])]
+    model.fit_scaling(halves)
+    for k, m in enumerate(MODALITIES):
+        z = model.project(m, features[m][availability[:, k]]).double()
+        torch.testing.assert_close(model.latent_mean[k].double(), z.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.latent_std[k].double(), z.std(0, unbiased=False), rtol=1e-4, atol=1e-5)
+        x = model._scale(m, model.project(m, features[m]))
+        torch.testing.assert_close(model._unscale(m, x), model.project(m, features[m]), rtol=1e-5, atol=1e-5)
+    assert {"latent_mean", "latent_std"} <= set(model.state_dict())
+    assert "latent_mean" not in small_model().state_dict()   # the release's keys stay as they are
+    with pytest.raises(ValueError, match="latent_range fixes the release's min-max scaling"):
+        small_model(scaling="standard", latent_range={"text": (0.0, 1.0)})
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        small_model(scaling="robust")
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        small_model(prediction="x0")
+
+
+def test_observed_condition_holds_the_other_modalities_and_never_the_target():
+    model = small_model(condition_observed=True, scaling="standard")
+    assert model.observed_dim == 2 * (4 * 8 + 1) and model.condition_dim == 3 + model.observed_dim
+    gen = torch.Generator().manual_seed(6)
+    features, _, logits = synthetic(6, gen)
+    availability = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=torch.bool)
+    model.fit_scaling([(features, torch.ones(6, 3, dtype=torch.bool))])
+    obs = model.observed_condition("audio", features, availability)
+    width = 4 * 8
+    text = model._scale("text", model.project("text", features["text"])).flatten(1)
+    video = model._scale("video", model.project("video", features["video"])).flatten(1)
+    torch.testing.assert_close(obs[:, :width], text * availability[:, :1])
+    torch.testing.assert_close(obs[:, width], availability[:, 0].float())
+    torch.testing.assert_close(obs[:, width + 1:2 * width + 1], video * availability[:, 2:])
+    torch.testing.assert_close(obs[:, -1], availability[:, 2].float())
+    changed = dict(features, audio=features["audio"] + 100.0)     # the target's own features never enter
+    assert torch.equal(model.observed_condition("audio", changed, availability), obs)
+    with pytest.raises(ValueError, match="observed must be"):
+        model.condition("audio", logits)
+    # recovery reads them: another video changes the recovered text of an utterance that has video
+    model.eval()
+    missing_text = torch.tensor([[0, 1, 1]] * 6, dtype=torch.bool)
+    a = model.recover(features, missing_text, logits, seed=0)["text"]
+    b = model.recover(dict(features, video=features["video"] * -1.0), missing_text, logits, seed=0)["text"]
+    assert not torch.allclose(a, b)
+
+
+def test_recover_with_samples_is_the_mean_of_that_many_draws(trained):
+    model, _, _ = trained
+    features, _, logits = synthetic(7, torch.Generator().manual_seed(9))
+    availability = torch.ones(7, 3, dtype=torch.bool)
+    availability[:, 0] = False
+    gen = torch.Generator().manual_seed(11)
+    mean3 = model.recover(features, availability, logits, samples=3, generator=gen)["text"]
+    # the same three draws, one sampler call over three stacked copies of the condition
+    gen = torch.Generator().manual_seed(11)
+    cond = model.condition("text", logits).repeat(3, 1)
+    x = model.diffusion.ddim_sample(model.generator("text"), cond, 8, 21, 4, ddim_timesteps=model.sampling_steps,
+                                    ddim_discr_method="quad", generator=gen)
+    expected = model._unscale("text", x.view(3, 7, 4, 8).mean(0))
+    torch.testing.assert_close(mean3, expected)
+    one = model.recover(features, availability, logits, samples=1, seed=4)["text"]
+    assert torch.equal(one, model.recover(features, availability, logits, seed=4)["text"])
+    spread = lambda k: (model.recover(features, availability, logits, samples=k, seed=4)["text"]  # noqa: E731
+                        - model.project("text", features["text"])).var(0).mean()
+    assert spread(8) < spread(1)
+    with pytest.raises(ValueError, match="samples must be an int >= 1"):
+        model.recover(features, availability, logits, samples=0)

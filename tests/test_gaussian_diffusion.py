@@ -216,3 +216,32 @@ def test_bad_arguments_are_named():
         diffusion.ddim_sample(model, torch.zeros(2, 3), 8, 2, 4, noise=torch.zeros(2, 4, 9))
     with pytest.raises(ValueError, match="either generator"):
         diffusion.ddim_sample(model, torch.zeros(2, 3), 8, 2, 4, generator=torch.Generator(), seed=1)
+
+
+def test_v_prediction_loss_and_noise_predictor_from_the_definition():
+    """v = sqrt(ᾱ)·ε − sqrt(1 − ᾱ)·x0 (Salimans & Ho); a perfect v-predictor turned into an ε-predictor
+    returns the exact noise, in float64."""
+    diffusion = GaussianDiffusion(timesteps=50)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 3, 5, generator=gen, dtype=torch.float64)
+    noise = torch.randn(6, 3, 5, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 5, 17, 30, 44, 49])
+    abar = diffusion.alphas_cumprod[t].view(-1, 1, 1)
+    v = abar.sqrt() * noise - (1 - abar).sqrt() * x0
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def oracle_v(x, tt, y):          # knows x0 and noise; checks it is called on x_t
+        torch.testing.assert_close(x, x_t.float(), rtol=0, atol=1e-6)
+        return v.float()
+
+    eps = diffusion.noise_predictor(oracle_v, "v")(x_t.float(), t, None)
+    torch.testing.assert_close(eps.double(), noise, rtol=0, atol=1e-5)
+    zero = diffusion.train_losses(oracle_v, x0.float(), t, None, noise=noise.float(), prediction="v")
+    assert zero.item() < 1e-10
+    shifted = diffusion.train_losses(lambda x, tt, y: v.float() + 0.5, x0.float(), t, None, noise=noise.float(),
+                                     prediction="v")
+    assert shifted.item() == pytest.approx(0.25, rel=1e-5)
+    model = lambda x, tt, y: x  # noqa: E731
+    assert diffusion.noise_predictor(model, "eps") is model
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        diffusion.train_losses(model, x0.float(), t, None, prediction="x0")

@@ -19,12 +19,25 @@ Conditioning (one vector per utterance and target modality, embedded by the U-Ne
 - dialogue context (``context_dim > 0``): graph-aggregated features of the available modalities,
   e.g. the DGN's hidden states.
 
-With speakers and context off (the defaults) the condition is exactly the release's, and so is
-every parameter shape.
+- the observed modalities (``condition_observed``, ours): the scaled latents of the target's other
+  modalities, zeroed where absent, each followed by its availability flag — what the utterance
+  itself says in the modalities it has (the release conditions on labels only, so its samples carry
+  the class but none of the utterance's content).
+
+With speakers, context and observed modalities off (the defaults) the condition is exactly the
+release's, and so is every parameter shape.
 
 Scaling: the release min–max scales latents with per-dataset constants typed into its config. Here
 ``latent_min`` / ``latent_max`` are buffers (saved in the state_dict) set by :meth:`fit_scaling` from
-training data, or by ``latent_range`` at construction to reproduce a release run.
+training data, or by ``latent_range`` at construction to reproduce a release run. ``scaling=
+"standard"`` (ours) instead standardises every latent element by its training mean and standard
+deviation (buffers ``latent_mean`` / ``latent_std`` [3, C, L]); the release's min–max range puts the
+latents at a standard deviation near 0.2, far below the unit-variance noise the schedule assumes.
+
+Parameterisation: ``prediction="eps"`` (the release) or ``"v"`` (ours; see
+:meth:`GaussianDiffusion.noise_predictor`). ``recover(..., samples=K)`` returns the mean of K samples:
+one sample's error to the ground truth is about twice the conditional variance, the mean of K about
+(1 + 1/K) times it.
 
 Labels are never an input to :meth:`recover` (nor to :meth:`loss`): conditioning uses predicted
 labels only. The release mixes one-hot ground-truth labels into its test-time condition, which leaks
@@ -41,8 +54,9 @@ from torch import Tensor, nn
 from ..data.batching import PackedBatch
 from ..data.corpus import MODALITIES
 from ..nn.conditional_unet import ConditionalUNet1d
-from .gaussian import GaussianDiffusion
+from .gaussian import PREDICTIONS, GaussianDiffusion
 
+SCALINGS = ("minmax", "standard")
 GENERATOR_NAMES = {"text": "score_l_va", "video": "score_v_la", "audio": "score_a_lv"}
 PROJECTION_NAMES = {"text": "proj_l", "video": "proj_v", "audio": "proj_a"}
 SAMPLERS = ("ddim", "ddpm", "dpm_solver")
@@ -65,8 +79,13 @@ class DISCDiffusion(nn.Module):
         unet: keyword overrides for :class:`ConditionalUNet1d` (release defaults otherwise).
         sampler: default sampler of :meth:`recover`: "ddim" (release: 50 "quad" steps, eta 0), "ddpm"
             (every step) or "dpm_solver" (DPM-Solver++(2M), opt-in).
-        sampling_steps, ddim_discr_method, ddim_eta, clip_denoised: sampler settings.
+        sampling_steps, ddim_discr_method, ddim_eta, clip_denoised: sampler settings (``clip_denoised``
+            default: True for "minmax" — the release —, False for "standard", whose latents are not
+            bounded by [−1, 1]).
         latent_range: modality -> (min, max) to fix the scaling instead of fitting it.
+        prediction: "eps" (release) or "v" — what the denoisers predict.
+        scaling: "minmax" (release: to [−1, 1] by the latent range) or "standard" (per-element mean/std).
+        condition_observed: add the other modalities' scaled latents + availability to the condition.
         train_projection: let :meth:`loss` train the projections. Off by default: an ε-prediction loss
             is minimised trivially by collapsing the latents, so the projections are trained by the
             classifier that consumes them and the generators learn to model what it gives them.
@@ -78,7 +97,8 @@ class DISCDiffusion(nn.Module):
                  latent_length: int = 48, temperature: float = 1.0, num_speakers: int = 0, context_dim: int = 0,
                  timesteps: int = 1000, beta_schedule: str = "linear", unet: Optional[Mapping] = None,
                  sampler: str = "ddim", sampling_steps: int = 50, ddim_discr_method: str = "quad",
-                 ddim_eta: float = 0.0, clip_denoised: bool = True,
+                 ddim_eta: float = 0.0, clip_denoised: Optional[bool] = None, prediction: str = "eps",
+                 scaling: str = "minmax", condition_observed: bool = False,
                  latent_range: Optional[Mapping[str, Tuple[float, float]]] = None, train_projection: bool = False,
                  unet_cls: Type[nn.Module] = ConditionalUNet1d, build_generators: bool = True):
         super().__init__()
@@ -97,14 +117,26 @@ class DISCDiffusion(nn.Module):
             raise ValueError(f"DISCDiffusion: temperature must be > 0; got {temperature!r}")
         if sampler not in SAMPLERS:
             raise ValueError(f"DISCDiffusion: sampler must be one of {SAMPLERS}; got {sampler!r}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"DISCDiffusion: prediction must be one of {PREDICTIONS}; got {prediction!r}")
+        if scaling not in SCALINGS:
+            raise ValueError(f"DISCDiffusion: scaling must be one of {SCALINGS}; got {scaling!r}")
+        if latent_range is not None and scaling != "minmax":
+            raise ValueError(f"DISCDiffusion: latent_range fixes the release's min-max scaling; it needs "
+                             f"scaling='minmax', got scaling={scaling!r}")
         self.modalities = tuple(m for m in MODALITIES if m in feature_dims)
         self.feature_dims = {m: int(feature_dims[m]) for m in self.modalities}
         self.num_classes, self.temperature = num_classes, float(temperature)
         self.num_speakers, self.context_dim = num_speakers, context_dim
         self.latent_shape = (latent_channels, latent_length)
-        self.condition_dim = num_classes + num_speakers + context_dim
+        self.prediction, self.scaling, self.condition_observed = prediction, scaling, bool(condition_observed)
+        # per target: every other modality's flattened latent and its availability flag
+        self.observed_dim = (len(self.modalities) - 1) * (latent_channels * latent_length + 1) \
+            if self.condition_observed else 0
+        self.condition_dim = num_classes + num_speakers + context_dim + self.observed_dim
         self.sampler, self.sampling_steps = sampler, sampling_steps
-        self.ddim_discr_method, self.ddim_eta, self.clip_denoised = ddim_discr_method, ddim_eta, clip_denoised
+        self.ddim_discr_method, self.ddim_eta = ddim_discr_method, ddim_eta
+        self.clip_denoised = scaling == "minmax" if clip_denoised is None else bool(clip_denoised)
         self.train_projection = train_projection
         unet_kwargs = dict(unet or {})
         unet_kwargs.update(in_channels=latent_channels, out_channels=latent_channels, label_num=self.condition_dim)
@@ -116,6 +148,9 @@ class DISCDiffusion(nn.Module):
         self.diffusion = GaussianDiffusion(timesteps=timesteps, beta_schedule=beta_schedule)
         self.register_buffer("latent_min", torch.full((len(MODALITIES),), -1.0))
         self.register_buffer("latent_max", torch.full((len(MODALITIES),), 1.0))
+        if scaling == "standard":
+            self.register_buffer("latent_mean", torch.zeros(len(MODALITIES), latent_channels, latent_length))
+            self.register_buffer("latent_std", torch.ones(len(MODALITIES), latent_channels, latent_length))
         self.register_buffer("scaling_fitted", torch.zeros((), dtype=torch.bool))
         if latent_range is not None:
             self.set_scaling(latent_range)
@@ -153,30 +188,51 @@ class DISCDiffusion(nn.Module):
 
     @torch.no_grad()
     def fit_scaling(self, batches: Iterable[Tuple[Mapping[str, Tensor], Tensor]]) -> Dict[str, Tuple[float, float]]:
-        """Set the scaling to the min and max of the present latents over ``batches`` of
-        (features, availability [N, 3]) from the training data; returns the ranges."""
+        """Fit the scaling to the present latents over ``batches`` of (features, availability [N, 3])
+        from the training data: their min and max ("minmax"; returned), and with ``scaling="standard"``
+        also their per-element mean and standard deviation (accumulated in float64)."""
         lo = {m: float("inf") for m in self.modalities}
         hi = {m: float("-inf") for m in self.modalities}
+        count = {m: 0 for m in self.modalities}
+        total = {m: torch.zeros(self.latent_shape, dtype=torch.float64, device=self.latent_min.device)
+                 for m in self.modalities}
+        squares = {m: torch.zeros_like(total[m]) for m in self.modalities}
         for features, availability in batches:
             for m in self.modalities:
                 rows = availability[:, MODALITIES.index(m)].to(torch.bool)
                 if bool(rows.any()):
                     z = self.project(m, features[m][rows])
                     lo[m], hi[m] = min(lo[m], float(z.min())), max(hi[m], float(z.max()))
-        missing = [m for m in self.modalities if lo[m] == float("inf")]
+                    z64 = z.double()
+                    count[m] += z.shape[0]
+                    total[m] += z64.sum(0)
+                    squares[m] += z64.pow(2).sum(0)
+        missing = [m for m in self.modalities if count[m] == 0]
         if missing:
             raise ValueError(f"DISCDiffusion.fit_scaling: no available entries for modalities {missing}")
         ranges = {m: (lo[m], hi[m] if hi[m] > lo[m] else lo[m] + 1.0) for m in self.modalities}
         self.set_scaling(ranges)
+        if self.scaling == "standard":
+            for m in self.modalities:
+                i = MODALITIES.index(m)
+                mean = total[m] / count[m]
+                var = (squares[m] / count[m] - mean.pow(2)).clamp_min(0.0)
+                # a constant element (e.g. a dead projection row) keeps unit scale instead of dividing by 0
+                std = torch.where(var > 1e-12, var.sqrt(), torch.ones_like(var))
+                self.latent_mean[i], self.latent_std[i] = mean.float(), std.float()
         return ranges
 
     def _scale(self, modality: str, z: Tensor) -> Tensor:
         i = MODALITIES.index(modality)
+        if self.scaling == "standard":
+            return (z - self.latent_mean[i]) / self.latent_std[i]
         lo, hi = self.latent_min[i], self.latent_max[i]
         return 2 * (z - lo) / (hi - lo) - 1
 
     def _unscale(self, modality: str, z: Tensor) -> Tensor:
         i = MODALITIES.index(modality)
+        if self.scaling == "standard":
+            return z * self.latent_std[i] + self.latent_mean[i]
         lo, hi = self.latent_min[i], self.latent_max[i]
         return (z + 1) / 2 * (hi - lo) + lo
 
@@ -188,8 +244,9 @@ class DISCDiffusion(nn.Module):
     # ---- conditioning ---------------------------------------------------------------------------
 
     def condition(self, modality: str, pseudo_logits: Logits, speakers: Optional[Tensor] = None,
-                  context: Optional[Tensor] = None) -> Tensor:
-        """The condition vector [N, condition_dim] for generating ``modality`` (module doc)."""
+                  context: Optional[Tensor] = None, observed: Optional[Tensor] = None) -> Tensor:
+        """The condition vector [N, condition_dim] for generating ``modality`` (module doc);
+        ``observed`` is :meth:`observed_condition`'s output when ``condition_observed``."""
         logits = pseudo_logits[modality] if isinstance(pseudo_logits, Mapping) else pseudo_logits
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] != self.num_classes:
             got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
@@ -206,14 +263,37 @@ class DISCDiffusion(nn.Module):
                 raise ValueError(f"DISCDiffusion: context must be [{n}, {self.context_dim}]; "
                                  f"got {None if context is None else tuple(context.shape)}")
             parts.append(context.to(parts[0].dtype))
+        if self.condition_observed:
+            if observed is None or observed.shape != (n, self.observed_dim):
+                raise ValueError(f"DISCDiffusion: observed must be [{n}, {self.observed_dim}] (condition_observed); "
+                                 f"got {None if observed is None else tuple(observed.shape)}")
+            parts.append(observed.to(parts[0].dtype))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def observed_condition(self, modality: str, features: Mapping[str, Tensor], availability: Tensor) -> Tensor:
+        """[N, observed_dim]: for every modality other than ``modality`` (in MODALITIES order) its scaled
+        latent, zeroed where unavailable, then its availability flag. The target's own latent never
+        enters, so a generator cannot learn to copy it while it trains on utterances that have it."""
+        parts = []
+        for m in self.modalities:
+            if m == modality:
+                continue
+            flag = availability[:, MODALITIES.index(m)].to(self.latent_min.dtype).unsqueeze(1)
+            parts += [self._scale(m, self.project(m, features[m])).flatten(1) * flag, flag]
+        return torch.cat(parts, dim=1)
+
+    def _conditions(self, modality: str, pseudo_logits: Logits, speakers: Optional[Tensor], context: Optional[Tensor],
+                    features: Mapping[str, Tensor], availability: Tensor) -> Tensor:
+        observed = self.observed_condition(modality, features, availability).detach() \
+            if self.condition_observed else None
+        return self.condition(modality, pseudo_logits, speakers, context, observed)
 
     # ---- training -------------------------------------------------------------------------------
 
     def loss(self, features: Mapping[str, Tensor], availability: Tensor, pseudo_logits: Logits, *,
              speakers: Optional[Tensor] = None, context: Optional[Tensor] = None,
              generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-        """ε-prediction MSE of every generator on the utterances where its modality is present.
+        """ε- (or v-) prediction MSE of every generator on the utterances where its modality is present.
 
         features: modality -> [N, D_m]; availability: bool [N, 3] (MODALITIES order). Returns the sum
         over modalities and the per-modality losses (modalities with no present entry are skipped).
@@ -231,9 +311,10 @@ class DISCDiffusion(nn.Module):
             if not self.train_projection:
                 z = z.detach()
             x0 = self._scale(m, z)
-            cond = self.condition(m, pseudo_logits, speakers, context)[rows]
+            cond = self._conditions(m, pseudo_logits, speakers, context, features, availability)[rows]
             t = torch.randint(0, self.diffusion.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-            per_modality[m] = self.diffusion.train_losses(self.generator(m), x0, t, cond, generator=generator)
+            per_modality[m] = self.diffusion.train_losses(self.generator(m), x0, t, cond, generator=generator,
+                                                          prediction=self.prediction)
             total = total + per_modality[m]
         return total, per_modality
 
@@ -243,12 +324,15 @@ class DISCDiffusion(nn.Module):
     def recover(self, features: Mapping[str, Tensor], availability: Tensor, pseudo_logits: Logits, *,
                 speakers: Optional[Tensor] = None, context: Optional[Tensor] = None, sampler: Optional[str] = None,
                 steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                seed: Optional[int] = None) -> Dict[str, Tensor]:
-        """Latents [N, C, L] of every modality: projected where present, sampled where missing.
+                seed: Optional[int] = None, samples: int = 1) -> Dict[str, Tensor]:
+        """Latents [N, C, L] of every modality: projected where present, sampled where missing (the
+        mean of ``samples`` draws, taken in one sampler batch; ``samples=1`` is one draw).
 
         Only the missing (utterance, modality) entries are generated, for any availability pattern;
         the condition uses ``pseudo_logits`` (predictions), never labels.
         """
+        if not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"DISCDiffusion: samples must be an int >= 1; got {samples!r}")
         self._require_scaling()
         self._check_availability(features, availability)
         self._check_logits(pseudo_logits, availability.shape[0])
@@ -261,9 +345,10 @@ class DISCDiffusion(nn.Module):
             latent = self.project(m, features[m])
             missing = (~present).nonzero().flatten()
             if missing.numel():
-                cond = self.condition(m, pseudo_logits, speakers, context)[missing]
+                cond = self._conditions(m, pseudo_logits, speakers, context, features, availability)[missing]
                 sample_seed = None if seed is None else seed * len(MODALITIES) + k
-                x = self._sample(m, cond, sampler, steps, generator, sample_seed)
+                x = self._sample(m, cond.repeat(samples, 1), sampler, steps, generator, sample_seed)
+                x = x.view(samples, missing.numel(), *x.shape[1:]).mean(0)
                 latent = latent.index_copy(0, missing, self._unscale(m, x).to(latent.dtype))
             out[m] = latent
         return out
@@ -286,7 +371,8 @@ class DISCDiffusion(nn.Module):
 
     def _sample(self, modality: str, cond: Tensor, sampler: str, steps: Optional[int],
                 generator: Optional[torch.Generator], seed: Optional[int]) -> Tensor:
-        model, (channels, length) = self.generator(modality), self.latent_shape
+        model = self.diffusion.noise_predictor(self.generator(modality), self.prediction)
+        channels, length = self.latent_shape
         kwargs = dict(generator=generator, seed=seed)
         if sampler == "ddim":
             return self.diffusion.ddim_sample(model, cond, length, cond.shape[0], channels,

@@ -54,7 +54,11 @@ class FedDISC(nn.Module):
         latent_channels, latent_length: latent per utterance (release 32 × 48).
         temperature: pseudo-label softmax temperature (release 0.2 IEMOCAP, 1.0 MOSI/MOSEI).
         recovery: "diffusion" (DISC-Diffusion) or "zero" (no-recovery baseline).
-        condition_speaker, condition_context: add speaker identity / DGN context to the condition.
+        condition_speaker, condition_context, condition_observed: add speaker identity / DGN context / the
+            utterance's other observed modalities to the condition (see :class:`DISCDiffusion`).
+        prediction, scaling: the generators' parameterisation ("eps" | "v") and latent scaling ("minmax" |
+            "standard"); the release: "eps", "minmax".
+        recovery_samples: a recovered latent is the mean of this many samples (release: 1).
         unet: keyword overrides of the U-Net denoisers (release defaults otherwise).
         timesteps, sampler, sampling_steps: diffusion process and recovery sampler (release: 1,000 steps,
             DDIM 50 "quad").
@@ -67,6 +71,8 @@ class FedDISC(nn.Module):
     def __init__(self, feature_dims: Mapping[str, int], num_classes: int, *, num_speakers: int = 2,
                  latent_channels: int = 32, latent_length: int = 48, temperature: float = 0.2,
                  recovery: str = "diffusion", condition_speaker: bool = False, condition_context: bool = False,
+                 condition_observed: bool = False, prediction: str = "eps", scaling: str = "minmax",
+                 recovery_samples: int = 1,
                  unet: Optional[Mapping] = None, timesteps: int = 1000, sampler: str = "ddim",
                  sampling_steps: int = 50, mult: Optional[Mapping] = None, dgn_hidden: int = 100,
                  dgn_graph_hidden: Optional[int] = None, window_past: int = 6, window_future: int = 6,
@@ -81,10 +87,12 @@ class FedDISC(nn.Module):
             raise ValueError(f"FedDISC: recovery must be one of {RECOVERY_MODES}; got {recovery!r}")
         if layers not in IMPLEMENTATIONS:
             raise ValueError(f"FedDISC: layers must be one of {IMPLEMENTATIONS}; got {layers!r}")
+        if not isinstance(recovery_samples, int) or recovery_samples < 1:
+            raise ValueError(f"FedDISC: recovery_samples must be an int >= 1; got {recovery_samples!r}")
         if num_speakers < 1:
             raise ValueError(f"FedDISC: num_speakers must be >= 1; got {num_speakers}")
         self.layers = layer_set(layers)
-        self.recovery_mode, self.num_classes = recovery, num_classes
+        self.recovery_mode, self.num_classes, self.recovery_samples = recovery, num_classes, recovery_samples
         self.latent_shape = (latent_channels, latent_length)
         graph_hidden = dgn_graph_hidden if dgn_graph_hidden is not None else dgn_hidden // 2
         self.context_dim = 2 * dgn_hidden + graph_hidden
@@ -97,7 +105,8 @@ class FedDISC(nn.Module):
         self.recovery = DISCDiffusion(
             feature_dims, num_classes, latent_channels=latent_channels, latent_length=latent_length,
             temperature=temperature, num_speakers=num_speakers if condition_speaker else 0,
-            context_dim=self.context_dim if condition_context else 0, timesteps=timesteps, unet=unet,
+            context_dim=self.context_dim if condition_context else 0, condition_observed=condition_observed,
+            prediction=prediction, scaling=scaling, timesteps=timesteps, unet=unet,
             sampler=sampler, sampling_steps=sampling_steps, unet_cls=self.layers.unet,
             build_generators=recovery == "diffusion")
         self.classifier = MulTClassifier(latent_channels, latent_length, num_classes, **mult_kwargs)
@@ -149,7 +158,8 @@ class FedDISC(nn.Module):
         speakers = packed.speakers if self.recovery.num_speakers else None
         context = pseudo.context.detach() if self.recovery.context_dim else None
         return self.recovery.recover(packed.features, packed.availability, pseudo.logits.detach(),
-                                     speakers=speakers, context=context, seed=seed, steps=steps)
+                                     speakers=speakers, context=context, seed=seed, steps=steps,
+                                     samples=self.recovery_samples)
 
     def classify(self, latents: Mapping[str, Tensor], availability: Tensor) -> Tensor:
         return self.classifier(latents, ~availability)["M"]

@@ -43,12 +43,13 @@ SCHEDULES = ("release", "afa")
 PRESETS = {
     # The release's sizes: 32 × 48 latents, 16.4 M-parameter U-Nets, 1,000 steps, DDIM-50, 4-layer MulT.
     "release": dict(latent_channels=32, latent_length=48, unet=None, timesteps=1000, sampling_steps=50,
-                    mult=dict(num_heads=8, layers=4), dgn_hidden=100),
+                    mult=dict(num_heads=8, layers=4), dgn_hidden=100, prediction="eps", scaling="minmax"),
     # Small enough for two CPU cores in minutes (make demo, tests).
     "small": dict(latent_channels=16, latent_length=16,
                   unet=dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
                             num_heads=2),
-                  timesteps=200, sampling_steps=10, mult=dict(num_heads=4, layers=2), dgn_hidden=64),
+                  timesteps=200, sampling_steps=10, mult=dict(num_heads=4, layers=2), dgn_hidden=64,
+                  prediction="v", scaling="standard"),
 }
 DEFAULT_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -67,6 +68,11 @@ class FedDISCConfig:
     temperature: float = 0.2
     condition_speaker: bool = False
     condition_context: bool = False
+    condition_observed: bool = False      # ours: the utterance's other modalities enter the condition
+    prediction: Optional[str] = None      # "eps" | "v" (preset default otherwise)
+    scaling: Optional[str] = None         # "minmax" | "standard" (preset default otherwise)
+    recovery_samples: int = 1             # recovered latent = mean of this many samples
+    generator_batch_size: int = 64        # utterances per generator-stage minibatch
     sampling_steps: Optional[int] = None   # recovery sampler steps (preset default otherwise)
     window_past: int = 6
     window_future: int = 6
@@ -99,11 +105,13 @@ def _model(feature_dims, num_classes: int, num_speakers: int, config: FedDISCCon
     if config.preset not in PRESETS:
         raise ValueError(f"FedDISC: preset must be one of {sorted(PRESETS)}; got {config.preset!r}")
     preset = dict(PRESETS[config.preset])
-    if config.sampling_steps is not None:
-        preset["sampling_steps"] = config.sampling_steps
+    for name in ("sampling_steps", "prediction", "scaling"):
+        if getattr(config, name) is not None:
+            preset[name] = getattr(config, name)
     return FedDISC(feature_dims, num_classes, num_speakers=max(num_speakers, 1), temperature=config.temperature,
                    recovery=recovery, condition_speaker=config.condition_speaker,
-                   condition_context=config.condition_context, window_past=config.window_past,
+                   condition_context=config.condition_context, condition_observed=config.condition_observed,
+                   recovery_samples=config.recovery_samples, window_past=config.window_past,
                    window_future=config.window_future, layers=config.layers, **preset)
 
 
@@ -114,6 +122,24 @@ def _check_corpus(corpus: Corpus) -> None:
                              f"for every modality (give zero features and an availability of False instead)")
     if not corpus.splits.get("train"):
         raise ValueError(f"FedDISC: the corpus {corpus.name!r} has no training dialogues")
+
+
+@dataclass
+class GeneratorBatch:
+    """Utterances for the generator stage: their (masked) features, availability and frozen conditions."""
+    features: Dict[str, Tensor]
+    availability: Tensor
+    logits: Tensor
+    speakers: Tensor
+    context: Tensor
+
+    @property
+    def num_utterances(self) -> int:
+        return int(self.availability.shape[0])
+
+    def select(self, rows: Tensor) -> "GeneratorBatch":
+        return GeneratorBatch({m: x[rows] for m, x in self.features.items()}, self.availability[rows],
+                              self.logits[rows], self.speakers[rows], self.context[rows])
 
 
 class FedDISCRun(SystemRun):
@@ -139,17 +165,48 @@ class FedDISCRun(SystemRun):
         logits = self.model.pseudo_labels(batch, packed).logits
         return F.cross_entropy(logits[keep], y), int(keep.sum())
 
-    def generator_step(self, batch, epoch, generator: Optional[torch.Generator] = None):
-        packed = batch.packed()
-        with torch.no_grad():
-            pseudo = self.model.pseudo_labels(batch, packed)
+    def generator_step(self, batch: "GeneratorBatch", epoch, generator: Optional[torch.Generator] = None):
         recovery = self.model.recovery
-        loss, parts = recovery.loss(packed.features, packed.availability, pseudo.logits,
-                                    speakers=packed.speakers if recovery.num_speakers else None,
-                                    context=pseudo.context if recovery.context_dim else None, generator=generator)
+        loss, parts = recovery.loss(batch.features, batch.availability, batch.logits,
+                                    speakers=batch.speakers if recovery.num_speakers else None,
+                                    context=batch.context if recovery.context_dim else None, generator=generator)
         if not parts:
             return None, 0
-        return loss, packed.num_utterances
+        return loss, batch.num_utterances
+
+    @torch.no_grad()
+    def generator_batches(self, split: str, epoch: int = 0, shuffle: bool = True, seed: Optional[int] = None):
+        """Utterance-level minibatches of ``config.generator_batch_size`` for the generator stage.
+
+        The pseudo-labeller and projections are frozen while the generators train, so each epoch's
+        conditions are computed once, over the dialogues (the DGN needs them), and the utterances are
+        then drawn in shuffled minibatches: the denoisers get as many optimiser steps per epoch as
+        the data has minibatches, instead of one per batch of whole dialogues (8 per epoch on the demo
+        corpus, far too few for a diffusion model). Utterances with no modality are left out.
+        """
+        seed = self.config.trainer.seed if seed is None else seed
+        features, availability, logits, speakers, context = {}, [], [], [], []
+        for batch in self.loader(split, epoch, seed=seed):
+            packed = batch.packed()
+            pseudo = self.model.pseudo_labels(batch, packed)
+            for m, x in packed.features.items():
+                features.setdefault(m, []).append(x)
+            availability.append(packed.availability)
+            logits.append(pseudo.logits)
+            speakers.append(packed.speakers)
+            context.append(pseudo.context)
+        if not availability:
+            return
+        availability = torch.cat(availability)
+        rows = availability.any(dim=1).nonzero().flatten()
+        if shuffle:
+            order = torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+            rows = rows[order.to(rows.device)]
+        data = GeneratorBatch({m: torch.cat(x) for m, x in features.items()}, availability, torch.cat(logits),
+                              torch.cat(speakers), torch.cat(context))
+        size = self.config.generator_batch_size
+        for start in range(0, rows.numel(), size):
+            yield data.select(rows[start:start + size])
 
     def classifier_step(self, batch, epoch):
         packed = batch.packed()
@@ -174,7 +231,7 @@ class FedDISCRun(SystemRun):
     def validate_generator(self) -> Dict[str, float]:
         gen = torch.Generator(device=self.device).manual_seed(12345)
         total, count = 0.0, 0
-        for batch in self.loader("valid", seed=self.config.trainer.seed + 1):
+        for batch in self.generator_batches("valid", shuffle=False, seed=self.config.trainer.seed + 1):
             loss, n = self.generator_step(batch, 0, generator=gen)
             if loss is not None:
                 total, count = total + float(loss) * n, count + n
@@ -216,6 +273,12 @@ class FedDISCRun(SystemRun):
                 return fn(*args)
         return run
 
+    def _in_context_batches(self, batches):
+        def run(epoch):
+            with self.model.layers.context():
+                yield from batches(epoch)
+        return run
+
     def stages(self) -> List[Stage]:
         cfg, model = self.config, self.model
         groups = model.parameter_groups()
@@ -226,7 +289,8 @@ class FedDISCRun(SystemRun):
 
         def generator(name):
             return Stage(name, "recovery", cfg.generator_epochs, groups["recovery"], ctx(self.generator_step),
-                         ctx(self.validate_generator), self.train_batches, train_modules=[model.recovery],
+                         ctx(self.validate_generator), self._in_context_batches(lambda epoch: self.generator_batches("train", epoch)),
+                         train_modules=[model.recovery],
                          before=self.fit_scaling)
 
         def classifier(name):
