@@ -102,6 +102,8 @@ def _add_train(sub):
                         "zero: the no-recovery baseline only")
     c.add_argument("--no-baseline", action="store_true", help="do not also train the zero-fill baseline")
     c.add_argument("--sampling-steps", type=int, default=None, help="recovery DDIM steps (preset default)")
+    c.add_argument("--recovery-samples", type=int, default=1,
+                   help="feddisc, drkf: recovered latent = mean of this many samples")
     c.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
     c.add_argument("--clip-mode", choices=("norm", "value"), default="norm", help="FedDISC release: value")
     c.add_argument("--patience", type=int, default=10, help="early stopping on the validation loss, per stage")
@@ -119,12 +121,7 @@ def _add_train(sub):
     f.add_argument("--generator-epochs", type=int, default=20, help="feddisc: DISC-Diffusion generators (per AFA cycle); drkf: its generators")
     f.add_argument("--classifier-epochs", type=int, default=20, help="MulT classifier + prompts (per AFA cycle)")
     f.add_argument("--afa-cycles", type=int, default=2)
-    f.add_argument("--temperature", type=float, default=0.2, help="pseudo-label softmax temperature (release: "
-                                                                   "0.2 IEMOCAP, 1.0 MOSI/MOSEI)")
-    f.add_argument("--condition-speaker", action="store_true", help="add speaker identity to the condition")
-    f.add_argument("--condition-context", action="store_true", help="add DGN dialogue context to the condition")
-    f.add_argument("--cold-classifier", action="store_true",
-                   help="train the classifier from scratch (default: start from the pseudo-label MulT head)")
+    add_feddisc_model_args(f)
     r = p.add_argument_group("rohydr")
     r.add_argument("--generator", choices=("dit", "score"), default="dit",
                    help="dit: diffusion transformer (DDPM-trained, DDIM-sampled on the same steps); score: IMDer's "
@@ -135,7 +132,6 @@ def _add_train(sub):
     k = p.add_argument_group("drkf")
     k.add_argument("--modalities", default="audio,text", help="fused modalities (release: audio,text)")
     k.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning on recovered tokens")
-    k.add_argument("--recovery-samples", type=int, default=1, help="recovered latent = mean of this many samples")
     k.add_argument("--max-pairs", type=int, default=64, help="ordered pairs per batch for the discrimination head")
     d = p.add_argument_group("dgn")
     d.add_argument("--hidden", type=int, default=100, help="GCNet hidden size (graph hidden = hidden // 2)")
@@ -143,6 +139,34 @@ def _add_train(sub):
     d.add_argument("--no-time-attn", action="store_true", help="disable the matching attention")
     d.add_argument("--recon-weight", type=float, default=1.0, help="weight of the reconstruction loss (0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+
+
+def add_feddisc_model_args(group) -> None:
+    """FedDISC's model and generator flags, shared by ``train --model feddisc`` and ``federated``."""
+    group.add_argument("--temperature", type=float, default=0.2, help="pseudo-label softmax temperature (release: "
+                                                                       "0.2 IEMOCAP, 1.0 MOSI/MOSEI)")
+    group.add_argument("--condition-speaker", action="store_true", help="add speaker identity to the condition")
+    group.add_argument("--condition-context", action="store_true", help="add DGN dialogue context to the condition")
+    group.add_argument("--condition-observed", action="store_true",
+                       help="ours: add the utterance's other observed modalities (scaled latents + availability) "
+                            "to the condition")
+    group.add_argument("--prediction", choices=("eps", "v"), default=None,
+                       help="what the generators predict (release: eps; preset default: release eps, small v)")
+    group.add_argument("--scaling", choices=("minmax", "standard"), default=None,
+                       help="latent scaling of the generators (release: minmax; preset default: release minmax, "
+                            "small standard)")
+    group.add_argument("--generator-batch-size", type=int, default=64,
+                       help="utterances per generator-stage minibatch")
+    group.add_argument("--cold-classifier", action="store_true",
+                       help="train the classifier from scratch (default: start from the pseudo-label MulT head)")
+
+
+def feddisc_model_kwargs(args) -> dict:
+    """The FedDISCConfig fields set by :func:`add_feddisc_model_args` (+ ``--recovery-samples``)."""
+    return dict(temperature=args.temperature, condition_speaker=args.condition_speaker,
+                condition_context=args.condition_context, condition_observed=args.condition_observed,
+                prediction=args.prediction, scaling=args.scaling, recovery_samples=args.recovery_samples,
+                generator_batch_size=args.generator_batch_size, warm_start_classifier=not args.cold_classifier)
 
 
 def _cuda() -> bool:
@@ -227,12 +251,10 @@ def _train_feddisc(args, corpus, missing) -> int:
     config = FedDISCConfig(preset=args.preset, schedule=args.schedule, extractor_epochs=args.extractor_epochs,
                            generator_epochs=args.generator_epochs, classifier_epochs=args.classifier_epochs,
                            afa_cycles=args.afa_cycles, batch_size=_pick(args.batch_size, 8), missing=missing,
-                           recovery=args.recovery, temperature=args.temperature,
-                           condition_speaker=args.condition_speaker, condition_context=args.condition_context,
-                           sampling_steps=args.sampling_steps, window_past=_pick(args.window_past, 6),
+                           recovery=args.recovery, sampling_steps=args.sampling_steps, window_past=_pick(args.window_past, 6),
                            window_future=_pick(args.window_future, 6), eval_rates=_eval_rates(args.eval_rates),
-                           eval_patterns=not args.no_pattern_eval, layers=args.layers,
-                           warm_start_classifier=not args.cold_classifier, trainer=trainer)
+                           eval_patterns=not args.no_pattern_eval, layers=args.layers, trainer=trainer,
+                           **feddisc_model_kwargs(args))
     return _train_and_report(args, corpus, "FedDISC", lambda: train_feddisc(corpus, config, baseline=not args.no_baseline))
 
 
@@ -388,6 +410,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    from .federated.cli import add_federated_parser, run_federated
+    add_federated_parser(sub)
     e = sub.add_parser("eval", help="evaluate a trained FedDISC / RoHyDR / DRKF checkpoint per pattern / missing rate",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--checkpoint", required=True, help="model.pt written by imer-fast train --model feddisc|rohydr|drkf")
@@ -421,6 +445,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     commands = {"train": cmd_train, "eval": cmd_eval, "recover": cmd_recover, "synthesize": cmd_synthesize,
                 "backends": cmd_backends}
+    commands["federated"] = run_federated
     return commands[args.command](args)
 
 

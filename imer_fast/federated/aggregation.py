@@ -173,6 +173,11 @@ def feddisc_partition() -> Partition:
     AND: the aggregated bounds count as fitted only if every contributor's were; one unfitted
     contributor brings its placeholder bounds (-1, 1) into the min / max, so the aggregate must not
     claim to be fitted.
+
+    ``recovery.latent_mean`` / ``latent_std`` ([3, C, L], only with ``scaling="standard"``) are row-wise
+    means over the holders. A federated run fits them once from the holders' pooled statistics before
+    the generators train (:mod:`.simulation`), so every reply carries the same values and the mean
+    passes them through.
     """
     rules = [PartitionRule(f"recovery.{GENERATOR_NAMES[m]}", generator_group(m)) for m in MODALITIES]
     rules += [PartitionRule(f"recovery.{PROJECTION_NAMES[m]}", EXTRACTOR) for m in MODALITIES]
@@ -180,7 +185,9 @@ def feddisc_partition() -> Partition:
               PartitionRule("classifier", CLASSIFIER),
               PartitionRule("recovery.latent_min", GENERATOR_GROUPS, rowwise=True, combine="min"),
               PartitionRule("recovery.latent_max", GENERATOR_GROUPS, rowwise=True, combine="max"),
-              PartitionRule("recovery.scaling_fitted", GENERATOR_GROUPS, combine="all")]
+              PartitionRule("recovery.scaling_fitted", GENERATOR_GROUPS, combine="all"),
+              PartitionRule("recovery.latent_mean", GENERATOR_GROUPS, rowwise=True, combine="mean"),
+              PartitionRule("recovery.latent_std", GENERATOR_GROUPS, rowwise=True, combine="mean")]
     return Partition(tuple(rules), {generator_group(m): m for m in MODALITIES})
 
 
