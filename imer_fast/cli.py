@@ -148,13 +148,14 @@ def add_feddisc_model_args(group) -> None:
     group.add_argument("--condition-speaker", action="store_true", help="add speaker identity to the condition")
     group.add_argument("--condition-context", action="store_true", help="add DGN dialogue context to the condition")
     group.add_argument("--condition-observed", action="store_true",
-                       help="ours: add the utterance's other observed modalities (scaled latents + availability) "
-                            "to the condition")
+                       help="ours (feddisc, drkf): add the utterance's other observed modalities (scaled latents "
+                            "+ availability) to the generators' condition")
     group.add_argument("--prediction", choices=("eps", "v"), default=None,
-                       help="what the generators predict (release: eps; preset default: release eps, small v)")
+                       help="feddisc, drkf, rohydr (dit): what the generators predict (release: eps; preset "
+                            "default: eps, except v for the feddisc and drkf small presets)")
     group.add_argument("--scaling", choices=("minmax", "standard"), default=None,
-                       help="latent scaling of the generators (release: minmax; preset default: release minmax, "
-                            "small standard)")
+                       help="feddisc, drkf: latent scaling of the generators (release: minmax; preset default: "
+                            "release minmax, small standard)")
     group.add_argument("--generator-batch-size", type=int, default=64,
                        help="utterances per generator-stage minibatch")
     group.add_argument("--cold-classifier", action="store_true",
@@ -265,6 +266,7 @@ def _train_rohydr(args, corpus, missing) -> int:
     config = RoHyDRConfig(preset=args.preset, generator=args.generator, recovery=args.recovery, epochs=args.epochs,
                           batch_size=_pick(args.batch_size, 8), missing=missing, lambda_g=args.lambda_g,
                           lambda_al=args.lambda_al, lambda_c=args.lambda_c, sampling_steps=args.sampling_steps,
+                          prediction=args.prediction,
                           eval_rates=_eval_rates(args.eval_rates), eval_patterns=not args.no_pattern_eval,
                           layers=args.layers, trainer=trainer)
     return _train_and_report(args, corpus, "RoHyDR", lambda: train_rohydr(corpus, config, baseline=not args.no_baseline))
@@ -283,6 +285,7 @@ def _train_drkf(args, corpus, missing) -> int:
                         generator_epochs=args.generator_epochs, finetune_epochs=args.finetune_epochs,
                         batch_size=_pick(args.batch_size, 4), missing=missing, max_pairs=args.max_pairs,
                         sampling_steps=args.sampling_steps, recovery_samples=args.recovery_samples,
+                        condition_observed=args.condition_observed, prediction=args.prediction, scaling=args.scaling,
                         eval_rates=_eval_rates(args.eval_rates), eval_patterns=not args.no_pattern_eval,
                         layers=args.layers, trainer=trainer)
     return _train_and_report(args, corpus, "DRKF", lambda: train_drkf(corpus, config, baseline=not args.no_baseline))

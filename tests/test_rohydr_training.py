@@ -164,7 +164,7 @@ def redundant_mosi(noise: float = 0.1, seed: int = 0):
 
 def test_seeded_evidence_generator_learns_conditional_recovery():
     """The DiT generator, trained with the model's own loss on audio-conditioned text latents, samples text
-    latents closer to the truth than mean imputation (held-out utterances), and its ε-prediction depends on the condition."""
+    latents closer to the truth than mean imputation (held-out utterances), and its prediction depends on the condition."""
     from imer_fast.data import MODALITIES, make_loader
 
     corpus = redundant_mosi()
@@ -193,8 +193,10 @@ def test_seeded_evidence_generator_learns_conditional_recovery():
         cond, _ = model.condition("text", held, audio_only)
         t = torch.full((len(cond),), 50)
         noise = torch.randn(held["text"].shape, generator=torch.Generator().manual_seed(0))
-        true_cond = model.diffusion.train_losses(model.score_l, held["text"], t, cond, noise=noise)
-        wrong_cond = model.diffusion.train_losses(model.score_l, held["text"], t, cond.roll(1, 0), noise=noise)
+        true_cond = model.diffusion.train_losses(model.score_l, held["text"], t, cond, noise=noise,
+                                                 prediction=model.prediction)
+        wrong_cond = model.diffusion.train_losses(model.score_l, held["text"], t, cond.roll(1, 0), noise=noise,
+                                                  prediction=model.prediction)
         sampled = model.sample("text", cond, seed=0)
     mean_imputation = float((truth["text"].mean(0) - held["text"]).pow(2).mean())
     recovered = float((sampled - held["text"]).pow(2).mean())

@@ -233,6 +233,8 @@ class DRKF(nn.Module):
         temperature_init: initial value of the temperature parameter (release 1.0).
         pseudo_temperature: softmax temperature of the diffusion condition.
         unet, timesteps, sampling_steps: DISC-Diffusion generators (``recovery="diffusion"``).
+        prediction, scaling, condition_observed: the generators' parameterisation, latent scaling and
+            conditioning on the other observed modality (see :class:`~imer_fast.diffusion.DISCDiffusion`).
         recovery_samples: recovered latent = mean of this many samples (1: one sample, as FedDISC); more
             samples approach the conditional mean, the minimum-MSE estimate of the missing latent.
         encoders: optional modality -> module mapping the raw input of that modality to tokens
@@ -247,6 +249,7 @@ class DRKF(nn.Module):
                  attention_dropout: float = 0.1, ae_layers: Sequence[int] = (256, 128, 64), ae_blocks: int = 5,
                  ae_dropout: float = 0.0, temperature_init: float = 1.0, pseudo_temperature: float = 1.0,
                  unet: Optional[Mapping] = None, timesteps: int = 1000, sampling_steps: int = 50,
+                 prediction: str = "eps", scaling: str = "minmax", condition_observed: bool = False,
                  recovery_samples: int = 1, encoders: Optional[Mapping[str, nn.Module]] = None, layers: str = "fused"):
         super().__init__()
         modalities = tuple(modalities)
@@ -283,7 +286,9 @@ class DRKF(nn.Module):
             self.recovery = DISCDiffusion(self.feature_dims, num_classes, latent_channels=latent_channels,
                                           latent_length=latent_length, temperature=pseudo_temperature,
                                           timesteps=timesteps, unet=unet, sampling_steps=sampling_steps,
-                                          unet_cls=self.layers.unet, build_generators=recovery == "diffusion")
+                                          prediction=prediction, scaling=scaling,
+                                          condition_observed=condition_observed, unet_cls=self.layers.unet,
+                                          build_generators=recovery == "diffusion")
         self.encoders = nn.ModuleDict(dict(encoders or {}))
         self.token_in = nn.ModuleDict({m: nn.Identity() if token_width[m] == hidden else nn.Linear(token_width[m], hidden)
                                        for m in self.modalities})
@@ -495,14 +500,8 @@ class DRKF(nn.Module):
                 seed: Optional[int] = None, steps: Optional[int] = None) -> Tokens:
         """Observed tokens kept; missing latents sampled by DISC-Diffusion (``recovery="diffusion"``)."""
         given = {m: features[m] for m in self.modalities}
-        draws = []
-        for k in range(self.recovery_samples):
-            draw_seed = None if seed is None else seed * self.recovery_samples + k
-            draws.append(self.recovery.recover(given, tokens.availability, pseudo_logits.detach(), seed=draw_seed,
-                                               steps=steps))
-        # Observed entries are the same projection in every draw, so the mean keeps them exactly.
-        latents = {m: torch.stack([d[m] for d in draws]).mean(0) if len(draws) > 1 else draws[0][m]
-                   for m in self.modalities}
+        latents = self.recovery.recover(given, tokens.availability, pseudo_logits.detach(), seed=seed, steps=steps,
+                                        samples=self.recovery_samples)
         return Tokens({m: latents[m].transpose(1, 2) for m in self.modalities}, tokens.lengths, tokens.availability)
 
     def complete(self, features: Mapping[str, Tensor], tokens: Tokens, *, seed: Optional[int] = None,

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ..data.batching import DialogueBatch, PackedBatch
 from ..data.corpus import MODALITIES
-from ..diffusion.gaussian import GaussianDiffusion
+from ..diffusion.gaussian import PREDICTIONS, GaussianDiffusion
 from ..diffusion.ve_sde import VESDE, euler_maruyama_sampler, ve_sde_loss
 from ..nn.dit import DiT1d
 from ..nn.rcan import rcan_refiner
@@ -118,6 +118,8 @@ class RoHyDR(nn.Module):
             latent channels and a latent length that is a multiple of 8).
         timesteps, sampling_steps: the DDPM process of the DiT and its DDIM steps (uniform spacing);
             ``sampling_steps`` is also the Euler–Maruyama step count of the score generator.
+        prediction: what the DiT predicts, "eps" (the release) or "v" (ours; see
+            :meth:`~imer_fast.diffusion.GaussianDiffusion.noise_predictor`).
         sigma: the VE-SDE's σ (release 25).
         refiner_blocks, refiner_reduction: the RCAN group (release 20 blocks, reduction 16).
         mult: overrides of the MulT fusion (:data:`MULT_DEFAULTS`: the release's MOSI settings;
@@ -130,6 +132,7 @@ class RoHyDR(nn.Module):
                  input_length: Optional[int] = None, latent_channels: int = 32, latent_length: int = 48,
                  recovery: str = "diffusion", generator: str = "dit", dit: Optional[Mapping] = None,
                  score: Optional[Mapping] = None, timesteps: int = 1000, sampling_steps: int = 50,
+                 prediction: str = "eps",
                  sigma: float = 25.0, refiner_blocks: int = 20, refiner_reduction: int = 16,
                  mult: Optional[Mapping] = None, reconstructor_hidden: Tuple[int, int] = (80, 96),
                  reconstructor_dropout: float = 0.4, discriminator_hidden: Tuple[int, int] = (128, 64),
@@ -148,6 +151,8 @@ class RoHyDR(nn.Module):
         if input_length is not None and input_length != latent_length + 2:
             raise ValueError(f"{_NAME}: input_length must be latent_length + 2 = {latent_length + 2} (the release's "
                              f"kernel-3, unpadded Conv1d); got {input_length}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"{_NAME}: prediction must be one of {PREDICTIONS}; got {prediction!r}")
         if sampling_steps < 2:
             raise ValueError(f"{_NAME}: sampling_steps must be >= 2; got {sampling_steps}")
         self.task, self.recovery_mode, self.generator_kind = task, recovery, generator
@@ -155,7 +160,7 @@ class RoHyDR(nn.Module):
         self.feature_dims = {m: int(feature_dims[m]) for m in MODALITIES}
         self.input_length = input_length
         self.latent_shape = (latent_channels, latent_length)
-        self.sampling_steps = sampling_steps
+        self.sampling_steps, self.prediction = sampling_steps, prediction
         self.layers = layer_set(layers)
         self.layers_name = layers
         c, length = self.latent_shape
@@ -319,7 +324,7 @@ class RoHyDR(nn.Module):
         net = self.generator(target)
         if self.generator_kind == "dit":
             t = torch.randint(0, self.diffusion.timesteps, (x0.shape[0],), device=x0.device, generator=generator)
-            return self.diffusion.train_losses(net, x0, t, cond, generator=generator)
+            return self.diffusion.train_losses(net, x0, t, cond, generator=generator, prediction=self.prediction)
         return ve_sde_loss(net, x0, self.sde.marginal_prob_std, condition=cond, generator=generator)
 
     @torch.no_grad()
@@ -329,7 +334,8 @@ class RoHyDR(nn.Module):
         net, (c, length), n = self.generator(target), self.latent_shape, cond.shape[0]
         steps = steps or self.sampling_steps
         if self.generator_kind == "dit":
-            return self.diffusion.ddim_sample(net, cond, length, n, c, ddim_timesteps=steps,
+            return self.diffusion.ddim_sample(self.diffusion.noise_predictor(net, self.prediction), cond, length, n, c,
+                                              ddim_timesteps=steps,
                                               ddim_discr_method="uniform", clip_denoised=False, seed=seed)
         start_std = float(self.sde.marginal_prob_std(torch.ones((), dtype=cond.dtype)))
         if seed is None:

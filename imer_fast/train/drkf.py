@@ -44,13 +44,13 @@ PRESETS = {
     # The release's fusion BERT and augmentation; utterance vectors become 32 × 48 latents (FedDISC's).
     "release": dict(latent_channels=32, latent_length=48, hidden=1024, num_layers=6, heads=8, intermediate=4096,
                     max_positions=2800, ae_layers=(256, 128, 64), ae_blocks=5, unet=None, timesteps=1000,
-                    sampling_steps=50),
+                    sampling_steps=50, prediction="eps", scaling="minmax"),
     # Trains on two CPU cores in well under a minute on synthetic iemocap4 at scale 0.3.
     "small": dict(latent_channels=8, latent_length=4, hidden=32, num_layers=1, heads=2, intermediate=64,
                   max_positions=64, ae_layers=(16, 8), ae_blocks=2,
                   unet=dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(),
                             num_heads=2),
-                  timesteps=100, sampling_steps=8),
+                  timesteps=100, sampling_steps=8, prediction="v", scaling="standard"),
 }
 DEFAULT_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -71,6 +71,9 @@ class DRKFConfig:
     loss_weights: Dict[str, float] = field(default_factory=lambda: dict(RELEASE_LOSS_WEIGHTS))
     sampling_steps: Optional[int] = None   # recovery sampler steps (preset default otherwise)
     recovery_samples: int = 1              # recovered latent = mean of this many diffusion samples
+    condition_observed: bool = False       # generators also see the other observed modality
+    prediction: Optional[str] = None       # "eps" | "v" (preset default otherwise)
+    scaling: Optional[str] = None          # "minmax" | "standard" (preset default otherwise)
     valid_fraction: float = 0.1
     eval_rates: Sequence[float] = DEFAULT_RATES
     eval_patterns: bool = True
@@ -86,10 +89,12 @@ def _model(feature_dims, num_classes: int, config: DRKFConfig, recovery: str) ->
     if config.preset not in PRESETS:
         raise ValueError(f"DRKF: preset must be one of {sorted(PRESETS)}; got {config.preset!r}")
     preset = dict(PRESETS[config.preset])
-    if config.sampling_steps is not None:
-        preset["sampling_steps"] = config.sampling_steps
+    for name in ("sampling_steps", "prediction", "scaling"):
+        if getattr(config, name) is not None:
+            preset[name] = getattr(config, name)
     return DRKF(feature_dims, num_classes, modalities=tuple(config.modalities), recovery=recovery,
-                pseudo_temperature=config.pseudo_temperature, recovery_samples=config.recovery_samples, dropout=config.dropout,
+                pseudo_temperature=config.pseudo_temperature, recovery_samples=config.recovery_samples,
+                condition_observed=config.condition_observed, dropout=config.dropout,
                 attention_dropout=config.dropout, layers=config.layers, **preset)
 
 

@@ -45,11 +45,11 @@ from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validat
 PRESETS = {
     # The release's MOSI model: 32 × 48 latents, DiT 64/6/16, 1,000 DDPM steps sampled by DDIM-50, RCAN 20 blocks.
     "release": dict(latent_channels=32, latent_length=48, dit=None, score=None, timesteps=1000, sampling_steps=50,
-                    refiner_blocks=20, mult=None),
+                    refiner_blocks=20, mult=None, prediction="eps"),
     # Two CPU cores, seconds to a minute on synthetic MOSI at scale 0.3 with small features.
     "small": dict(latent_channels=16, latent_length=8, dit=dict(hidden_size=32, depth=2, num_heads=4),
                   score=dict(channels=(32, 32, 32, 32), embed_dim=64), timesteps=100, sampling_steps=5,
-                  refiner_blocks=2, mult=dict(num_heads=4, layers=1, mem_layers=1, attn_dropout=0.1,
+                  refiner_blocks=2, prediction="eps", mult=dict(num_heads=4, layers=1, mem_layers=1, attn_dropout=0.1,
                                               attn_dropout_a=0.1, attn_dropout_v=0.1, relu_dropout=0.1,
                                               res_dropout=0.1, embed_dropout=0.1, output_dropout=0.1)),
 }
@@ -69,6 +69,7 @@ class RoHyDRConfig:
     lambda_al: float = 0.5
     lambda_c: float = 0.4
     sampling_steps: Optional[int] = None   # recovery sampler steps (preset default otherwise)
+    prediction: Optional[str] = None       # DiT: "eps" | "v" (preset default otherwise)
     valid_fraction: float = 0.1
     eval_rates: Sequence[float] = DEFAULT_RATES
     eval_patterns: bool = True
@@ -84,8 +85,9 @@ def _model(feature_dims, task: str, num_classes: int, config: RoHyDRConfig, reco
     if config.preset not in PRESETS:
         raise ValueError(f"RoHyDR: preset must be one of {sorted(PRESETS)}; got {config.preset!r}")
     preset = dict(PRESETS[config.preset])
-    if config.sampling_steps is not None:
-        preset["sampling_steps"] = config.sampling_steps
+    for name in ("sampling_steps", "prediction"):
+        if getattr(config, name) is not None:
+            preset[name] = getattr(config, name)
     return RoHyDR(feature_dims, task=task, num_classes=num_classes if task == "classification" else 1,
                   recovery=recovery, generator=config.generator, layers=config.layers, **preset)
 
