@@ -7,9 +7,9 @@
   Euler–Maruyama sampler on fused steps;
 - :class:`GraphedSampler`: a whole sampling loop replayed as one CUDA graph.
 """
-from .disc import DISCDiffusion
+from .disc import DISCDiffusion, pooled_scaling
 from .gaussian import GaussianDiffusion
 from .graphed import GraphedSampler
 from .ve_sde import VESDE, euler_maruyama_sampler, ve_sde_loss
 
-__all__ = ["DISCDiffusion", "GaussianDiffusion", "GraphedSampler", "VESDE", "euler_maruyama_sampler", "ve_sde_loss"]
+__all__ = ["DISCDiffusion", "pooled_scaling", "GaussianDiffusion", "GraphedSampler", "VESDE", "euler_maruyama_sampler", "ve_sde_loss"]

@@ -64,6 +64,27 @@ SAMPLERS = ("ddim", "ddpm", "dpm_solver")
 Logits = Union[Tensor, Mapping[str, Tensor]]
 
 
+def pooled_scaling(parts: Sequence[Mapping[str, Mapping]]) -> Dict[str, Dict]:
+    """The scaling fitted to the pooled :meth:`DISCDiffusion.scaling_statistics` ``parts``: per modality
+    with entries, ``min`` and ``max`` (a max equal to the min becomes min + 1) and, where the parts carry
+    sums, the per-element float64 ``mean`` and ``std`` (a constant element, e.g. a dead projection row,
+    keeps unit scale instead of dividing by 0). Sums run in the order of ``parts``."""
+    out: Dict[str, Dict] = {}
+    for m in MODALITIES:
+        mine = [p[m] for p in parts if m in p and p[m]["count"] > 0]
+        if not mine:
+            continue
+        lo, hi = min(e["min"] for e in mine), max(e["max"] for e in mine)
+        fitted = {"min": lo, "max": hi if hi > lo else lo + 1.0}
+        if all("sum" in e for e in mine):
+            count = sum(e["count"] for e in mine)
+            mean = sum(e["sum"] for e in mine) / count
+            var = (sum(e["squares"] for e in mine) / count - mean.pow(2)).clamp_min(0.0)
+            fitted["mean"], fitted["std"] = mean, torch.where(var > 1e-12, var.sqrt(), torch.ones_like(var))
+        out[m] = fitted
+    return out
+
+
 class DISCDiffusion(nn.Module):
     """Conditional-diffusion recovery of missing modalities (module doc).
 
@@ -187,40 +208,47 @@ class DISCDiffusion(nn.Module):
         self.scaling_fitted.fill_(True)
 
     @torch.no_grad()
+    def scaling_statistics(self, batches: Iterable[Tuple[Mapping[str, Tensor], Tensor]],
+                           modalities: Optional[Iterable[str]] = None) -> Dict[str, Dict]:
+        """Sufficient statistics of the present latents over ``batches`` of (features, availability
+        [N, 3]): per modality (``modalities``, default all) ``count``, ``min``, ``max`` and, with
+        ``scaling="standard"``, per-element float64 ``sum`` and ``squares``. Statistics of several
+        holders pool with :func:`pooled_scaling` (a federated fit)."""
+        wanted = self.modalities if modalities is None else tuple(self._known(m) for m in modalities)
+        stats = {m: {"count": 0, "min": float("inf"), "max": float("-inf")} for m in wanted}
+        if self.scaling == "standard":
+            for entry in stats.values():
+                entry["sum"] = torch.zeros(self.latent_shape, dtype=torch.float64, device=self.latent_min.device)
+                entry["squares"] = torch.zeros_like(entry["sum"])
+        for features, availability in batches:
+            for m, entry in stats.items():
+                rows = availability[:, MODALITIES.index(m)].to(torch.bool)
+                if bool(rows.any()):
+                    z = self.project(m, features[m][rows])
+                    entry["count"] += int(z.shape[0])
+                    entry["min"], entry["max"] = min(entry["min"], float(z.min())), max(entry["max"], float(z.max()))
+                    if "sum" in entry:
+                        z64 = z.double()
+                        entry["sum"] += z64.sum(0)
+                        entry["squares"] += z64.pow(2).sum(0)
+        return stats
+
+    @torch.no_grad()
     def fit_scaling(self, batches: Iterable[Tuple[Mapping[str, Tensor], Tensor]]) -> Dict[str, Tuple[float, float]]:
         """Fit the scaling to the present latents over ``batches`` of (features, availability [N, 3])
         from the training data: their min and max ("minmax"; returned), and with ``scaling="standard"``
         also their per-element mean and standard deviation (accumulated in float64)."""
-        lo = {m: float("inf") for m in self.modalities}
-        hi = {m: float("-inf") for m in self.modalities}
-        count = {m: 0 for m in self.modalities}
-        total = {m: torch.zeros(self.latent_shape, dtype=torch.float64, device=self.latent_min.device)
-                 for m in self.modalities}
-        squares = {m: torch.zeros_like(total[m]) for m in self.modalities}
-        for features, availability in batches:
-            for m in self.modalities:
-                rows = availability[:, MODALITIES.index(m)].to(torch.bool)
-                if bool(rows.any()):
-                    z = self.project(m, features[m][rows])
-                    lo[m], hi[m] = min(lo[m], float(z.min())), max(hi[m], float(z.max()))
-                    z64 = z.double()
-                    count[m] += z.shape[0]
-                    total[m] += z64.sum(0)
-                    squares[m] += z64.pow(2).sum(0)
-        missing = [m for m in self.modalities if count[m] == 0]
+        stats = self.scaling_statistics(batches)
+        missing = [m for m in self.modalities if stats[m]["count"] == 0]
         if missing:
             raise ValueError(f"DISCDiffusion.fit_scaling: no available entries for modalities {missing}")
-        ranges = {m: (lo[m], hi[m] if hi[m] > lo[m] else lo[m] + 1.0) for m in self.modalities}
-        self.set_scaling(ranges)
+        fitted = pooled_scaling([stats])
+        self.set_scaling({m: (f["min"], f["max"]) for m, f in fitted.items()})
         if self.scaling == "standard":
-            for m in self.modalities:
+            for m, f in fitted.items():
                 i = MODALITIES.index(m)
-                mean = total[m] / count[m]
-                var = (squares[m] / count[m] - mean.pow(2)).clamp_min(0.0)
-                # a constant element (e.g. a dead projection row) keeps unit scale instead of dividing by 0
-                std = torch.where(var > 1e-12, var.sqrt(), torch.ones_like(var))
-                self.latent_mean[i], self.latent_std[i] = mean.float(), std.float()
-        return ranges
+                self.latent_mean[i], self.latent_std[i] = f["mean"].float(), f["std"].float()
+        return {m: (f["min"], f["max"]) for m, f in fitted.items()}
 
     def _scale(self, modality: str, z: Tensor) -> Tensor:
         i = MODALITIES.index(modality)

@@ -34,6 +34,7 @@ from torch import Tensor
 from ..data import Corpus, evaluate_patterns
 from ..data.corpus import MODALITIES
 from ..data.missing import pattern_mask
+from ..diffusion.disc import pooled_scaling
 from ..io import atomic_torch_save, atomic_write_json
 from ..train.feddisc import FedDISCConfig, FedDISCRun, build_model, num_task_classes
 from ..train.trainer import Trainer, with_validation
@@ -146,51 +147,25 @@ def clone_state(state: Mapping[str, Tensor]) -> Dict[str, Tensor]:
 
 @torch.no_grad()
 def scaling_statistics(run: FedDISCRun, modalities) -> Dict[str, Dict]:
-    """The sufficient statistics of the client's latents of its held ``modalities`` (its training split
-    under its own availability), as ``DISCDiffusion.fit_scaling`` accumulates them."""
-    recovery = run.model.recovery
-    standard = getattr(recovery, "scaling", "minmax") == "standard"
-    stats = {m: {"count": 0, "min": float("inf"), "max": float("-inf")} for m in MODALITIES if m in modalities}
-    if standard:
-        for s in stats.values():
-            s["sum"] = torch.zeros(recovery.latent_shape, dtype=torch.float64, device=recovery.latent_min.device)
-            s["squares"] = torch.zeros_like(s["sum"])
+    """The sufficient statistics (``DISCDiffusion.scaling_statistics``) of the client's latents of its
+    held ``modalities``: its training split under its own availability."""
     run.model.eval()
-    for batch in run.loader("train"):
-        packed = batch.packed()
-        for m, s in stats.items():
-            rows = packed.availability[:, MODALITIES.index(m)].to(torch.bool)
-            if bool(rows.any()):
-                z = recovery.project(m, packed.features[m][rows])
-                s["count"] += int(z.shape[0])
-                s["min"], s["max"] = min(s["min"], float(z.min())), max(s["max"], float(z.max()))
-                if standard:
-                    z64 = z.double()
-                    s["sum"] += z64.sum(0)
-                    s["squares"] += z64.pow(2).sum(0)
-    return stats
+    packed = (b.packed() for b in run.loader("train"))
+    batches = ((p.features, p.availability) for p in packed)
+    return run.model.recovery.scaling_statistics(batches, [m for m in MODALITIES if m in modalities])
 
 
 def pool_scaling(state: Mapping[str, Tensor], replies: Sequence[Dict[str, Dict]]) -> Dict[str, Tensor]:
-    """The scaling buffers of ``state`` refitted to the pooled statistics of ``replies``: per modality,
-    over the replies that hold it (a modality nobody holds keeps its values). Same formulas as
-    ``DISCDiffusion.fit_scaling`` on the pooled data. Sums run in the order of ``replies`` (client
-    order, for a result independent of the engine)."""
+    """The scaling buffers of ``state`` refitted to the pooled statistics of ``replies``
+    (``pooled_scaling``: what ``fit_scaling`` gives on the pooled data); a modality nobody holds keeps its
+    values. Sums run in the order of ``replies`` (client order, for a result independent of the engine)."""
     out = {k: state[k].clone() for k in SCALING_KEYS if k in state}
-    for i, m in enumerate(MODALITIES):
-        mine = [r[m] for r in replies if m in r and r[m]["count"] > 0]
-        if not mine:
-            continue
-        lo, hi = min(s["min"] for s in mine), max(s["max"] for s in mine)
-        out["recovery.latent_min"][i] = lo
-        out["recovery.latent_max"][i] = hi if hi > lo else lo + 1.0
+    for m, fitted in pooled_scaling(replies).items():
+        i = MODALITIES.index(m)
+        out["recovery.latent_min"][i], out["recovery.latent_max"][i] = fitted["min"], fitted["max"]
         if "recovery.latent_mean" in out:
-            count = sum(s["count"] for s in mine)
-            mean = sum(s["sum"] for s in mine) / count
-            var = (sum(s["squares"] for s in mine) / count - mean.pow(2)).clamp_min(0.0)
-            std = torch.where(var > 1e-12, var.sqrt(), torch.ones_like(var))
-            out["recovery.latent_mean"][i] = mean.to(out["recovery.latent_mean"].dtype)
-            out["recovery.latent_std"][i] = std.to(out["recovery.latent_std"].dtype)
+            out["recovery.latent_mean"][i] = fitted["mean"].to(out["recovery.latent_mean"].dtype)
+            out["recovery.latent_std"][i] = fitted["std"].to(out["recovery.latent_std"].dtype)
     out["recovery.scaling_fitted"].fill_(True)
     return out
 
