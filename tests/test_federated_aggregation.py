@@ -333,6 +333,36 @@ def test_three_release_clients_aggregate_a_real_model(feddisc_model):
     feddisc_model.load_state_dict(state)   # the broadcast is a complete, loadable state
 
 
+@pytest.mark.parametrize("phase", ["extractor", "recovery", "classifier"])
+def test_replies_trimmed_to_reply_keys_aggregate_bitwise_as_whole_states(feddisc_model, phase):
+    from imer_fast.federated.schedule import PHASE_GROUPS
+
+    partition, trainable = feddisc_partition(), PHASE_GROUPS[phase]
+    global_state = {k: v.clone() for k, v in feddisc_model.state_dict().items()}
+    gen = torch.Generator().manual_seed(2)
+    whole, trimmed, sent = [], [], {}
+    for cid, mods in RELEASE_CLIENTS.items():
+        state = {k: v + torch.randn(v.shape, generator=gen) if v.is_floating_point() else v.clone()
+                 for k, v in global_state.items()}
+        sent[cid] = partition.reply_keys(state, trainable, mods)
+        whole.append(ClientUpdate(cid, state, 5, mods))
+        trimmed.append(ClientUpdate(cid, {k: state[k] for k in sent[cid]}, 5, mods))
+    expected = aggregate(global_state, whole, partition, trainable=trainable).state
+    got = aggregate(global_state, trimmed, partition, trainable=trainable).state
+    assert all(torch.equal(got[k], expected[k]) for k in global_state)
+    # what is sent: the trainable groups the client holds, nothing else
+    gen_prefix = {"text": "recovery.score_l_va.", "audio": "recovery.score_a_lv.", "video": "recovery.score_v_la."}
+    for cid, mods in RELEASE_CLIENTS.items():
+        keys = set(sent[cid])
+        assert keys, cid
+        for m, prefix in gen_prefix.items():
+            expected_in = phase == "recovery" and m in mods
+            assert any(k.startswith(prefix) for k in keys) == expected_in, (cid, m)
+        assert any(k.startswith("classifier.") for k in keys) == (phase == "classifier")
+        assert any(k.startswith(("dgn.", "pseudo.")) for k in keys) == (phase == "extractor")
+        assert ("recovery.scaling_fitted" in keys) == (phase == "recovery")
+
+
 # ---- fuzzing against a reference ---------------------------------------------------------------
 
 FUZZ_KEYS = {"recovery.score_l_va.w": "text", "recovery.score_a_lv.w": "audio", "recovery.score_v_la.w": "video",

@@ -157,6 +157,16 @@ class Partition:
         required = self.group_modality.get(group)
         return required is None or required in modalities
 
+    def reply_keys(self, keys: Iterable[str], trainable: Iterable[str], modalities: FrozenSet[str]) -> List[str]:
+        """The keys (of ``keys``, in order) a client holding ``modalities`` sends back from a round that
+        trains the groups ``trainable``: those with a group that is trainable and that the client is
+        entitled to. :func:`aggregate` reads nothing else from its reply, so leaving the rest out
+        changes no aggregate and shrinks the upload (an extractor round sends no generator)."""
+        trainable = _trainable_groups(trainable, self)
+        modalities = frozenset(modalities)
+        return [key for key in keys
+                if any(g in trainable and self.entitled(g, modalities) for g in self.rule_for(key).groups)]
+
 
 def feddisc_partition() -> Partition:
     """FedDISC's partition (module doc).
