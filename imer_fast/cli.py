@@ -49,11 +49,11 @@ def load_corpus(args):
     if args.data == "gcnet":
         if not args.label_path or not args.feature_dir:
             raise SystemExit("--data gcnet needs --label-path and one --feature-dir MODALITY=PATH per modality")
-        return data.read_gcnet(args.label_path, _feature_dirs(args.feature_dir))
+        return data.read_gcnet(args.label_path, _feature_dirs(args.feature_dir), num_classes=args.num_classes)
     if args.data == "dialoguegcn":
         if not args.path:
             raise SystemExit("--data dialoguegcn needs --path to IEMOCAP_features.pkl")
-        return data.read_dialoguegcn(args.path)
+        return data.read_dialoguegcn(args.path, num_classes=args.num_classes)
     raise SystemExit(f"--data: expected synthetic-<name>, gcnet or dialoguegcn; got {args.data!r}")
 
 
@@ -63,6 +63,8 @@ def _add_data(p) -> None:
     p.add_argument("--label-path", help="gcnet: the label pickle")
     p.add_argument("--feature-dir", action="append", default=[], help="gcnet: MODALITY=FOLDER of per-utterance .npy")
     p.add_argument("--path", help="dialoguegcn: IEMOCAP_features.pkl")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="gcnet / dialoguegcn: number of classes (default: inferred from the labels present)")
     p.add_argument("--scale", type=float, default=1.0, help="synthetic: fraction of the real corpus's dialogues")
     p.add_argument("--feature-dim", type=int, default=None,
                    help="synthetic: one feature width for every modality (default: GCNet's 1024/512/1024)")

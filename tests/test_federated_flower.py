@@ -73,18 +73,21 @@ def task_identity(fl):
 class InlineGrid(_GridBase):
     """A Flower Grid that answers every message by calling the ClientApp in this process.
 
-    ``contexts``: node id -> the node's Context (its ``node_config`` holds its partition-id).
+    ``contexts``: node id -> the node's Context (its ``node_config`` holds its partition-id, and
+    ``node_configs[partition id]``'s keys).
     ``intercept(msg, node) -> Optional[Message]``: a reply to use instead of the ClientApp's (fault
     injection); ``rewrite(msg, reply) -> Message``: replaces the ClientApp's reply. An exception in the
     ClientApp becomes an error reply (``CLIENT_APP_RAISED_EXCEPTION``), as on a SuperNode.
     """
 
-    def __init__(self, client_app, num_nodes=3, intercept=None, rewrite=None, run_config=None):
+    def __init__(self, client_app, num_nodes=3, intercept=None, rewrite=None, run_config=None, node_configs=None):
         from flwr.app import Context, RecordDict
 
         self.client_app, self.intercept, self.rewrite = client_app, intercept, rewrite
+        extra = node_configs or {}
         self.contexts = {100 + i: Context(run_id=1, node_id=100 + i, node_config={"partition-id": i,
-                                                                                  "num-partitions": num_nodes},
+                                                                                  "num-partitions": num_nodes,
+                                                                                  **extra.get(i, {})},
                                           state=RecordDict(), run_config=dict(run_config or {}))
                          for i in range(num_nodes)}
         self.offline, self.sent = set(), []
@@ -267,6 +270,64 @@ def test_a_client_failing_mid_run_is_dropped_and_the_next_round_goes_on(fl, refe
     assert flower.ends[3][1]["aggregation"]["groups"]["classifier"]["contributors"] == [TV, TA, AV]
     for r in (1, 2, 3):
         assert_same_state(sim.ends[r][0], flower.ends[r][0], f"round {r}")
+
+
+def write_sites(settings, root, feature_dim=None):
+    """Each client's shard of the run's corpus written as its site's DialogueGCN pickle; the node
+    configs pointing at them."""
+    from imer_fast.data import make_synthetic
+    from imer_fast.data.formats import write_dialoguegcn
+    from imer_fast.federated import shard_corpus
+
+    corpus = settings.load_corpus() if feature_dim is None else \
+        make_synthetic("iemocap6", scale=settings["scale"], feature_dims=feature_dim)
+    shards = shard_corpus(corpus, 3, settings["seed"])
+    return {i: {"data": "dialoguegcn", "data-path": str(write_dialoguegcn(shard, root / f"site{i}.pkl")["path"])}
+            for i, shard in enumerate(shards)}
+
+
+def test_site_nodes_reading_their_own_files_give_the_shared_corpus_model(fl, reference, tiny_settings, tmp_path):
+    """Each SuperNode reads its site's data (node config data + data-path) instead of sharding the
+    run's corpus: with the sites' files holding exactly the shards, every round's global state equals
+    the in-process simulation's, bit for bit."""
+    settings = fl.Settings.from_run_config(TINY, num_classes=6, out_dir=str(tmp_path / "site-run"))
+    nodes = write_sites(settings, tmp_path)
+    with identity():
+        flower, _ = run_inline(fl, settings, {"node_configs": nodes})
+    sim, _ = reference
+    for r in (1, 2, 3):
+        assert flower.ends[r][1]["aggregation"]["dropped"] == {}
+        assert_same_state(sim.ends[r][0], flower.ends[r][0], f"round {r}")
+    results = json.loads((tmp_path / "site-run" / "results.json").read_text())
+    assert {cid: c["train_dialogues"] for cid, c in results["clients"].items()} == \
+        {cid: c["train_dialogues"] for cid, c in reference[1]["clients"].items()}
+
+
+def test_a_site_whose_data_does_not_fit_the_model_is_dropped_with_the_reason(fl, tiny_settings, tmp_path):
+    settings = fl.Settings.from_run_config(TINY, num_classes=6, out_dir=str(tmp_path / "bad-site"))
+    nodes = write_sites(settings, tmp_path)
+    nodes[2] = write_sites(settings, tmp_path / "narrow", feature_dim=8)[2]   # 8-wide features, not 12
+    with identity():
+        flower, _ = run_inline(fl, settings, {"node_configs": nodes})
+    dropped = flower.ends[1][1]["aggregation"]["dropped"]
+    assert list(dropped) == [AV]
+    assert "does not fit this site's data" in dropped[AV] and "site2.pkl" in dropped[AV], dropped
+
+
+@pytest.mark.parametrize("node, message", [
+    ({"data-path": "x.pkl"}, "the format is 'synthetic-iemocap6'"),
+    ({"data": "dialoguegcn", "data-path": "/nonexistent/site.pkl"}, "cannot read this site's data"),
+    ({"data-path": 3}, "node-config 'data-path' must be a string"),
+])
+def test_bad_site_data_in_a_node_config_is_a_clear_error(fl, task_identity, node, message):
+    from flwr.app import Context, Message, RecordDict
+
+    app = fl.make_client_app(fl.Settings.from_run_config(TINY))
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, **node}, state=RecordDict(), run_config={})
+    query = Message(RecordDict(), 7, fl.IDENTIFY)
+    query.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+    with pytest.raises(ValueError, match=message):
+        app(query, context)
 
 
 def fl_error(code, reason):

@@ -58,12 +58,13 @@ from ..data.corpus import MODALITIES
 from ..data.missing import pattern_mask
 from ..train.feddisc import FedDISCConfig
 from ..train.trainer import TrainerConfig
-from .aggregation import ClientUpdate
+from .aggregation import ClientUpdate, feddisc_partition
 from .rounds import (CHECKPOINT, RoundServer, SimulatedClient, client_info, local_config, make_clients, new_model,
-                     pool_scaling, scaling_reply, train_stage)
+                     pool_scaling, scaling_reply, site_client, train_stage)
 from .simulation import FederatedConfig, SimulationHooks
 
-__all__ = ["DEFAULT_RUN_CONFIG", "ERROR_CODES", "FedDISCStrategy", "IDENTIFY", "SCALING", "Settings", "TRAIN",
+__all__ = ["DEFAULT_RUN_CONFIG", "ERROR_CODES", "FedDISCStrategy", "IDENTIFY", "SCALING", "SITE_DATA_KEYS", "Settings",
+           "TRAIN",
            "client_app", "make_client_app", "make_server_app", "record_to_state", "run_server", "server_app",
            "state_to_record"]
 
@@ -82,7 +83,7 @@ ERROR_CODES = {0: "UNKNOWN", 1: "LOAD_CLIENT_APP_EXCEPTION", 2: "CLIENT_APP_RAIS
 DEFAULT_RUN_CONFIG: Dict[str, Any] = {
     # corpus (as imer-fast's --data flags; every process regenerates or reads it)
     "data": "synthetic-iemocap6", "scale": 1.0, "feature-dim": 0, "data-seed": 0, "modality-noise": 1.0,
-    "data-path": "", "label-path": "", "feature-dirs": "",
+    "data-path": "", "label-path": "", "feature-dirs": "", "num-classes": 0,
     # federation (FederatedConfig)
     "clients": "tv,ta,av", "schedule": "afa", "extractor-rounds": 5, "recovery-rounds": 5, "classifier-rounds": 5,
     "cycles": 2, "local-epochs": 1, "weighted": False, "min-replies": 1, "on-invalid": "drop", "seed": 0,
@@ -101,8 +102,16 @@ DEFAULT_RUN_CONFIG: Dict[str, Any] = {
 """Every run-config key and its default. Kebab-case, flat, scalar (Flower's run config allows bool,
 int, float and str only): lists are comma-separated strings (``clients="tv,ta,av"``), and 0 / ``""``
 mean "unset" where the flag is optional (``feature-dim``, ``sampling-steps``, ``prediction``,
-``scaling``, ``out-dir``, ``torch-threads``). ``round-timeout``: seconds the server waits for a round's
-replies; ``join-timeout``: for the clients to connect before round 1 (and for an identify reply)."""
+``scaling``, ``out-dir``, ``torch-threads``, ``num-classes``). ``round-timeout``: seconds the server waits
+for a round's replies; ``join-timeout``: for the clients to connect before round 1 (and for an identify
+reply).
+
+A SuperNode whose node config has any of :data:`SITE_DATA_KEYS` reads its own site's data instead of a
+shard of the run's corpus (see :func:`make_client_app`)."""
+
+SITE_DATA_KEYS = ("data", "data-path", "label-path", "feature-dirs")
+"""Node-config keys that point a SuperNode at its site's local data (same meaning as the run config's;
+``data``, the format, defaults to the run's)."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,9 @@ class Settings:
         for key in ("round-timeout", "join-timeout"):
             if values[key] <= 0:
                 raise ValueError(f"feddisc-flower: run-config {key!r} must be > 0 seconds; got {values[key]!r}")
+        if values["num-classes"] < 0:
+            raise ValueError(f"feddisc-flower: run-config 'num-classes' must be >= 0 (0: inferred from the labels); "
+                             f"got {values['num-classes']}")
         if values["torch-threads"] < 0:
             raise ValueError(f"feddisc-flower: run-config 'torch-threads' must be >= 0; got {values['torch-threads']}")
         settings = cls(tuple(sorted(values.items())))
@@ -187,16 +199,17 @@ class Settings:
             eval_rates=rates, recovery_error=v["recovery-error"], out_dir=v["out-dir"] or None, resume=v["resume"],
             progress=not v["quiet"], feddisc=feddisc)
 
-    def load_corpus(self) -> Corpus:
+    def load_corpus(self, site: Optional[Mapping[str, str]] = None) -> Corpus:
         """The corpus named by ``data`` (``synthetic-<name>``, ``gcnet`` with ``label-path`` and
-        ``feature-dirs="text=DIR,audio=DIR,video=DIR"``, or ``dialoguegcn`` with ``data-path``)."""
+        ``feature-dirs="text=DIR,audio=DIR,video=DIR"``, or ``dialoguegcn`` with ``data-path``);
+        ``site``: :data:`SITE_DATA_KEYS` values that replace the run config's (a site's local files)."""
         from ..cli import load_corpus
 
-        v = self.run_config()
+        v = {**self.run_config(), **dict(site or {})}
         args = argparse.Namespace(data=v["data"], scale=v["scale"], feature_dim=v["feature-dim"] or None,
                                   data_seed=v["data-seed"], modality_noise=v["modality-noise"],
                                   label_path=v["label-path"] or None, feature_dir=list(_list(v["feature-dirs"])),
-                                  path=v["data-path"] or None)
+                                  path=v["data-path"] or None, num_classes=v["num-classes"] or None)
         try:
             return load_corpus(args)
         except SystemExit as err:
@@ -307,49 +320,94 @@ class _ClientData:
     corpus: Corpus
     config: FederatedConfig
     base: FedDISCConfig
-    clients: List[SimulatedClient]
+    clients: Dict[int, SimulatedClient]   # partition id -> client (a site node: its own only)
+    site: str = ""                        # where a site node's data is ("": a shard of the run's corpus)
 
 
 @lru_cache(maxsize=2)
 def _client_data(settings: Settings) -> _ClientData:
-    """The corpus and every client's shard (deterministic from the settings; cached per process)."""
+    """The run's corpus and every client's shard (deterministic from the settings; cached per process)."""
     config = settings.federated_config()
     corpus = settings.load_corpus()
-    return _ClientData(corpus, config, local_config(config), make_clients(corpus, config))
+    return _ClientData(corpus, config, local_config(config), dict(enumerate(make_clients(corpus, config))))
 
 
-def _partition(context: Context, data: _ClientData) -> SimulatedClient:
+@lru_cache(maxsize=2)
+def _site_data(settings: Settings, pid: int, site: Tuple[Tuple[str, str], ...]) -> _ClientData:
+    """Client ``pid`` on its site's own data (node-config :data:`SITE_DATA_KEYS`)."""
+    config = settings.federated_config()
+    where = " ".join(f"{k}={v}" for k, v in site)
+    if dict(site).get("data", settings["data"]).startswith("synthetic-"):
+        raise ValueError(f"feddisc-flower ClientApp: the node config names site data ({where}) but the format is "
+                         f"{dict(site).get('data', settings['data'])!r}; set data=gcnet or data=dialoguegcn in the "
+                         f"node config or the run config")
+    try:
+        corpus = settings.load_corpus(dict(site))
+        client = site_client(corpus, config, pid)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"feddisc-flower ClientApp: cannot read this site's data ({where}): {err}") from None
+    return _ClientData(corpus, config, local_config(config), {pid: client}, where)
+
+
+def _partition_id(context: Context, config: FederatedConfig) -> int:
     node_config = context.node_config
     if "partition-id" not in node_config:
         raise ValueError("feddisc-flower ClientApp: the node has no 'partition-id' in its node config; start it with "
                          "flower-supernode --node-config 'partition-id=<i> num-partitions=<n>'")
-    pid, count = node_config["partition-id"], len(data.clients)
+    pid, count = node_config["partition-id"], len(config.clients)
     if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < count:
         raise ValueError(f"feddisc-flower ClientApp: partition-id must be an int in [0, {count}) (one per entry of "
-                         f"clients={','.join(data.config.clients)!r}); got {pid!r}")
+                         f"clients={','.join(config.clients)!r}); got {pid!r}")
     if "num-partitions" in node_config and node_config["num-partitions"] != count:
         raise ValueError(f"feddisc-flower ClientApp: num-partitions={node_config['num-partitions']!r} but the run "
-                         f"has {count} clients ({','.join(data.config.clients)})")
-    return data.clients[pid]
+                         f"has {count} clients ({','.join(config.clients)})")
+    return pid
+
+
+def _site(context: Context) -> Tuple[Tuple[str, str], ...]:
+    """The node's site-data keys (empty: the node takes its shard of the run's corpus)."""
+    items = []
+    for key in SITE_DATA_KEYS:
+        value = context.node_config.get(key, "")
+        if not isinstance(value, str):
+            raise ValueError(f"feddisc-flower ClientApp: node-config {key!r} must be a string; got {value!r}")
+        if value:
+            items.append((key, value))
+    return tuple(items) if any(k != "data" for k, _ in items) else ()
 
 
 def _worker(data: _ClientData, content: RecordDict):
     """A model with the broadcast state loaded (checked against the model's keys, shapes, dtypes)."""
     model = new_model(data.corpus, data.config, data.base)
-    state = record_to_state(content["arrays"], like=model.state_dict())
+    try:
+        state = record_to_state(content["arrays"], like=model.state_dict())
+    except ValueError as err:
+        if not data.site:
+            raise
+        raise ValueError(f"feddisc-flower ClientApp: the broadcast model does not fit this site's data "
+                         f"({data.site}: feature widths {data.corpus.feature_dims}, {data.corpus.num_classes} "
+                         f"classes; set the run config's num-classes if a site lacks a class): {err}") from None
     return model, state
 
 
 def make_client_app(settings: Optional[Settings] = None) -> ClientApp:
     """The FedDISC ClientApp. ``settings``: fixed settings (the Python simulation API); None: read from
-    ``context.run_config`` (deployment, ``flwr run``)."""
+    ``context.run_config`` (deployment, ``flwr run``).
+
+    Each node's ``partition-id`` picks its client (pattern) in the run's ``clients``. Its data is that
+    client's shard of the run's corpus, or, when the node config names site data
+    (:data:`SITE_DATA_KEYS`, e.g. ``--node-config 'partition-id=0 data=dialoguegcn
+    data-path="/data/site0.pkl"'``), the ``train`` (+ ``valid``) dialogues of the site's own files;
+    the test split stays with the server, which evaluates on the run's corpus."""
     app = ClientApp()
 
     def setup(context: Context) -> Tuple[_ClientData, SimulatedClient]:
         s = _settings(settings, context)
         _threads(s)
-        data = _client_data(s)
-        return data, _partition(context, data)
+        pid = _partition_id(context, s.federated_config())
+        site = _site(context)
+        data = _site_data(s, pid, site) if site else _client_data(s)
+        return data, data.clients[pid]
 
     @app.query("identify")
     def identify(msg: Message, context: Context) -> Message:
@@ -375,6 +433,8 @@ def make_client_app(settings: Optional[Settings] = None) -> ClientApp:
         config = msg.content["config"]
         reply, info = train_stage(model, client, data.config, data.base, int(config["server-round"]),
                                   str(config["phase"]), state)
+        # only what the aggregation reads: the round's trainable groups this client is entitled to
+        reply = {k: reply[k] for k in feddisc_partition().reply_keys(reply, config["trainable"], client.modalities)}
         metrics = {"num-examples": client.num_samples, "seconds": float(info["seconds"]), "epochs": int(info["epochs"]),
                    "seed": int(info["seed"])}
         if info["train_loss"] is not None:

@@ -47,7 +47,7 @@ if TYPE_CHECKING:   # pragma: no cover - annotations only (simulation imports th
 __all__ = ["CHECKPOINT", "FORMAT", "METRICS", "RESULTS", "SCALING_KEYS", "STAGE_OF_PHASE", "RoundServer",
            "SimulatedClient", "client_config", "client_info", "clone_state", "config_dict", "first_classifier_round",
            "local_config", "make_clients", "make_schedule", "new_model", "pool_scaling", "report_dict",
-           "scaling_reply", "scaling_stale", "scaling_statistics", "shard_corpus", "train_stage"]
+           "scaling_reply", "scaling_stale", "scaling_statistics", "shard_corpus", "site_client", "train_stage"]
 
 STAGE_OF_PHASE = {"extractor": "extractor", "recovery": "generator", "classifier": "classifier"}
 """The FedDISCRun stage (``schedule="release"``) a round of each phase trains."""
@@ -119,16 +119,33 @@ class SimulatedClient:
 def make_clients(corpus: Corpus, config: "FederatedConfig") -> List[SimulatedClient]:
     """The config's clients on their shards of ``corpus`` (a validation share each)."""
     shards = shard_corpus(corpus, len(config.clients), config.seed)
-    clients = []
-    for i, (cid, pattern, shard) in enumerate(zip(config.client_ids, config.clients, shards)):
-        try:
-            shard = with_validation(shard, config.feddisc.valid_fraction, config.seed + i)
-        except ValueError as err:
-            raise ValueError(f"client {cid}: {err} (use fewer clients or a larger corpus)") from None
-        mask = pattern_mask(pattern)
-        clients.append(SimulatedClient(cid, i, pattern, frozenset(m for m, a in zip(MODALITIES, mask) if a), shard,
-                                       shard.num_utterances("train")))
-    return clients
+    return [_client(config, i, shard, "use fewer clients or a larger corpus") for i, shard in enumerate(shards)]
+
+
+def site_client(corpus: Corpus, config: "FederatedConfig", index: int) -> SimulatedClient:
+    """Client ``index`` of ``config`` on its own site's ``corpus`` (a deployment where each site reads
+    its local data instead of a shard of a shared corpus): its ``train`` dialogues (and ``valid``, or a
+    held-out slice of ``train``) are the client's; its ``test`` split is not used (the server evaluates
+    on its own)."""
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(config.clients):
+        raise ValueError(f"site_client: index must be an int in [0, {len(config.clients)}); got {index!r}")
+    if not corpus.splits.get("train"):
+        raise ValueError(f"client {config.client_ids[index]}: the site's corpus {corpus.name!r} has no training "
+                         f"dialogues")
+    splits = {k: list(v) for k, v in corpus.splits.items() if k in ("train", "valid") and v}
+    mine = replace(corpus, name=f"{corpus.name}/site{index}", splits=splits,
+                   dialogues={d: corpus.dialogues[d] for ids in splits.values() for d in ids})
+    return _client(config, index, mine, "the site needs at least 2 training dialogues")
+
+
+def _client(config: "FederatedConfig", index: int, corpus: Corpus, hint: str) -> SimulatedClient:
+    cid, pattern = config.client_ids[index], config.clients[index]
+    try:
+        corpus = with_validation(corpus, config.feddisc.valid_fraction, config.seed + index)
+    except ValueError as err:
+        raise ValueError(f"client {cid}: {err} ({hint})") from None
+    modalities = frozenset(m for m, a in zip(MODALITIES, pattern_mask(pattern)) if a)
+    return SimulatedClient(cid, index, pattern, modalities, corpus, corpus.num_utterances("train"))
 
 
 def client_info(client: SimulatedClient) -> Dict:
