@@ -39,6 +39,12 @@ def versions() -> dict:
         out["torch_geometric"] = torch_geometric.__version__
     except ImportError:
         pass
+    try:
+        import flwr
+
+        out["flwr"] = flwr.__version__
+    except ImportError:
+        pass
     return out
 
 

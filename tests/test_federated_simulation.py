@@ -116,6 +116,30 @@ def test_shards_are_disjoint_cover_the_training_dialogues_and_are_seeded():
     assert [c.modalities for c in clients] == [{"text", "video"}, {"text", "audio"}, {"audio", "video"}]
 
 
+def test_a_site_client_trains_on_its_own_train_and_valid_dialogues_only():
+    from imer_fast.federated.rounds import site_client
+
+    site = make_synthetic("iemocap6", seed=3, scale=0.1, feature_dims=4)     # its own train / test
+    config = tiny_config()
+    client = site_client(site, config, 2)
+    assert (client.id, client.pattern, client.modalities) == (AV, "av", {"audio", "video"})
+    mine = client.corpus.splits["train"] + client.corpus.splits["valid"]
+    assert sorted(mine) == sorted(site.splits["train"]) and "test" not in client.corpus.splits
+    assert set(client.corpus.dialogues) == set(mine)                          # the site's test never travels
+    assert client.corpus.splits == with_validation(replace(site, splits={"train": site.splits["train"]}),
+                                                   config.feddisc.valid_fraction, config.seed + 2).splits
+    assert client.num_samples == client.corpus.num_utterances("train")
+    with_valid = with_validation(site, 0.3, seed=0)                           # a site valid split is kept as is
+    assert site_client(with_valid, config, 0).corpus.splits["valid"] == with_valid.splits["valid"]
+    with pytest.raises(ValueError, match="index must be an int in"):
+        site_client(site, config, 3)
+    with pytest.raises(ValueError, match="has no training dialogues"):
+        site_client(replace(site, splits={"test": site.splits["test"]}), config, 0)
+    one = replace(site, splits={"train": site.splits["train"][:1]})
+    with pytest.raises(ValueError, match="client client01:ta: .*at least 2 training dialogues"):
+        site_client(one, config, 1)
+
+
 def test_federated_scaling_equals_fitting_on_the_holders_pooled_data(corpus):
     """The clients send statistics of the modalities they hold; pooled per modality over its holders
     they give what fit_scaling gives on the holders' data together."""
