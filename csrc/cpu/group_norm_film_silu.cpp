@@ -187,8 +187,45 @@ void forward_channels_last(const Shape& sh, const ChannelParams<scalar_t, opmath
   });
 }
 
+// One float32 sample of the channels-last backward on the vectorised rows of vec_rows.h: the first
+// pass stores gf (silu' needs an exp) for the second, which computes dx from the group means.
+inline void backward_sample_float(const Shape& sh, const float* x, const float* g, float* dx,
+                                  const std::vector<float>& centre, const std::vector<float>& rr,
+                                  const std::vector<float>& wc, const std::vector<float>& bc,
+                                  const std::vector<float>& film, const std::vector<float>& sft,
+                                  std::vector<float>& s_gf, std::vector<float>& s_gfa, std::vector<float>& s_ga_xn,
+                                  std::vector<float>& s_ga, std::vector<float>& s_dx, std::vector<float>& gf_rows,
+                                  bool apply_silu) {
+  const int64_t C = sh.C, S = sh.S, n = sh.cpg * S;
+  for (int64_t s = 0; s < S; ++s) {
+    vec_rows::group_norm_backward_sums_row(x + s * C, g + s * C, centre.data(), rr.data(), wc.data(), bc.data(),
+                                           film.data(), sft.data(), gf_rows.data() + s * C, s_gf.data(),
+                                           s_gfa.data(), s_ga_xn.data(), s_ga.data(), C, apply_silu);
+  }
+  if (dx == nullptr) return;
+  std::vector<float> k(C), mg(C), mgx(C);
+  for (int64_t grp = 0; grp < sh.G; ++grp) {
+    float sum_g = 0, sum_gxn = 0;
+    for (int64_t c = grp * sh.cpg; c < (grp + 1) * sh.cpg; ++c) {
+      sum_g += wc[c] * s_ga[c];
+      sum_gxn += wc[c] * s_ga_xn[c];
+    }
+    for (int64_t c = grp * sh.cpg; c < (grp + 1) * sh.cpg; ++c) {
+      mg[c] = sum_g / n;
+      mgx[c] = sum_gxn / n;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) k[c] = film[c] * wc[c];
+  std::fill(s_dx.begin(), s_dx.end(), 0.0f);
+  for (int64_t s = 0; s < S; ++s) {
+    vec_rows::group_norm_backward_dx_row(x + s * C, gf_rows.data() + s * C, centre.data(), rr.data(), k.data(),
+                                         mg.data(), mgx.data(), dx + s * C, s_dx.data(), C);
+  }
+}
+
 // Backward over channels-last x and grad_y: one task per sample; per-channel partial sums in the
-// first pass, dx in the second (the group means of g and g * xn come from the partials).
+// first pass, dx in the second (the group means of g and g * xn come from the partials). float32
+// runs backward_sample_float; other types the scalar loops below.
 template <typename scalar_t, typename opmath_t>
 void backward_channels_last(const Shape& sh, const ChannelParams<scalar_t, opmath_t>& p, const scalar_t* xp,
                             const scalar_t* gp, scalar_t* dxp, const opmath_t* mp, const opmath_t* rp, opmath_t* pp,
@@ -197,6 +234,7 @@ void backward_channels_last(const Shape& sh, const ChannelParams<scalar_t, opmat
   at::parallel_for(0, sh.B, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t> centre(C), rr(C), wc(C), bc(C), film(C), sft(C);
     std::vector<opmath_t> s_gf(C), s_gfa(C), s_ga_xn(C), s_ga(C), s_dx(C), mean_g(sh.G), mean_gxn(sh.G);
+    std::vector<float> gf_rows(std::is_same_v<scalar_t, float> ? S * C : 0);  // float32: gf kept for pass 2
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t c = 0; c < C; ++c) {
         const int64_t g = c / sh.cpg;
@@ -221,6 +259,18 @@ void backward_channels_last(const Shape& sh, const ChannelParams<scalar_t, opmat
       std::fill(s_gfa.begin(), s_gfa.end(), opmath_t(0));
       std::fill(s_ga_xn.begin(), s_ga_xn.end(), opmath_t(0));
       std::fill(s_ga.begin(), s_ga.end(), opmath_t(0));
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        backward_sample_float(sh, xp + b * S * C, gp + b * S * C, dxp ? dxp + b * S * C : nullptr, centre, rr, wc, bc,
+                              film, sft, s_gf, s_gfa, s_ga_xn, s_ga, s_dx, gf_rows, apply_silu);
+        for (int64_t c = 0; c < C; ++c) {
+          pp[0 * plane + b * C + c] = s_ga_xn[c];
+          pp[1 * plane + b * C + c] = s_ga[c];
+          pp[3 * plane + b * C + c] = s_gfa[c];
+          pp[4 * plane + b * C + c] = s_gf[c];
+          if (dxp) pp[2 * plane + b * C + c] = s_dx[c];
+        }
+        continue;
+      }
       for (int64_t s = 0; s < S; ++s) {
         const scalar_t* xrow = xp + (b * S + s) * C;
         const scalar_t* grow = gp + (b * S + s) * C;

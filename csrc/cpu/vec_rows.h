@@ -167,5 +167,70 @@ IMER_FAST_ROW_CLONES inline void affine_silu_row(const float* x, const float* k,
   }
 }
 
+// Channels-last GroupNorm backward, first pass over one spatial row of n channels (every pointer but x,
+// g, gf_out holds one value per channel): xn = (x + centre) * rstd, a = xn * w + b, f = a * film + shift,
+// gf = g * silu'(f) (or g). Stores gf and accumulates per channel s_gf += gf, s_gfa += gf * a,
+// s_ga_xn += ga * xn and s_ga += ga, with ga = gf * film. Tail channels use libm's exp.
+IMER_FAST_ROW_CLONES inline void group_norm_backward_sums_row(
+    const float* x, const float* g, const float* centre, const float* rstd, const float* w, const float* b,
+    const float* film, const float* shift, float* gf_out, float* s_gf, float* s_gfa, float* s_ga_xn, float* s_ga,
+    int64_t n, bool silu) {
+  const F8 one = F8{} + 1.0f;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const F8 xn = (load8(x + i) + load8(centre + i)) * load8(rstd + i);
+    const F8 a = xn * load8(w + i) + load8(b + i);
+    const F8 fm = load8(film + i);
+    F8 gf = load8(g + i);
+    if (silu) {
+      const F8 f = a * fm + load8(shift + i);
+      const F8 sg = one / (one + vexp(-f));
+      gf *= sg * (one + f * (one - sg));
+    }
+    const F8 ga = gf * fm;
+    store8(gf_out + i, gf);
+    store8(s_gf + i, load8(s_gf + i) + gf);
+    store8(s_gfa + i, load8(s_gfa + i) + gf * a);
+    store8(s_ga_xn + i, load8(s_ga_xn + i) + ga * xn);
+    store8(s_ga + i, load8(s_ga + i) + ga);
+  }
+  for (; i < n; ++i) {
+    const float xn = (x[i] + centre[i]) * rstd[i], a = xn * w[i] + b[i];
+    float gf = g[i];
+    if (silu) {
+      const float f = a * film[i] + shift[i], sg = 1.0f / (1.0f + __builtin_expf(-f));
+      gf *= sg * (1.0f + f * (1.0f - sg));
+    }
+    const float ga = gf * film[i];
+    gf_out[i] = gf;
+    s_gf[i] += gf;
+    s_gfa[i] += gf * a;
+    s_ga_xn[i] += ga * xn;
+    s_ga[i] += ga;
+  }
+}
+
+// Channels-last GroupNorm backward, second pass over one spatial row (per-channel k = film * w and the
+// channel's group means mg of g, mgx of g * xn): d = rstd * (gf * k - mg - xn * mgx), xn = (x + centre)
+// * rstd; out = d, s_dx += d.
+IMER_FAST_ROW_CLONES inline void group_norm_backward_dx_row(const float* x, const float* gf, const float* centre,
+                                                            const float* rstd, const float* k, const float* mg,
+                                                            const float* mgx, float* out, float* s_dx, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const F8 r = load8(rstd + i);
+    const F8 xn = (load8(x + i) + load8(centre + i)) * r;
+    const F8 d = r * (load8(gf + i) * load8(k + i) - load8(mg + i) - xn * load8(mgx + i));
+    store8(out + i, d);
+    store8(s_dx + i, load8(s_dx + i) + d);
+  }
+  for (; i < n; ++i) {
+    const float xn = (x[i] + centre[i]) * rstd[i];
+    const float d = rstd[i] * (gf[i] * k[i] - mg[i] - xn * mgx[i]);
+    out[i] = d;
+    s_dx[i] += d;
+  }
+}
+
 }  // namespace vec_rows
 }  // namespace imer_fast
