@@ -17,7 +17,7 @@ import torch
 
 from imer_fast.data import make_synthetic
 from imer_fast.train.drkf import DRKFConfig, DRKFRun, build_model
-from imer_fast.train.trainer import TrainerConfig
+from imer_fast.train.trainer import TrainerConfig, adamw
 
 from conftest import sync
 
@@ -56,7 +56,7 @@ def one_epoch(run: DRKFRun, stage: str, device):
                 model.predict_batch(batch, seed=0)
         sync(device)
         return
-    optimizer = torch.optim.AdamW(model.parameter_groups()[GROUPS[stage]], lr=1e-5)
+    optimizer = adamw(model.parameter_groups()[GROUPS[stage]], lr=1e-5, weight_decay=0.01)  # the trainer's
     step = {"drkf": run.drkf_step, "generator": run.generator_step, "finetune": run.finetune_step}[stage]
     model.train()
     with model.layers.context():

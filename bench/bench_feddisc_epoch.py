@@ -10,8 +10,9 @@ the per-module suites (`bench_attention`, `bench_samplers`, `bench_score_net`) c
 Data: the synthetic IEMOCAP-6 corpus at GCNet's feature widths (1,024 / 512 / 1,024), 8 training
 dialogues of IEMOCAP lengths, batch 8 dialogues (the release's), GCNet missing rate 0.5. Presets:
 ``release`` (32 × 48 latents, 16.4 M-parameter U-Nets, DDIM-50 recovery) and ``small`` (the demo's).
-Stages: ``extractor`` (DGN + MulT pseudo-labeller, fwd+bwd+AdamW), ``generator`` (ε-MSE of the three
-U-Nets), ``classifier`` (DDIM recovery of the missing latents + MulT classifier fwd+bwd), ``eval``
+Stages: ``extractor`` (DGN + MulT pseudo-labeller, fwd+bwd+AdamW), ``generator`` (the three U-Nets'
+loss on utterance minibatches of ``generator_batch_size``, after computing the epoch's conditions),
+``classifier`` (DDIM recovery of the missing latents + MulT classifier fwd+bwd), ``eval``
 (label-free prediction of the test split).
 """
 import pytest
@@ -19,7 +20,7 @@ import torch
 
 from imer_fast.data import make_synthetic
 from imer_fast.train.feddisc import FedDISCConfig, FedDISCRun, build_model
-from imer_fast.train.trainer import TrainerConfig
+from imer_fast.train.trainer import TrainerConfig, adamw
 
 from conftest import sync
 
@@ -61,11 +62,14 @@ def one_epoch(run: FedDISCRun, stage: str, device):
     groups = model.parameter_groups()
     group = {"extractor": "extractor", "generator": "recovery", "classifier": "classifier"}[stage]
     params = groups[group]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = adamw(params, lr=1e-5, weight_decay=0.01)  # the trainer's optimiser
     step = {"extractor": run.extractor_step, "generator": run.generator_step, "classifier": run.classifier_step}[stage]
     model.train()
     with model.layers.context():
-        for batch in run.train_batches(0):
+        # the generator stage trains on utterance minibatches; its epoch includes computing their
+        # conditions (the frozen pseudo-labeller over the dialogues), as the trainer's does
+        batches = run.generator_batches("train", 0) if stage == "generator" else run.train_batches(0)
+        for batch in batches:
             loss, _ = step(batch, 0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -16,7 +16,7 @@ import torch
 
 from imer_fast.data import make_synthetic
 from imer_fast.train.rohydr import RoHyDRConfig, RoHyDRRun, build_model
-from imer_fast.train.trainer import TrainerConfig
+from imer_fast.train.trainer import TrainerConfig, adamw
 
 from conftest import sync
 
@@ -54,7 +54,7 @@ def one_epoch(run: RoHyDRRun, stage: str, device):
                 model(batch, seed=0)
         sync(device)
         return
-    optimisers = {g: torch.optim.AdamW(ps, lr=1e-5) for g, ps in model.parameter_groups().items()}
+    optimisers = {g: adamw(ps, lr=1e-5, weight_decay=0.01) for g, ps in model.parameter_groups().items()}
 
     def update(group, loss):
         optimisers[group].zero_grad(set_to_none=True)

@@ -210,3 +210,29 @@ def test_variant_config_resumes_only_variants_that_began(tmp_path):
     assert variant_config(base, tmp_path, "zero_fill", first=False).resume
     assert not variant_config(TrainerConfig(progress=False), tmp_path, "zero_fill", first=False).resume
     assert variant_config(base, None, "x", first=True).out_dir is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_trainers_fused_adamw_takes_torchs_adamw_steps(dtype):
+    """adamw() (fused where the device has it) follows the AdamW update of torch's reference loop."""
+    from imer_fast.train.trainer import adamw
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen, dtype=dtype) for s in ((7, 5), (3,), (2, 4, 6))]
+    grads = [[torch.randn(t.shape, generator=gen, dtype=dtype) for t in start] for _ in range(4)]
+    ours = [t.clone().requires_grad_() for t in start]
+    reference = [t.clone().requires_grad_() for t in start]
+    fast = adamw(ours, lr=1e-2, weight_decay=0.05)
+    assert fast.defaults["fused"]
+    slow = torch.optim.AdamW(reference, lr=1e-2, weight_decay=0.05, foreach=False)
+    for step in grads:
+        for params, opt in ((ours, fast), (reference, slow)):
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    integer = torch.zeros(2, dtype=torch.long)   # not a float tensor: the default implementation
+    assert adamw([torch.zeros(2, requires_grad=True)], lr=1.0, weight_decay=0.0).defaults["fused"]
+    assert not adamw([torch.zeros(2, requires_grad=True), integer], lr=1.0, weight_decay=0.0).defaults["fused"]
