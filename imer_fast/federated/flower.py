@@ -337,10 +337,10 @@ def _site_data(settings: Settings, pid: int, site: Tuple[Tuple[str, str], ...]) 
     """Client ``pid`` on its site's own data (node-config :data:`SITE_DATA_KEYS`)."""
     config = settings.federated_config()
     where = " ".join(f"{k}={v}" for k, v in site)
-    if dict(site).get("data", settings["data"]).startswith("synthetic-"):
+    data_format = dict(site).get("data", settings["data"])
+    if data_format.startswith("synthetic-"):
         raise ValueError(f"feddisc-flower ClientApp: the node config names site data ({where}) but the format is "
-                         f"{dict(site).get('data', settings['data'])!r}; set data=gcnet or data=dialoguegcn in the "
-                         f"node config or the run config")
+                         f"{data_format!r}; set data=gcnet or data=dialoguegcn in the node config or the run config")
     try:
         corpus = settings.load_corpus(dict(site))
         client = site_client(corpus, config, pid)
