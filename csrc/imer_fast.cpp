@@ -51,6 +51,25 @@ TORCH_LIBRARY(imer_fast, m) {
       "Tensor? key_mask, Tensor? null_k, Tensor? null_v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, int mask_kind, float dropout_p, "
       "Tensor? dropout_seed, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One pre-norm MulT encoder layer on [N = L * B, E] rows in (L, B) order (spec:
+  // imer_fast/ops/mult_layer.py): self-attention when xk is absent, keys and values from xk when xv is
+  // absent, else from xk and xv; every input normalised by layer_norms[0]. The *_keep tensors are
+  // dropout factors (0 or 1 / (1 - p)) for the attention residual, the relu and the feed-forward
+  // residual. Returns (out [N, E], the tensors mult_layer_backward needs).
+  m.def(
+      "mult_layer(Tensor x, Tensor? xk, Tensor? xv, Tensor ln0_weight, Tensor ln0_bias, Tensor in_proj_weight, "
+      "Tensor in_proj_bias, Tensor out_proj_weight, Tensor out_proj_bias, Tensor ln1_weight, Tensor ln1_bias, "
+      "Tensor fc1_weight, Tensor fc1_bias, Tensor fc2_weight, Tensor fc2_bias, Tensor? key_mask, "
+      "Tensor? attn_res_keep, Tensor? relu_keep, Tensor? ffn_res_keep, int batch, int num_heads, float ln0_eps, "
+      "float ln1_eps, float scale, int mask_kind, float dropout_p, Tensor? dropout_seed) -> (Tensor, Tensor[])");
+  // Gradients of mult_layer for (x, xk, xv, ln0 weight/bias, in_proj weight/bias, out_proj
+  // weight/bias, ln1 weight/bias, fc1 weight/bias, fc2 weight/bias); empty tensors for absent xk / xv.
+  m.def(
+      "mult_layer_backward(Tensor grad_out, Tensor[] saved, Tensor x, Tensor? xk, Tensor? xv, Tensor ln0_weight, "
+      "Tensor ln0_bias, Tensor in_proj_weight, Tensor out_proj_weight, Tensor ln1_weight, Tensor ln1_bias, "
+      "Tensor fc1_weight, Tensor fc2_weight, Tensor? key_mask, Tensor? attn_res_keep, Tensor? relu_keep, "
+      "Tensor? ffn_res_keep, int batch, int num_heads, float scale, int mask_kind, float dropout_p, "
+      "Tensor? dropout_seed) -> Tensor[]");
   // LayerNorm over the last dimension of x, optionally "stable" (FedDISC/Imagen): x is first divided
   // by its detached row maximum. Returns (y, mean, rstd, row_max) with the statistics of x / row_max
   // (row_max = 1 when not stable), shaped x.shape[:-1], float32 (float64 for float64 x).

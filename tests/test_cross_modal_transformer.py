@@ -358,8 +358,9 @@ def test_attention_dropout_keeps_the_expected_fraction():
     x = torch.randn(400, 64, 8)
     xk = torch.randn(1, 64, 8)
     with torch.no_grad():
-        h = layer._norm(0, xk.reshape(-1, 8))
-        out = layer.self_attn.attend(layer._norm(0, x.reshape(-1, 8)), h, h, 400, 1, 64, None, "none")
+        norm = layer.layer_norms[0]
+        h = norm(xk.reshape(-1, 8))
+        out = layer.self_attn.attend(norm(x.reshape(-1, 8)), h, h, 400, 1, 64, None, "none")
     heads = out.view(400, 64, 2, 4)
     dropped = (heads.abs().amax(-1) == 0).double().mean().item()
     assert abs(dropped - 0.25) < 0.02

@@ -44,11 +44,11 @@ gradients) where an additive ``-inf`` mask would give NaN.
 
 Fast path: the sinusoidal table is a cached non-persistent buffer (not in the state_dict; it
 follows the module's device and dtype and is rebuilt for a longer input), and positions are one
-gather fused with the scaling (``torch.add(pos, x, alpha=sqrt(E))``); the q projection is one
-``F.linear`` (one packed qkv projection in self-attention; one packed k/v projection, after one
-LayerNorm, per layer when ``x_in_k is x_in_v``); heads are permuted views handed to the op without
-copies, the op's output is a free view of [L * B, E], the residual adds ride on the output
-projections (``addmm`` with the residual), and dropout is skipped when p == 0 or not training.
+gather fused with the scaling (``torch.add(pos, x, alpha=sqrt(E))``). Each layer is one call of
+:func:`imer_fast.ops.mult_layer` on the [L * B, E] rows: on a CPU that is one autograd node with a
+hand-written C++ backward (LayerNorms, packed projections, the fused attention, residuals); on a GPU
+it composes the Triton attention with cuBLAS GEMMs. Residual and ReLU dropout factors are drawn here
+(``_keep``) and handed to the op, and are skipped when p == 0 or not training.
 """
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.attention import attention
+from ..ops.attention import MASK_KINDS, attention
+from ..ops.mult_layer import MultLayerWeights, mult_layer
 
 _NAME = "CrossModalTransformer"
 
@@ -287,33 +288,30 @@ class CrossModalTransformerLayer(nn.Module):
         self.fc2 = _xavier_linear(4 * embed_dim, embed_dim)
         self.layer_norms = nn.ModuleList([nn.LayerNorm(embed_dim) for _ in range(2)])
 
-    def _norm(self, i: int, x: Tensor) -> Tensor:
-        ln = self.layer_norms[i]
-        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    def weights(self) -> MultLayerWeights:
+        attn, (ln0, ln1) = self.self_attn, self.layer_norms
+        return MultLayerWeights(ln0.weight, ln0.bias, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight,
+                                attn.out_proj.bias, ln1.weight, ln1.bias, self.fc1.weight, self.fc1.bias,
+                                self.fc2.weight, self.fc2.bias)
 
-    def _drop(self, x: Tensor, p: float) -> Tensor:
-        return F.dropout(x, p=p, training=True) if p > 0.0 and self.training else x
+    def _keep(self, like: Tensor, width: int, p: float) -> Optional[Tensor]:
+        """F.dropout's factors (0 with probability p, else 1 / (1 - p)) drawn from torch's generator."""
+        if not (self.training and p > 0.0):
+            return None
+        return like.new_empty(like.shape[0], width).bernoulli_(1.0 - p).div_(1.0 - p)
 
     def forward_rows(self, x: Tensor, xk: Optional[Tensor], xv: Optional[Tensor], lq: int, lk: int, batch: int,
                      key_mask: Optional[Tensor]) -> Tensor:
-        """The layer on row-major [L * B, E] tensors (x contiguous); ``xk is xv`` shares one k/v projection."""
-        hq = self._norm(0, x)
-        if xk is None:
-            hk = hv = None
-        else:
-            hk = self._norm(0, xk)
-            hv = hk if xv is xk else self._norm(0, xv)
-        out = self.self_attn.attend(hq, hk, hv, lq, lk, batch, key_mask, "future" if self.attn_mask else "none")
-        proj = self.self_attn.out_proj
-        if self.training and self.res_dropout > 0.0:
-            x = x + self._drop(F.linear(out, proj.weight, proj.bias), self.res_dropout)
-        else:
-            x = torch.addmm(x, out, proj.weight.t()).add_(proj.bias)  # residual + out @ W^T + b
-        hidden = F.linear(self._norm(1, x), self.fc1.weight, self.fc1.bias).relu_()
-        hidden = self._drop(hidden, self.relu_dropout)
-        if self.training and self.res_dropout > 0.0:
-            return x + self._drop(F.linear(hidden, self.fc2.weight, self.fc2.bias), self.res_dropout)
-        return torch.addmm(x, hidden, self.fc2.weight.t()).add_(self.fc2.bias)
+        """The layer on row-major [L * B, E] tensors; ``xk is xv`` shares one k/v projection."""
+        attn = self.self_attn
+        return mult_layer(
+            x, xk, None if xv is xk else xv, self.weights(), batch=batch, num_heads=self.num_heads,
+            ln0_eps=self.layer_norms[0].eps, ln1_eps=self.layer_norms[1].eps, scale=attn.scaling,
+            mask_kind=MASK_KINDS["future" if self.attn_mask else "none"], key_mask=key_mask,
+            attn_res_keep=self._keep(x, self.embed_dim, self.res_dropout),
+            relu_keep=self._keep(x, self.fc1.out_features, self.relu_dropout),
+            ffn_res_keep=self._keep(x, self.embed_dim, self.res_dropout),
+            dropout_p=attn.attn_dropout if self.training else 0.0)
 
     def forward(self, x: Tensor, x_k: Optional[Tensor] = None, x_v: Optional[Tensor] = None, *,
                 key_padding_mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Tensor:

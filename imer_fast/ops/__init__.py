@@ -18,6 +18,7 @@ from .dialogue_graph import (
 )
 from .group_norm import group_norm_film_silu, group_norm_film_silu_ref, select_group_norm_film_silu_backend
 from .layer_norm import select_stable_layer_norm_backend, stable_layer_norm, stable_layer_norm_ref
+from .mult_layer import MultLayerWeights, mult_layer, mult_layer_ref, select_mult_layer_backend
 from .relational_csr import RelationalGraph, relational_csr, relational_csr_ref, select_relational_csr_backend
 from .rgcn import graph_conv, graph_conv_ref, rgcn_conv, rgcn_conv_ref, select_rgcn_conv_backend
 from .sampler_steps import (add_scaled_noise, add_scaled_noise_ref, ddim_step, ddpm_step, diffusion_step_ref,
@@ -27,6 +28,7 @@ from .timestep_embedding import (gaussian_fourier_embedding, select_timestep_emb
 
 __all__ = [
     "MASK_KINDS", "attention", "attention_ref", "select_attention_backend",
+    "MultLayerWeights", "mult_layer", "mult_layer_ref", "select_mult_layer_backend",
     "RELATION_KINDS", "DialogueGraph", "RelationalGraph", "build_dialogue_graph", "build_dialogue_graph_ref",
     "graph_conv", "graph_conv_ref", "num_relations_of", "relation_map_from_names", "relation_names",
     "relational_csr", "relational_csr_ref", "rgcn_conv", "rgcn_conv_ref", "select_build_dialogue_graph_backend",
