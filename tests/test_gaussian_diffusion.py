@@ -187,6 +187,25 @@ def test_samplers_recover_gaussian_data_distribution(sampler):
     assert abs(x.std().item() - s) < 0.01
 
 
+def test_dpm_solver_clips_as_ddim_does():
+    """With x0 clipping active (data of std 2 against the [-1, 1] clip), DPM-Solver++ must converge to
+    what many-step clipped DDIM gives from the same x_T (clip x0, keep the model's ε), and its first
+    step must be exactly a clipped DDIM step, not a saturated flow of its own."""
+    diffusion = GaussianDiffusion(1000)
+    model = GaussianEps(diffusion, 0.0, 2.0)
+    y = torch.zeros(512, 1)
+    x_t = torch.randn(512, 1, 4, generator=torch.Generator().manual_seed(0))
+    ddim = diffusion.ddim_sample(model, y, 4, 512, 1, ddim_timesteps=999, ddim_discr_method="uniform", noise=x_t)
+    dpm = diffusion.dpm_solver_sample(model, y, 4, 512, 1, steps=200, noise=x_t)
+    assert (dpm - ddim).abs().max().item() < 0.05
+    one = diffusion.dpm_solver_sample(model, y, 4, 512, 1, steps=1, spacing="time_uniform", noise=x_t)
+    ab = diffusion.alphas_cumprod.float()
+    eps = model(x_t, torch.full((512,), 999), y)
+    x0 = ((x_t - (1 - ab[999]).sqrt() * eps) / ab[999].sqrt()).clamp(-1, 1)
+    expected = ab[0].sqrt() * x0 + (1 - ab[0]).sqrt() * eps
+    torch.testing.assert_close(one, expected, rtol=1e-4, atol=2e-4)  # 1/α(999) ≈ 160 amplifies rounding
+
+
 def test_dpm_solver_timesteps():
     diffusion = GaussianDiffusion(1000)
     for spacing in ("time_uniform", "logSNR"):

@@ -296,7 +296,12 @@ class GaussianDiffusion:
         h_i = λ_i − λ_{i−1}: x_i = (σ_i/σ_{i−1})·x_{i−1} − α_i·(e^{−h_i} − 1)·D_i, where D_i = x0_{i−1}
         on the first step (and on the last when ``lower_order_final`` and fewer than 15 steps, which
         keeps very short runs stable) and (1 + 1/(2r))·x0_{i−1} − 1/(2r)·x0_{i−2} otherwise,
-        r = h_{i−1}/h_i. Deterministic given x_T; ``steps`` model calls. The default ``spacing`` is
+        r = h_{i−1}/h_i. The update is evaluated as x_i = α_i·(e^{−h_i}·x0_{i−1} + (1 − e^{−h_i})·D_i) +
+        σ_i·ε_{i−1} (the same value when nothing is clipped, since x_{i−1} = α·x0 + σ·ε): clipping then
+        acts as in the release's DDIM, which clips x0 but keeps the model's ε, so the first-order step
+        is exactly clipped DDIM. Written as (σ_i/σ_{i−1})·x_{i−1} + …, the part of x0 that the clip cut
+        off would ride along in x_{i−1}, and the solver converges to another, saturated, result.
+        Deterministic given x_T; ``steps`` model calls. The default ``spacing`` is
         uniform in log-SNR: on Gaussian data with the exact ε, 10 steps recover the data's spread within
         a few percent, while time-uniform steps are far off (tests/test_gaussian_diffusion.py).
         """
@@ -323,7 +328,8 @@ class GaussianDiffusion:
             else:
                 r = h_prev / h
                 d = (1 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
-            x = (sigma[i] / sigma[s]) * x - alpha[i] * math.expm1(-h) * d
+            decay = math.exp(-h)
+            x = alpha[i] * (decay * x0 + (1.0 - decay) * d) + sigma[i] * eps
             x0_prev, h_prev = x0, h
         return x
 
