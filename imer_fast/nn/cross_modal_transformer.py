@@ -300,7 +300,7 @@ class CrossModalTransformerLayer(nn.Module):
             return None
         return like.new_empty(like.shape[0], width).bernoulli_(1.0 - p).div_(1.0 - p)
 
-    def forward_rows(self, x: Tensor, xk: Optional[Tensor], xv: Optional[Tensor], lq: int, lk: int, batch: int,
+    def forward_rows(self, x: Tensor, xk: Optional[Tensor], xv: Optional[Tensor], batch: int,
                      key_mask: Optional[Tensor]) -> Tensor:
         """The layer on row-major [L * B, E] tensors; ``xk is xv`` shares one k/v projection."""
         attn = self.self_attn
@@ -334,7 +334,7 @@ class CrossModalTransformerLayer(nn.Module):
             xk = x_k.reshape(lk * batch, e)
             xv = xk if x_v is x_k else x_v.reshape(lk * batch, e)
         key_mask = key_mask_from(who, key_padding_mask, lengths, batch, lk, x.device)
-        out = self.forward_rows(x.reshape(lq * batch, e).contiguous(), xk, xv, lq, lk, batch, key_mask)
+        out = self.forward_rows(x.reshape(lq * batch, e).contiguous(), xk, xv, batch, key_mask)
         return out.view(lq, batch, e)
 
 
@@ -397,6 +397,6 @@ class CrossModalTransformer(nn.Module):
         key_mask = key_mask_from(_NAME, key_padding_mask, lengths, batch, lk, x_in.device)
         x = self._embed(x_in).view(lq * batch, e)
         for layer in self.layers:
-            x = layer.forward_rows(x, xk, xv, lq, lk, batch, key_mask)
+            x = layer.forward_rows(x, xk, xv, batch, key_mask)
         ln = self.layer_norm
         return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps).view(lq, batch, e)
