@@ -17,7 +17,8 @@ BACKENDS = ("cpp", "triton", "reference")
 
 def triton_kernels_missing():
     try:
-        for name in ("rgcn", "dialogue_graph", "attention", "layer_norm", "sampler_steps", "group_norm", "timestep_embedding"):
+        for name in ("rgcn", "dialogue_graph", "attention", "layer_norm", "sampler_steps", "group_norm", "timestep_embedding",
+                     "winograd_conv"):
             importlib.import_module(f"imer_fast._kernels.{name}")
     except Exception as err:  # noqa: BLE001 - any import failure means the backend is unavailable
         return str(err)

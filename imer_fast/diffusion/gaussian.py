@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..nn.conditional_unet import reuse_transformed_weights
 from ..ops.counter_rng import counter_normal
 from ..ops.sampler_steps import ddim_step, ddpm_step
 
@@ -240,6 +241,7 @@ class GaussianDiffusion:
         return mean + nonzero * (0.5 * log_variance).exp() * noise
 
     @torch.no_grad()
+    @reuse_transformed_weights()
     def sample(self, model: Denoiser, y: Tensor, seq_len: int, batch_size: int = 8, channels: int = 32, *,
                clip_denoised: bool = True, noise: Optional[Tensor] = None,
                generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
@@ -266,6 +268,7 @@ class GaussianDiffusion:
     # ---- DDIM -----------------------------------------------------------------------------------
 
     @torch.no_grad()
+    @reuse_transformed_weights()
     def ddim_sample(self, model: Denoiser, y: Tensor, seq_len: int, batch_size: int = 8, channels: int = 32,
                     ddim_timesteps: int = 50, ddim_discr_method: str = "quad", ddim_eta: float = 0.0,
                     clip_denoised: bool = True, *, noise: Optional[Tensor] = None,
@@ -286,6 +289,7 @@ class GaussianDiffusion:
     # ---- DPM-Solver++(2M) -----------------------------------------------------------------------
 
     @torch.no_grad()
+    @reuse_transformed_weights()
     def dpm_solver_sample(self, model: Denoiser, y: Tensor, seq_len: int, batch_size: int = 8, channels: int = 32,
                           steps: int = 20, *, spacing: str = "logSNR", clip_denoised: bool = True,
                           lower_order_final: bool = True, noise: Optional[Tensor] = None,

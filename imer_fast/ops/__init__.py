@@ -25,6 +25,8 @@ from .sampler_steps import (add_scaled_noise, add_scaled_noise_ref, ddim_step, d
                             select_sampler_step_backend, ve_em_step, ve_em_step_ref)
 from .timestep_embedding import (gaussian_fourier_embedding, select_timestep_embedding_backend,
                                  sinusoidal_timestep_embedding, timestep_embedding_ref)
+from .winograd_conv import (select_winograd_conv1d_backend, winograd_conv1d, winograd_conv1d_ref,
+                            winograd_weight)
 
 __all__ = [
     "MASK_KINDS", "attention", "attention_ref", "select_attention_backend",
@@ -40,4 +42,5 @@ __all__ = [
     "select_sampler_step_backend", "ve_em_step", "ve_em_step_ref",
     "gaussian_fourier_embedding", "select_timestep_embedding_backend", "sinusoidal_timestep_embedding",
     "timestep_embedding_ref",
+    "select_winograd_conv1d_backend", "winograd_conv1d", "winograd_conv1d_ref", "winograd_weight",
 ]
