@@ -30,7 +30,10 @@
 #include <array>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#include "vec_rows.h"
 
 namespace imer_fast {
 namespace {
@@ -94,6 +97,134 @@ std::vector<int64_t> leading_shape(const at::Tensor& x) {
   return std::vector<int64_t>(x.sizes().begin(), x.sizes().end() - 1);
 }
 
+// Rows [begin, end) of the forward (module doc of imer_fast/ops/layer_norm.py); xh is a scratch row.
+template <typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void forward_rows(const scalar_t* __restrict__ xp, const scalar_t* wp,
+                                                        const scalar_t* bp, scalar_t* __restrict__ yp, acc_t* mean_p,
+                                                        acc_t* rstd_p, acc_t* amax_p, acc_t* __restrict__ xh,
+                                                        int64_t begin, int64_t end, int64_t N, acc_t eps_c, acc_t inv_n,
+                                                        bool stable) {
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t* __restrict__ xr = xp + i * N;
+    scalar_t* __restrict__ yr = yp + i * N;
+    for (int64_t j = 0; j < N; ++j) xh[j] = static_cast<acc_t>(xr[j]);
+    acc_t a = acc_t(1);
+    if (stable) {
+      a = row_max(xh, N);
+      for (int64_t j = 0; j < N; ++j) xh[j] = xh[j] / a;
+    }
+    const acc_t mu = lane_sum<acc_t>(N, [&](int64_t j) { return xh[j]; }) * inv_n;
+    // A NaN in the row makes the whole row NaN either way; only the stored row_max needs it
+    // (torch.amax propagates NaN).
+    if (stable && std::isnan(mu) && !std::isnan(a)) {
+      for (int64_t j = 0; j < N; ++j) {
+        if (std::isnan(static_cast<acc_t>(xr[j]))) {
+          a = static_cast<acc_t>(xr[j]);
+          break;
+        }
+      }
+    }
+    const acc_t var = lane_sum<acc_t>(N, [&](int64_t j) {
+                        const acc_t d = xh[j] - mu;
+                        return d * d;
+                      }) * inv_n;
+    const acc_t rs = acc_t(1) / std::sqrt(var + eps_c);
+    if (wp != nullptr && bp != nullptr) {
+      for (int64_t j = 0; j < N; ++j) {
+        yr[j] = static_cast<scalar_t>((xh[j] - mu) * rs * static_cast<acc_t>(wp[j]) + static_cast<acc_t>(bp[j]));
+      }
+    } else if (wp != nullptr) {
+      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((xh[j] - mu) * rs * static_cast<acc_t>(wp[j]));
+    } else if (bp != nullptr) {
+      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((xh[j] - mu) * rs + static_cast<acc_t>(bp[j]));
+    } else {
+      for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((xh[j] - mu) * rs);
+    }
+    mean_p[i] = mu;
+    rstd_p[i] = rs;
+    amax_p[i] = a;
+  }
+}
+
+// One float32 row on eight-lane vectors (vec_rows.h), compiled per instruction set (the build has
+// no -march flag): row maximum, xh = x / a into the scratch row, sum, centred squares, output. The
+// same operations in the same order as the generic rows, lanes combined in the same fixed order.
+IMER_FAST_ROW_CLONES void forward_rows_f32(const float* xp, const float* wp, const float* bp, float* yp, float* mean_p,
+                                          float* rstd_p, float* amax_p, float* xh, int64_t begin, int64_t end,
+                                          int64_t N, float eps_c, float inv_n, bool stable) {
+  using namespace vec_rows;
+  const int64_t vec_end = N - N % 8;
+  for (int64_t i = begin; i < end; ++i) {
+    const float* xr = xp + i * N;
+    float* yr = yp + i * N;
+    float a = 1.0f;
+    if (stable) {
+      F8 m = F8{} + xr[0];
+      for (int64_t j = 0; j < vec_end; j += 8) {
+        const F8 v = load8(xr + j);
+        m = v > m ? v : m;
+      }
+      a = m[0];
+      for (int l = 1; l < 8; ++l) a = m[l] > a ? m[l] : a;
+      for (int64_t j = vec_end; j < N; ++j) a = xr[j] > a ? xr[j] : a;
+    }
+    F8 s = F8{};
+    for (int64_t j = 0; j < vec_end; j += 8) {
+      const F8 v = load8(xr + j) / a;
+      store8(xh + j, v);
+      s += v;
+    }
+    float tail = 0.0f;
+    for (int64_t j = vec_end; j < N; ++j) {
+      xh[j] = xr[j] / a;
+      tail += xh[j];
+    }
+    const float mu = (hsum(s) + tail) * inv_n;
+    if (stable && std::isnan(mu) && !std::isnan(a)) {  // torch.amax propagates NaN (module doc)
+      for (int64_t j = 0; j < N; ++j) {
+        if (std::isnan(xr[j])) {
+          a = xr[j];
+          break;
+        }
+      }
+    }
+    F8 q = F8{};
+    for (int64_t j = 0; j < vec_end; j += 8) {
+      const F8 d = load8(xh + j) - mu;
+      q += d * d;
+    }
+    float q_tail = 0.0f;
+    for (int64_t j = vec_end; j < N; ++j) q_tail += (xh[j] - mu) * (xh[j] - mu);
+    const float rs = 1.0f / std::sqrt((hsum(q) + q_tail) * inv_n + eps_c);
+    for (int64_t j = 0; j < vec_end; j += 8) {
+      F8 v = (load8(xh + j) - mu) * rs;
+      if (wp != nullptr) v *= load8(wp + j);
+      if (bp != nullptr) v += load8(bp + j);
+      store8(yr + j, v);
+    }
+    for (int64_t j = vec_end; j < N; ++j) {
+      float v = (xh[j] - mu) * rs;
+      if (wp != nullptr) v *= wp[j];
+      if (bp != nullptr) v += bp[j];
+      yr[j] = v;
+    }
+    mean_p[i] = mu;
+    rstd_p[i] = rs;
+    amax_p[i] = a;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_rows_any(const scalar_t* xp, const scalar_t* wp, const scalar_t* bp, scalar_t* yp, acc_t* mean_p,
+                      acc_t* rstd_p, acc_t* amax_p, acc_t* xh, int64_t begin, int64_t end, int64_t N, acc_t eps_c,
+                      acc_t inv_n, bool stable) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    forward_rows_f32(xp, wp, bp, yp, mean_p, rstd_p, amax_p, xh, begin, end, N, eps_c, inv_n, stable);
+  } else {
+    forward_rows<scalar_t, acc_t>(xp, wp, bp, yp, mean_p, rstd_p, amax_p, xh, begin, end, N, eps_c, inv_n, stable);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stable_layer_norm_cpu(
     const at::Tensor& x_in, const c10::optional<at::Tensor>& weight_in, const c10::optional<at::Tensor>& bias_in,
     double eps, bool stable) {
@@ -125,47 +256,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stable_layer_norm_cpu
     const int64_t grain = std::max<int64_t>(1, 32768 / N);
     at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> buf(N);  // xh of the current row
-      acc_t* __restrict__ xh = buf.data();
-      for (int64_t i = begin; i < end; ++i) {
-        const scalar_t* __restrict__ xr = xp + i * N;
-        scalar_t* __restrict__ yr = yp + i * N;
-        for (int64_t j = 0; j < N; ++j) xh[j] = static_cast<acc_t>(xr[j]);
-        acc_t a = acc_t(1);
-        if (stable) {
-          a = row_max(xh, N);
-          for (int64_t j = 0; j < N; ++j) xh[j] = xh[j] / a;
-        }
-        const acc_t mu = lane_sum<acc_t>(N, [&](int64_t j) { return xh[j]; }) * inv_n;
-        // A NaN in the row makes the whole row NaN either way; only the stored row_max needs it
-        // (torch.amax propagates NaN).
-        if (stable && std::isnan(mu) && !std::isnan(a)) {
-          for (int64_t j = 0; j < N; ++j) {
-            if (std::isnan(static_cast<acc_t>(xr[j]))) {
-              a = static_cast<acc_t>(xr[j]);
-              break;
-            }
-          }
-        }
-        const acc_t var = lane_sum<acc_t>(N, [&](int64_t j) {
-                            const acc_t d = xh[j] - mu;
-                            return d * d;
-                          }) * inv_n;
-        const acc_t rs = acc_t(1) / std::sqrt(var + eps_c);
-        if (wp != nullptr && bp != nullptr) {
-          for (int64_t j = 0; j < N; ++j) {
-            yr[j] = static_cast<scalar_t>((xh[j] - mu) * rs * static_cast<acc_t>(wp[j]) + static_cast<acc_t>(bp[j]));
-          }
-        } else if (wp != nullptr) {
-          for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((xh[j] - mu) * rs * static_cast<acc_t>(wp[j]));
-        } else if (bp != nullptr) {
-          for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((xh[j] - mu) * rs + static_cast<acc_t>(bp[j]));
-        } else {
-          for (int64_t j = 0; j < N; ++j) yr[j] = static_cast<scalar_t>((xh[j] - mu) * rs);
-        }
-        mean_p[i] = mu;
-        rstd_p[i] = rs;
-        amax_p[i] = a;
-      }
+      forward_rows_any<scalar_t, acc_t>(xp, wp, bp, yp, mean_p, rstd_p, amax_p, buf.data(), begin, end, N, eps_c,
+                                        inv_n, stable);
     });
   });
   return {y, mean, rstd, amax};
