@@ -1,9 +1,10 @@
-"""Triton kernels of ``imer_fast::winograd_conv1d`` (semantics: imer_fast/ops/winograd_conv.py).
+"""Triton kernels of ``imer_fast::winograd_conv1d`` (semantics and matrices: imer_fast/ops/winograd_conv.py).
 
-The two transforms around the batched GEMM (cuBLAS through ``torch.bmm``): the input transform
-writes m [4, B·T, C] from x [B, C, L] of any strides (tiles of BLOCK_R pairs of positions ×
-BLOCK_C channels; positions outside [0, L) read as zeros), the output transform writes y
-(channels-last [B, L, Co]) from M [4, B·T, Co] plus the bias, in the dtype of x (float32 or float64).
+The two transforms around the batched GEMM (cuBLAS through ``torch.bmm``), for F(2, 3) (R = 4) and
+F(4, 3) (R = 6): the input transform writes m [R, B·T, C] from x [B, C, L] of any strides (tiles
+of BLOCK_R tiles × BLOCK_C channels; positions outside [0, L) read as zeros), the output transform
+writes y (channels-last [B, L, Co]) from M [R, B·T, Co] plus the bias, in the dtype of x (float32
+or float64). The formulas are the C++ kernel's (csrc/cpu/winograd_conv1d.cpp).
 """
 import torch
 import triton
@@ -14,31 +15,51 @@ BLOCK_C = 64
 
 
 @triton.jit
+def _row(base, p, j, length, stride_l, ok):
+    return tl.load(base + (p[:, None] + j).to(tl.int64) * stride_l,
+                   mask=ok & (p[:, None] + j >= 0) & (p[:, None] + j < length), other=0)
+
+
+@triton.jit
 def _input_transform_kernel(x_ptr, m_ptr, n_tiles, tiles_per_sample, length, channels,
                             stride_b, stride_c, stride_l,
-                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                            R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok, col_ok = rows < n_tiles, cols < channels
-    b = (rows // tiles_per_sample).to(tl.int64)
-    p = 2 * (rows % tiles_per_sample) - 1
-    base = x_ptr + b[:, None] * stride_b + cols[None, :].to(tl.int64) * stride_c
     ok = row_ok[:, None] & col_ok[None, :]
-    d0 = tl.load(base + p[:, None].to(tl.int64) * stride_l, mask=ok & (p[:, None] >= 0), other=0)
-    d1 = tl.load(base + (p[:, None] + 1).to(tl.int64) * stride_l, mask=ok & (p[:, None] + 1 < length), other=0)
-    d2 = tl.load(base + (p[:, None] + 2).to(tl.int64) * stride_l, mask=ok & (p[:, None] + 2 < length), other=0)
-    d3 = tl.load(base + (p[:, None] + 3).to(tl.int64) * stride_l, mask=ok & (p[:, None] + 3 < length), other=0)
+    b = (rows // tiles_per_sample).to(tl.int64)
+    p = (R - 2) * (rows % tiles_per_sample) - 1
+    base = x_ptr + b[:, None] * stride_b + cols[None, :].to(tl.int64) * stride_c
     out = m_ptr + rows[:, None].to(tl.int64) * channels + cols[None, :]
     plane = n_tiles.to(tl.int64) * channels
-    tl.store(out, d0 - d2, mask=ok)
-    tl.store(out + plane, d1 + d2, mask=ok)
-    tl.store(out + 2 * plane, d2 - d1, mask=ok)
-    tl.store(out + 3 * plane, d1 - d3, mask=ok)
+    d0 = _row(base, p, 0, length, stride_l, ok)
+    d1 = _row(base, p, 1, length, stride_l, ok)
+    d2 = _row(base, p, 2, length, stride_l, ok)
+    d3 = _row(base, p, 3, length, stride_l, ok)
+    if R == 4:
+        tl.store(out, d0 - d2, mask=ok)
+        tl.store(out + plane, d1 + d2, mask=ok)
+        tl.store(out + 2 * plane, d2 - d1, mask=ok)
+        tl.store(out + 3 * plane, d1 - d3, mask=ok)
+    else:
+        d4 = _row(base, p, 4, length, stride_l, ok)
+        d5 = _row(base, p, 5, length, stride_l, ok)
+        a = d4 - 4 * d2
+        c = d3 - 4 * d1
+        e = d4 - d2
+        f = 2 * (d3 - d1)
+        tl.store(out, 4 * d0 - 5 * d2 + d4, mask=ok)
+        tl.store(out + plane, a + c, mask=ok)
+        tl.store(out + 2 * plane, a - c, mask=ok)
+        tl.store(out + 3 * plane, e + f, mask=ok)
+        tl.store(out + 4 * plane, e - f, mask=ok)
+        tl.store(out + 5 * plane, 4 * d1 - 5 * d3 + d5, mask=ok)
 
 
 @triton.jit
 def _output_transform_kernel(M_ptr, bias_ptr, y_ptr, n_tiles, tiles_per_sample, length, channels,
-                             HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                             HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok, col_ok = rows < n_tiles, cols < channels
@@ -49,35 +70,47 @@ def _output_transform_kernel(M_ptr, bias_ptr, y_ptr, n_tiles, tiles_per_sample, 
     M1 = tl.load(src + plane, mask=ok, other=0)
     M2 = tl.load(src + 2 * plane, mask=ok, other=0)
     M3 = tl.load(src + 3 * plane, mask=ok, other=0)
-    even = (M0 + M1) + M2
-    odd = (M1 - M2) - M3
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0)
-        even += bias[None, :]
-        odd += bias[None, :]
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0)[None, :]
+    else:
+        bias = tl.zeros((1, BLOCK_C), dtype=M0.dtype)
     b = (rows // tiles_per_sample).to(tl.int64)
-    pos = 2 * (rows % tiles_per_sample)
+    pos = (R - 2) * (rows % tiles_per_sample)
     dst = y_ptr + (b * length + pos)[:, None] * channels + cols[None, :]
-    tl.store(dst, even, mask=ok)
-    tl.store(dst + channels, odd, mask=ok & (pos[:, None] + 1 < length))
+    if R == 4:
+        tl.store(dst, ((M0 + M1) + M2) + bias, mask=ok)
+        tl.store(dst + channels, ((M1 - M2) - M3) + bias, mask=ok & (pos[:, None] + 1 < length))
+    else:
+        M4 = tl.load(src + 4 * plane, mask=ok, other=0)
+        M5 = tl.load(src + 5 * plane, mask=ok, other=0)
+        s12 = M1 + M2
+        d12 = M1 - M2
+        s34 = M3 + M4
+        d34 = M3 - M4
+        tl.store(dst, ((M0 + s12) + s34) + bias, mask=ok)
+        tl.store(dst + channels, (d12 + 2 * d34) + bias, mask=ok & (pos[:, None] + 1 < length))
+        tl.store(dst + 2 * channels, (s12 + 4 * s34) + bias, mask=ok & (pos[:, None] + 2 < length))
+        tl.store(dst + 3 * channels, ((d12 + 8 * d34) + M5) + bias, mask=ok & (pos[:, None] + 3 < length))
 
 
 def winograd_conv1d(x, weight_tf, bias):
     batch, channels, length = x.shape
-    out_channels = weight_tf.shape[2]
-    tiles_per_sample = (length + 1) // 2
+    transformed, out_channels = weight_tf.shape[0], weight_tf.shape[2]
+    per_tile = transformed - 2
+    tiles_per_sample = (length + per_tile - 1) // per_tile
     n_tiles = batch * tiles_per_sample
     y_rows = torch.empty((batch, length, out_channels), device=x.device, dtype=x.dtype)
     if y_rows.numel() == 0:
         return y_rows.transpose(1, 2)
-    m = torch.empty((4, n_tiles, channels), device=x.device, dtype=x.dtype)
+    m = torch.empty((transformed, n_tiles, channels), device=x.device, dtype=x.dtype)
     if m.numel():
         grid = (triton.cdiv(n_tiles, BLOCK_R), triton.cdiv(channels, BLOCK_C))
         _input_transform_kernel[grid](x, m, n_tiles, tiles_per_sample, length, channels,
-                                      x.stride(0), x.stride(1), x.stride(2), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+                                      x.stride(0), x.stride(1), x.stride(2),
+                                      R=transformed, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     M = torch.bmm(m, weight_tf.contiguous())
     bias_arg = bias.contiguous() if bias is not None else M
     grid = (triton.cdiv(n_tiles, BLOCK_R), triton.cdiv(out_channels, BLOCK_C))
     _output_transform_kernel[grid](M, bias_arg, y_rows, n_tiles, tiles_per_sample, length, out_channels,
-                                   HAS_BIAS=bias is not None, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+                                   HAS_BIAS=bias is not None, R=transformed, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return y_rows.transpose(1, 2)

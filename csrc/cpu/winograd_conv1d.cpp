@@ -1,14 +1,15 @@
-// CPU kernel of imer_fast::winograd_conv1d (semantics: imer_fast/ops/winograd_conv.py).
+// CPU kernel of imer_fast::winograd_conv1d (semantics and transform matrices:
+// imer_fast/ops/winograd_conv.py).
 //
-// A 3-tap convolution (stride 1, zero padding 1) over channels-last rows as Winograd F(2, 3): each
-// pair of output positions (2i, 2i + 1) reads the four input rows d0..d3 = x[2i - 1 .. 2i + 2] and
-//   m = (d0 - d2, d1 + d2, d2 - d1, d1 - d3)       input transform, one pass over x
-//   M_k = m_k @ U_k  (k = 0..3)                     one batched GEMM (MKL through at::bmm)
-//   y[2i] = M0 + M1 + M2,  y[2i + 1] = M1 - M2 - M3  output transform, + bias
-// with U the transformed kernel. Four GEMMs over half the rows do the work of three over all of
-// them: 2/3 of the direct convolution's multiply-adds, and the GEMMs run at MKL's full rate where
-// oneDNN's small NWC convolutions do not. Rows are independent in both transforms and the GEMM is
-// deterministic, so results are bitwise repeatable.
+// A 3-tap convolution (stride 1, zero padding 1) over channels-last rows as Winograd F(n, 3), n = 2
+// or 4 output positions per tile, picked by the transformed kernel's first dimension R = n + 2:
+//   m_k = sum_j BT[k][j] d_j      input transform of the tile's rows d_j = x[n t - 1 + j], one pass
+//   M_k = m_k @ U_k  (k < R)       one batched GEMM (MKL through at::bmm_out)
+//   y[n t + i] = sum_k AT[i][k] M_k + bias    output transform
+// F(2, 3) does 4 GEMM rows per 2 outputs and F(4, 3) 6 per 4, against 3 per output for the direct
+// convolution: 2/3 and 1/2 of its multiply-adds, on MKL's GEMM where oneDNN's small NWC convolutions
+// run slower. The transforms are explicit formulas (no zero coefficients multiplied). Rows are
+// independent in both transforms and the GEMM is deterministic: bitwise repeatable.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -25,92 +26,145 @@ namespace {
 constexpr const char* kOp = "imer_fast::winograd_conv1d: ";
 constexpr int64_t kTilesPerTask = 8;
 
-// One tile's rows. Restrict-qualified so that the loops vectorise without runtime alias checks
-// (the padding rows all point at one shared zero row, which defeats GCC's overlap test).
-template <typename T>
-__attribute__((always_inline)) inline void input_tile(const T* __restrict d0, const T* __restrict d1,
-                                                      const T* __restrict d2, const T* __restrict d3,
-                                                      T* __restrict m0, T* __restrict m1, T* __restrict m2,
-                                                      T* __restrict m3, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) {
-    m0[c] = d0[c] - d2[c];
-    m1[c] = d1[c] + d2[c];
-    m2[c] = d2[c] - d1[c];
-    m3[c] = d1[c] - d3[c];
+// One tile's rows: R inputs (or M_k) and R transformed rows (or n outputs), n channels each.
+// Restrict-qualified so that the loops vectorise without runtime alias checks (the padding rows all
+// point at one shared zero row, which defeats GCC's overlap test).
+template <typename T, int R>
+__attribute__((always_inline)) inline void input_tile(const T* const* d_in, T* const* m_out, int64_t n) {
+  const T* __restrict d0 = d_in[0];
+  const T* __restrict d1 = d_in[1];
+  const T* __restrict d2 = d_in[2];
+  const T* __restrict d3 = d_in[3];
+  T* __restrict m0 = m_out[0];
+  T* __restrict m1 = m_out[1];
+  T* __restrict m2 = m_out[2];
+  T* __restrict m3 = m_out[3];
+  if constexpr (R == 4) {
+    for (int64_t c = 0; c < n; ++c) {
+      m0[c] = d0[c] - d2[c];
+      m1[c] = d1[c] + d2[c];
+      m2[c] = d2[c] - d1[c];
+      m3[c] = d1[c] - d3[c];
+    }
+  } else {
+    const T* __restrict d4 = d_in[4];
+    const T* __restrict d5 = d_in[5];
+    T* __restrict m4 = m_out[4];
+    T* __restrict m5 = m_out[5];
+    for (int64_t c = 0; c < n; ++c) {
+      const T a = d4[c] - T(4) * d2[c], b = d3[c] - T(4) * d1[c];  // shared by m1, m2
+      const T e = d4[c] - d2[c], f = T(2) * (d3[c] - d1[c]);        // shared by m3, m4
+      m0[c] = T(4) * d0[c] - T(5) * d2[c] + d4[c];
+      m1[c] = a + b;
+      m2[c] = a - b;
+      m3[c] = e + f;
+      m4[c] = e - f;
+      m5[c] = T(4) * d1[c] - T(5) * d3[c] + d5[c];
+    }
   }
 }
 
-template <typename T>
-__attribute__((always_inline)) inline void output_tile(const T* __restrict M0, const T* __restrict M1,
-                                                       const T* __restrict M2, const T* __restrict M3,
-                                                       const T* __restrict bias, T* __restrict even,
-                                                       T* __restrict odd, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) {
-    even[c] = ((M0[c] + M1[c]) + M2[c]) + bias[c];
-    if (odd) odd[c] = ((M1[c] - M2[c]) - M3[c]) + bias[c];
+template <typename T, int R>
+__attribute__((always_inline)) inline void output_tile(const T* const* M_in, const T* __restrict bias, T* const* y_out,
+                                                       int valid, int64_t n) {
+  const T* __restrict M0 = M_in[0];
+  const T* __restrict M1 = M_in[1];
+  const T* __restrict M2 = M_in[2];
+  const T* __restrict M3 = M_in[3];
+  T* __restrict y0 = y_out[0];
+  if constexpr (R == 4) {
+    T* __restrict y1 = y_out[1];
+    for (int64_t c = 0; c < n; ++c) {
+      y0[c] = ((M0[c] + M1[c]) + M2[c]) + bias[c];
+      if (valid > 1) y1[c] = ((M1[c] - M2[c]) - M3[c]) + bias[c];
+    }
+  } else {
+    const T* __restrict M4 = M_in[4];
+    const T* __restrict M5 = M_in[5];
+    T* __restrict y1 = y_out[1];
+    T* __restrict y2 = y_out[2];
+    T* __restrict y3 = y_out[3];
+    for (int64_t c = 0; c < n; ++c) {
+      const T s12 = M1[c] + M2[c], d12 = M1[c] - M2[c], s34 = M3[c] + M4[c], d34 = M3[c] - M4[c];
+      y0[c] = ((M0[c] + s12) + s34) + bias[c];
+      if (valid > 1) y1[c] = (d12 + T(2) * d34) + bias[c];
+      if (valid > 2) y2[c] = (s12 + T(4) * s34) + bias[c];
+      if (valid > 3) y3[c] = ((d12 + T(8) * d34) + M5[c]) + bias[c];
+    }
   }
 }
 
 // float32 tiles compiled per instruction set (the build has no -march flag); float64 as is.
-IMER_FAST_ROW_CLONES void input_tile_f32(const float* d0, const float* d1, const float* d2, const float* d3,
-                                         float* m0, float* m1, float* m2, float* m3, int64_t n) {
-  input_tile<float>(d0, d1, d2, d3, m0, m1, m2, m3, n);
+IMER_FAST_ROW_CLONES void input_tile4_f32(const float* const* d, float* const* m, int64_t n) {
+  input_tile<float, 4>(d, m, n);
 }
-IMER_FAST_ROW_CLONES void output_tile_f32(const float* M0, const float* M1, const float* M2, const float* M3,
-                                          const float* bias, float* even, float* odd, int64_t n) {
-  output_tile<float>(M0, M1, M2, M3, bias, even, odd, n);
+IMER_FAST_ROW_CLONES void input_tile6_f32(const float* const* d, float* const* m, int64_t n) {
+  input_tile<float, 6>(d, m, n);
+}
+IMER_FAST_ROW_CLONES void output_tile4_f32(const float* const* M, const float* bias, float* const* y, int valid,
+                                           int64_t n) {
+  output_tile<float, 4>(M, bias, y, valid, n);
+}
+IMER_FAST_ROW_CLONES void output_tile6_f32(const float* const* M, const float* bias, float* const* y, int valid,
+                                           int64_t n) {
+  output_tile<float, 6>(M, bias, y, valid, n);
 }
 
-template <typename T>
-void input_tile_any(const T* d0, const T* d1, const T* d2, const T* d3, T* m0, T* m1, T* m2, T* m3, int64_t n) {
+template <typename T, int R>
+void input_tile_any(const T* const* d, T* const* m, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    input_tile_f32(d0, d1, d2, d3, m0, m1, m2, m3, n);
+    (R == 4 ? input_tile4_f32 : input_tile6_f32)(d, m, n);
   } else {
-    input_tile<T>(d0, d1, d2, d3, m0, m1, m2, m3, n);
+    input_tile<T, R>(d, m, n);
   }
 }
 
-template <typename T>
-void output_tile_any(const T* M0, const T* M1, const T* M2, const T* M3, const T* bias, T* even, T* odd, int64_t n) {
+template <typename T, int R>
+void output_tile_any(const T* const* M, const T* bias, T* const* y, int valid, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    output_tile_f32(M0, M1, M2, M3, bias, even, odd, n);
+    (R == 4 ? output_tile4_f32 : output_tile6_f32)(M, bias, y, valid, n);
   } else {
-    output_tile<T>(M0, M1, M2, M3, bias, even, odd, n);
+    output_tile<T, R>(M, bias, y, valid, n);
   }
 }
 
-// m_k[r, :] for tile r = (b, i) from the rows of x_rows [B, L, C]; rows outside [0, L) are zeros.
-template <typename scalar_t>
+// m_k[r, :] for tile r = (b, t) from the rows of x_rows [B, L, C]; rows outside [0, L) are zeros.
+template <typename scalar_t, int R>
 void input_transform(const scalar_t* x, scalar_t* m, int64_t B, int64_t L, int64_t C, int64_t T) {
+  constexpr int kOut = R - 2;
   const int64_t N = B * T;
   at::parallel_for(0, N, kTilesPerTask, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> zeros(C, scalar_t(0));
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / T, p = 2 * (r % T) - 1;
-      const scalar_t* d[4];
-      for (int j = 0; j < 4; ++j) {
+      const int64_t b = r / T, p = kOut * (r % T) - 1;
+      const scalar_t* d[R];
+      scalar_t* mk[R];
+      for (int j = 0; j < R; ++j) {
         const int64_t q = p + j;
         d[j] = (q >= 0 && q < L) ? x + (b * L + q) * C : zeros.data();
+        mk[j] = m + (j * N + r) * C;
       }
-      scalar_t* m0 = m + r * C;
-      input_tile_any<scalar_t>(d[0], d[1], d[2], d[3], m0, m0 + N * C, m0 + 2 * N * C, m0 + 3 * N * C, C);
+      input_tile_any<scalar_t, R>(d, mk, C);
     }
   });
 }
 
-// y rows (2i, 2i + 1) of sample b from M_k[r, :] plus the bias (zeros when absent); the odd row is
-// dropped past the end of an odd L.
-template <typename scalar_t>
+// y rows n t .. n t + n - 1 of sample b from M_k[r, :] plus the bias (zeros when absent); rows past
+// the end of L are dropped.
+template <typename scalar_t, int R>
 void output_transform(const scalar_t* M, const scalar_t* bias, scalar_t* y, int64_t B, int64_t L, int64_t Co,
                       int64_t T) {
+  constexpr int kOut = R - 2;
   const int64_t N = B * T;
   at::parallel_for(0, N, kTilesPerTask, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = r / T, i = r % T;
-      const scalar_t* M0 = M + r * Co;
-      scalar_t* even = y + (b * L + 2 * i) * Co;
-      output_tile_any<scalar_t>(M0, M0 + N * Co, M0 + 2 * N * Co, M0 + 3 * N * Co, bias, even,
-                                2 * i + 1 < L ? even + Co : nullptr, Co);
+      const int64_t b = r / T, first = kOut * (r % T);
+      const scalar_t* Mk[R];
+      scalar_t* rows[kOut];
+      for (int k = 0; k < R; ++k) Mk[k] = M + (k * N + r) * Co;
+      const int valid = static_cast<int>(std::min<int64_t>(kOut, L - first));
+      for (int i = 0; i < kOut; ++i) rows[i] = y + (b * L + first + std::min(i, valid - 1)) * Co;
+      output_tile_any<scalar_t, R>(Mk, bias, rows, valid, Co);
     }
   });
 }
@@ -129,13 +183,16 @@ at::Tensor scratch(int slot, at::IntArrayRef shape, const at::TensorOptions& opt
 
 at::Tensor winograd_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight_tf, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 3, kOp, "x must be [B, C, L]; got shape ", x.sizes());
-  TORCH_CHECK(weight_tf.dim() == 3 && weight_tf.size(0) == 4 && weight_tf.size(1) == x.size(1), kOp,
-              "weight_tf must be [4, C = ", x.size(1), ", Co]; got shape ", weight_tf.sizes());
+  TORCH_CHECK(weight_tf.dim() == 3 && (weight_tf.size(0) == 4 || weight_tf.size(0) == 6) &&
+                  weight_tf.size(1) == x.size(1),
+              kOp, "weight_tf must be [R, C = ", x.size(1), ", Co] with R = 4 (F(2, 3)) or 6 (F(4, 3)); got shape ",
+              weight_tf.sizes());
   TORCH_CHECK(x.scalar_type() == weight_tf.scalar_type(), kOp, "x and weight_tf must share a dtype; got ",
               x.scalar_type(), " and ", weight_tf.scalar_type());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, kOp,
               "x must be float32 or float64; got ", x.scalar_type());
-  const int64_t B = x.size(0), C = x.size(1), L = x.size(2), Co = weight_tf.size(2), T = (L + 1) / 2;
+  const int64_t R = weight_tf.size(0), n_out = R - 2;
+  const int64_t B = x.size(0), C = x.size(1), L = x.size(2), Co = weight_tf.size(2), T = (L + n_out - 1) / n_out;
   at::Tensor bias_c = at::zeros({Co}, x.options());
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Co && bias->scalar_type() == x.scalar_type(), kOp,
@@ -146,13 +203,24 @@ at::Tensor winograd_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight_tf,
   at::Tensor y_rows = at::empty({B, L, Co}, x.options());
   if (y_rows.numel() == 0) return y_rows.transpose(1, 2);
   const at::Tensor x_rows = x.transpose(1, 2).contiguous();  // no copy for a channels-last x
-  at::Tensor m = scratch(0, {4, B * T, C}, x.options());
-  at::Tensor M = scratch(1, {4, B * T, Co}, x.options());
+  at::Tensor m = scratch(0, {R, B * T, C}, x.options());
+  at::Tensor M = scratch(1, {R, B * T, Co}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv1d", [&] {
-    input_transform<scalar_t>(x_rows.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(), B, L, C, T);
+    const scalar_t* xp = x_rows.data_ptr<scalar_t>();
+    scalar_t* mp = m.data_ptr<scalar_t>();
+    if (R == 4) {
+      input_transform<scalar_t, 4>(xp, mp, B, L, C, T);
+    } else {
+      input_transform<scalar_t, 6>(xp, mp, B, L, C, T);
+    }
     at::bmm_out(M, m, weight_tf.contiguous());
-    output_transform<scalar_t>(M.data_ptr<scalar_t>(), bias_c.data_ptr<scalar_t>(),
-                               y_rows.data_ptr<scalar_t>(), B, L, Co, T);
+    const scalar_t* Mp = M.data_ptr<scalar_t>();
+    scalar_t* yp = y_rows.data_ptr<scalar_t>();
+    if (R == 4) {
+      output_transform<scalar_t, 4>(Mp, bias_c.data_ptr<scalar_t>(), yp, B, L, Co, T);
+    } else {
+      output_transform<scalar_t, 6>(Mp, bias_c.data_ptr<scalar_t>(), yp, B, L, Co, T);
+    }
   });
   return y_rows.transpose(1, 2);
 }

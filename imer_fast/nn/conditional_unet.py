@@ -76,8 +76,9 @@ def reuse_transformed_weights() -> Iterator[None]:
 class Conv1d(nn.Conv1d):
     """``nn.Conv1d`` (same parameters and init) with CPU paths for channels-last inputs:
 
-    - 3-tap convolutions between at least 64 channels run as Winograd F(2, 3)
-      (:func:`imer_fast.ops.winograd_conv1d`: 2/3 of the multiply-adds, on MKL's GEMM) inside
+    - 3-tap convolutions between at least 64 channels run as Winograd F(4, 3) (F(2, 3) for lengths
+      not divisible by 4) (:func:`imer_fast.ops.winograd_conv1d`: 1/2 (2/3) of the multiply-adds, on
+      MKL's GEMM) inside
       :func:`reuse_transformed_weights` when no gradient is needed; narrower ones lose to oneDNN;
     - 1-tap convolutions run as one GEMM over the [B·L, C] rows (``F.linear``);
     - the rest run as 2-D convolutions over [B, C, 1, L] channels-last views: ATen's 1-D path would
@@ -91,7 +92,8 @@ class Conv1d(nn.Conv1d):
         if not x.is_cpu or x.dim() != 3 or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
         if self._winograd_applies(x):
-            return winograd_conv1d(x, self._transformed_weight(), self.bias)
+            # F(4, 3) where the length fills its tiles, else F(2, 3) (L = 6 would waste a third of F(4, 3))
+            return winograd_conv1d(x, self._transformed_weight(4 if x.shape[2] % 4 == 0 else 2), self.bias)
         if self.kernel_size == (1,) and self.stride == (1,) and self.padding == (0,) and self.groups == 1:
             return F.linear(x.transpose(1, 2), self.weight.squeeze(2), self.bias).transpose(1, 2)
         out = F.conv2d(x.unsqueeze(2), self.weight.unsqueeze(2), self.bias, (1, self.stride[0]), (0, self.padding[0]),
@@ -105,12 +107,12 @@ class Conv1d(nn.Conv1d):
                 and self.dilation == (1,) and self.groups == 1 and min(self.in_channels, self.out_channels) >= 64
                 and x.dtype in (torch.float32, torch.float64) and x.dtype == self.weight.dtype)
 
-    def _transformed_weight(self) -> Tensor:
+    def _transformed_weight(self, outputs_per_tile: int) -> Tensor:
         weight = self.weight
-        key = (_reuse["generation"], weight._version, weight.data_ptr(), weight.dtype)
+        key = (_reuse["generation"], weight._version, weight.data_ptr(), weight.dtype, outputs_per_tile)
         if self._winograd_copy is None or self._winograd_copy[0] != key:
             # Holding the source weight keeps its storage alive: no other tensor gets its address.
-            self._winograd_copy = (key, winograd_weight(weight.detach()), weight.detach())
+            self._winograd_copy = (key, winograd_weight(weight.detach(), outputs_per_tile), weight.detach())
             _modules_with_copies.add(self)
         return self._winograd_copy[1]
 

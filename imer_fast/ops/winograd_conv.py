@@ -1,33 +1,33 @@
-"""3-tap 1-D convolution as Winograd F(2, 3): ``imer_fast::winograd_conv1d`` and the public
+"""3-tap 1-D convolution as Winograd F(n, 3): ``imer_fast::winograd_conv1d`` and the public
 :func:`winograd_conv1d` / :func:`winograd_weight`.
 
 Semantics (the contract every backend implements). For x [B, C, L] and a convolution weight
-w [Co, C, 3] (stride 1, zero padding 1, the U-Nets' ``Conv1d(C, Co, 3, padding=1)``), with
-``g_k = w[:, :, k]ᵀ`` [C, Co]:
+w [Co, C, 3] (stride 1, zero padding 1: the U-Nets' ``Conv1d(C, Co, 3, padding=1)``), with
+``g_k = w[:, :, k]ᵀ`` [C, Co] and n = 2 or 4 output positions per tile (R = n + 2 transformed rows):
 
-    weight_tf = winograd_weight(w) = (g0, (g0 + g1 + g2) / 2, (g0 − g1 + g2) / 2, g2)   [4, C, Co]
+    weight_tf = winograd_weight(w, n)[k] = Σ_j G[k, j] g_j                  [R, C, Co]
+    tile t reads d_j = x[:, :, n·t − 1 + j], j < R (zero outside [0, L))
+    m_k = Σ_j BT[k, j] d_j,   M_k = m_k @ weight_tf[k]
+    y[:, :, n·t + i] = Σ_k AT[i, k] M_k + bias    (positions past L dropped)
 
-and for each pair of output positions (2i, 2i + 1), with d_j = x[:, :, 2i − 1 + j] (zero outside
-[0, L)):
+with Lavin & Gray's matrices (``TRANSFORMS``; F(2, 3): points 0, ±1, ∞; F(4, 3): 0, ±1, ±2, ∞).
+This equals ``F.conv1d(x, w, bias, padding=1)`` exactly in real arithmetic (checked in float64 in
+the tests). Per output position F(2, 3) runs 2 GEMM rows and F(4, 3) 1.5, against 3 for the direct
+convolution: 2/3 and 1/2 of its multiply-adds. The transforms only add and scale by small powers of
+two and ±4/5, so in float32 the rounding stays within a few units of 1e-6 relative (the tests bound
+it against the direct convolution's); the U-Net's output moves by about 1e-6 (ConditionalUNet1d
+tests).
 
-    m = (d0 − d2, d1 + d2, d2 − d1, d1 − d3),   M_k = m_k @ weight_tf[k]
-    y[:, :, 2i]     = M0 + M1 + M2 + bias
-    y[:, :, 2i + 1] = M1 − M2 − M3 + bias        (dropped past the end of an odd L)
+The operator takes the transformed weight (its first dimension picks n), so a sampler that calls
+the same denoiser 50–1,000 times transforms each weight once (:class:`imer_fast.nn.conditional_unet.Conv1d`
+caches it inside :func:`imer_fast.nn.conditional_unet.reuse_transformed_weights`). It returns
+[B, Co, L] stored channels-last ([B, L, Co] in memory), as oneDNN's convolution does for
+channels-last input. float32 and float64.
 
-which equals ``F.conv1d(x, w, bias, padding=1)`` exactly in real arithmetic (the identity is
-checked against it in the tests). Four GEMMs over half the positions replace three over all of
-them: 2/3 of the multiply-adds. The transforms only add, subtract and halve, so the rounding is that
-of a few more additions (within fp32 tolerance of the direct convolution; see the tests).
-
-The operator takes the transformed weight, so a sampler that calls the same denoiser 50–1,000 times
-transforms each weight once (:class:`imer_fast.nn.conditional_unet.Conv1d` caches it inside
-:func:`imer_fast.nn.reuse_transformed_weights`). It returns [B, Co, L] stored channels-last
-([B, L, Co] in memory), as oneDNN's convolution does for channels-last input. float32 and float64.
-
-Gradients (written with torch ops, so they are differentiable again): with dM from the transposed
-output transform (dM0 = gy_even, dM1 = gy_even + gy_odd, dM2 = gy_even − gy_odd, dM3 = −gy_odd),
-``dm_k = dM_k @ weight_tfᵀ[k]``, ``dweight_tf[k] = m_kᵀ @ dM_k``, dx the transposed input transform of
-dm (overlapping tiles add), dbias the sum of grad_y over batch and positions.
+Gradients (written with torch ops, so they are differentiable again): ``dM_k = Σ_i AT[i, k] gy_i``,
+``dm_k = dM_k @ weight_tf[k]ᵀ``, ``dd_j = Σ_k BT[k, j] dm_k`` added back to the tile's input rows
+(neighbouring tiles overlap by two rows), ``dweight_tf[k] = m_kᵀ @ dM_k``, dbias the sum of grad_y
+over batch and positions.
 
 Backends (:func:`select_winograd_conv1d_backend`): C++ on CPU (``csrc/cpu/winograd_conv1d.cpp``: the
 transforms in threaded row loops around MKL's batched GEMM), Triton on CUDA
@@ -36,7 +36,7 @@ GPU the U-Net itself keeps cuDNN's convolution, which picks its own algorithm (W
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,37 +49,65 @@ _runtime.require_cpp()
 
 _KERNEL_DTYPES = (torch.float32, torch.float64)
 
+# n -> (BT [R, R], G [R, 3], AT [n, R]) as nested lists: tensors are made per call on the input's
+# device and dtype (module-level tensors would leak into fake-tensor tracing of the backward).
+_TABLES = {
+    2: ([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]]),
+    4: ([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+         [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
+        [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+         [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
+}
 
-def winograd_weight(weight: Tensor) -> Tensor:
-    """The transformed kernel [4, C, Co] of a Conv1d weight [Co, C, 3] (module doc); differentiable."""
+
+def _matrices(outputs_per_tile: int, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.tensor(table, dtype=dtype, device=device) for table in _TABLES[outputs_per_tile])
+
+
+# The float64 matrices, n -> (BT, G, AT), for reference and tests.
+TRANSFORMS: Dict[int, Tuple[Tensor, Tensor, Tensor]] = {
+    n: _matrices(n, torch.float64, torch.device("cpu")) for n in _TABLES}
+
+
+def winograd_weight(weight: Tensor, outputs_per_tile: int = 4) -> Tensor:
+    """The transformed kernel [n + 2, C, Co] of a Conv1d weight [Co, C, 3] for F(n, 3), n = 2 or 4
+    (module doc); computed in float64 and cast back, differentiable."""
     if not isinstance(weight, Tensor) or weight.dim() != 3 or weight.shape[2] != 3:
         got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"winograd_weight: weight must be a Conv1d weight [Co, C, 3]; got {got}")
-    g0, g1, g2 = weight.permute(2, 1, 0).unbind(0)
-    return torch.stack([g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2]).contiguous()
+    if outputs_per_tile not in _TABLES:
+        raise ValueError(f"winograd_weight: outputs_per_tile must be one of {sorted(_TABLES)}; got "
+                         f"{outputs_per_tile!r}")
+    _, G, _ = _matrices(outputs_per_tile, torch.float64, weight.device)
+    taps = weight.permute(2, 1, 0).to(torch.float64)  # [3, C, Co]
+    return torch.einsum("kj,jco->kco", G, taps).to(weight.dtype).contiguous()
 
 
-def _tiles(x: Tensor) -> Tensor:
-    """The four input rows d0..d3 of every tile: [4, B, T, C] from x [B, C, L] (zeros outside [0, L))."""
-    length = x.shape[2]
-    tiles = (length + 1) // 2
-    padded = F.pad(x.transpose(1, 2), (0, 0, 1, 2 * tiles + 1 - length))  # [B, 2T + 2, C]
-    return torch.stack([padded[:, j:j + 2 * tiles:2] for j in range(4)])
+def _geometry(x: Tensor, weight_tf: Tensor) -> Tuple[int, int]:
+    """(outputs per tile n, tiles per sample T); n is a plain int even while tracing symbolic shapes."""
+    n = int(weight_tf.shape[0]) - 2
+    return n, (x.shape[2] + n - 1) // n
 
 
-def _input_transform(x: Tensor) -> Tensor:
-    d0, d1, d2, d3 = _tiles(x).unbind(0)
-    m = torch.stack([d0 - d2, d1 + d2, d2 - d1, d1 - d3])
-    return m.reshape(4, d0.shape[0] * d0.shape[1], x.shape[1])  # [4, B·T, C]
+def _input_transform(x: Tensor, n: int, tiles: int) -> Tensor:
+    """m [R, B·T, C] from x [B, C, L]."""
+    BT, _, _ = _matrices(n, x.dtype, x.device)
+    batch, channels, length = x.shape
+    padded = F.pad(x.transpose(1, 2), (0, 0, 1, n * tiles + 1 - length))  # [B, n·T + 2, C]
+    d = torch.stack([padded[:, j:j + n * tiles:n] for j in range(n + 2)])  # [R, B, T, C]
+    return torch.einsum("kj,jbtc->kbtc", BT, d).reshape(n + 2, batch * tiles, channels)
 
 
 def winograd_conv1d_ref(x: Tensor, weight_tf: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """Pure-torch twin written from the transforms (module doc)."""
     batch, _, length = x.shape
-    out_channels, tiles = weight_tf.shape[2], (length + 1) // 2
-    M = torch.bmm(_input_transform(x), weight_tf).view(4, batch, tiles, out_channels)
-    even, odd = (M[0] + M[1]) + M[2], (M[1] - M[2]) - M[3]
-    y = torch.stack([even, odd], dim=2).reshape(batch, 2 * tiles, out_channels)[:, :length]
+    n, tiles = _geometry(x, weight_tf)
+    _, _, AT = _matrices(n, x.dtype, x.device)
+    M = torch.bmm(_input_transform(x, n, tiles), weight_tf).view(n + 2, batch, tiles, weight_tf.shape[2])
+    y = torch.einsum("ik,kbto->btio", AT, M).reshape(batch, n * tiles, weight_tf.shape[2])[:, :length]
     if bias is not None:
         y = y + bias
     return y.contiguous().transpose(1, 2)
@@ -102,20 +130,21 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, weight_tf = ctx.saved_tensors
     batch, channels, length = x.shape
-    tiles = (length + 1) // 2
-    gy = F.pad(grad_y.transpose(1, 2), (0, 0, 0, 2 * tiles - length))  # [B, 2T, Co]
-    g_even, g_odd = gy[:, 0::2], gy[:, 1::2]
-    dM = torch.stack([g_even, g_even + g_odd, g_even - g_odd, -g_odd]).reshape(4, batch * tiles, gy.shape[2])
+    out_channels = weight_tf.shape[2]
+    n, tiles = _geometry(x, weight_tf)
+    BT, _, AT = _matrices(n, x.dtype, x.device)
+    gy = F.pad(grad_y.transpose(1, 2), (0, 0, 0, n * tiles - length)).reshape(batch, tiles, n, out_channels)
+    dM = torch.einsum("ik,btio->kbto", AT, gy).reshape(n + 2, batch * tiles, out_channels)
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        dm0, dm1, dm2, dm3 = torch.bmm(dM, weight_tf.transpose(1, 2)).view(4, batch, tiles, channels).unbind(0)
-        # Tile i's rows d0..d3 sit at padded positions 2i .. 2i + 3 (x[p] at padded p + 1).
-        on_even = F.pad(dm0, (0, 0, 0, 1)) + F.pad(-dm0 + dm1 + dm2, (0, 0, 1, 0))  # padded 2j
-        on_odd = F.pad(dm1 - dm2 + dm3, (0, 0, 0, 1)) + F.pad(-dm3, (0, 0, 1, 0))   # padded 2j + 1
-        padded = torch.stack([on_even, on_odd], dim=2).reshape(batch, 2 * tiles + 2, channels)
+        dm = torch.bmm(dM, weight_tf.transpose(1, 2)).view(n + 2, batch, tiles, channels)
+        dd = torch.einsum("kj,kbtc->jbtc", BT, dm)  # the tile's input rows, padded positions n·t + j
+        padded = x.new_zeros(batch, n * tiles + 2, channels)
+        for j in range(n + 2):
+            padded[:, j:j + n * tiles:n] += dd[j]
         grad_x = padded[:, 1:length + 1].transpose(1, 2)
     if ctx.needs_input_grad[1]:
-        grad_w = torch.bmm(_input_transform(x).transpose(1, 2), dM)
+        grad_w = torch.bmm(_input_transform(x, n, tiles).transpose(1, 2), dM)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad_y.sum(dim=(0, 2))
     return grad_x, grad_w, grad_b
@@ -164,10 +193,10 @@ def _check(x, weight_tf, bias) -> None:
     op = "winograd_conv1d"
     if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
         raise ValueError(f"{op}: x must be a floating tensor [B, C, L]; got {_describe(x)}")
-    if (not isinstance(weight_tf, Tensor) or weight_tf.dim() != 3 or weight_tf.shape[0] != 4
+    if (not isinstance(weight_tf, Tensor) or weight_tf.dim() != 3 or weight_tf.shape[0] not in (4, 6)
             or weight_tf.shape[1] != x.shape[1]):
-        raise ValueError(f"{op}: weight_tf must be [4, C = {x.shape[1]}, Co] (winograd_weight of a [Co, C, 3] "
-                         f"weight); got {_describe(weight_tf)}")
+        raise ValueError(f"{op}: weight_tf must be [R, C = {x.shape[1]}, Co] with R = 4 or 6 (winograd_weight of a "
+                         f"[Co, C, 3] weight); got {_describe(weight_tf)}")
     if weight_tf.dtype != x.dtype or weight_tf.device != x.device:
         raise ValueError(f"{op}: weight_tf must match x ({x.dtype} on {x.device}); got {_describe(weight_tf)}")
     if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (weight_tf.shape[2],)
@@ -177,7 +206,7 @@ def _check(x, weight_tf, bias) -> None:
 
 
 def winograd_conv1d(x: Tensor, weight_tf: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.conv1d(x, w, bias, padding=1)`` for a 3-tap ``w`` given ``weight_tf = winograd_weight(w)``
+    """``F.conv1d(x, w, bias, padding=1)`` for a 3-tap ``w`` given ``weight_tf = winograd_weight(w, n)``
     (module doc); [B, Co, L] stored channels-last."""
     _check(x, weight_tf, bias)
     if select_winograd_conv1d_backend(x).backend == "reference":
