@@ -74,16 +74,16 @@ TRANSFORMS: Dict[int, Tuple[Tensor, Tensor, Tensor]] = {
 
 def winograd_weight(weight: Tensor, outputs_per_tile: int = 4) -> Tensor:
     """The transformed kernel [n + 2, C, Co] of a Conv1d weight [Co, C, 3] for F(n, 3), n = 2 or 4
-    (module doc); computed in float64 and cast back, differentiable."""
+    (module doc), in the weight's dtype; differentiable."""
     if not isinstance(weight, Tensor) or weight.dim() != 3 or weight.shape[2] != 3:
         got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"winograd_weight: weight must be a Conv1d weight [Co, C, 3]; got {got}")
     if outputs_per_tile not in _TABLES:
         raise ValueError(f"winograd_weight: outputs_per_tile must be one of {sorted(_TABLES)}; got "
                          f"{outputs_per_tile!r}")
-    _, G, _ = _matrices(outputs_per_tile, torch.float64, weight.device)
-    taps = weight.permute(2, 1, 0).to(torch.float64)  # [3, C, Co]
-    return torch.einsum("kj,jco->kco", G, taps).to(weight.dtype).contiguous()
+    _, G, _ = _matrices(outputs_per_tile, weight.dtype, weight.device)
+    taps = weight.permute(2, 1, 0).reshape(3, -1)  # [3, C·Co]
+    return (G @ taps).view(G.shape[0], weight.shape[1], weight.shape[0])
 
 
 def _geometry(x: Tensor, weight_tf: Tensor) -> Tuple[int, int]:
