@@ -19,7 +19,9 @@ Where the time goes instead:
   weights: oneDNN's NWC convolutions, the fused GroupNorm streaming rows of channels, and the
   cross-attention reading [B, L, C] without transposing copies;
 - the sinusoidal time features are one fused op; SiLU of the time embedding is computed once per
-  forward instead of once per block.
+  forward instead of once per block;
+- inside the samplers (:func:`reuse_transformed_weights`) the CPU 3-tap convolutions run as
+  Winograd convolutions on kernels transformed once per sampler loop (see :class:`Conv1d`).
 
 Inputs are checked (shape, dtype, the length the U-Net can downsample, NaN in x); the NaN check is
 skipped while a CUDA graph is being captured or under ``torch.compile`` (it would synchronise).
@@ -76,10 +78,10 @@ def reuse_transformed_weights() -> Iterator[None]:
 class Conv1d(nn.Conv1d):
     """``nn.Conv1d`` (same parameters and init) with CPU paths for channels-last inputs:
 
-    - 3-tap convolutions between at least 64 channels run as Winograd F(4, 3) (F(2, 3) for lengths
-      not divisible by 4) (:func:`imer_fast.ops.winograd_conv1d`: 1/2 (2/3) of the multiply-adds, on
-      MKL's GEMM) inside
-      :func:`reuse_transformed_weights` when no gradient is needed; narrower ones lose to oneDNN;
+    - inside :func:`reuse_transformed_weights`, when no gradient is needed, 3-tap convolutions
+      between at least 64 channels run as Winograd F(4, 3), or F(2, 3) for lengths not divisible by 4
+      (:func:`imer_fast.ops.winograd_conv1d`: 1/2 or 2/3 of the multiply-adds, on MKL's GEMM);
+      narrower ones lose to oneDNN's direct convolution;
     - 1-tap convolutions run as one GEMM over the [B·L, C] rows (``F.linear``);
     - the rest run as 2-D convolutions over [B, C, 1, L] channels-last views: ATen's 1-D path would
       first copy them to channels-first.
