@@ -147,8 +147,8 @@ __attribute__((always_inline)) inline void forward_rows(const scalar_t* __restri
 }
 
 // One float32 row on eight-lane vectors (vec_rows.h), compiled per instruction set (the build has
-// no -march flag): row maximum, xh = x / a into the scratch row, sum, centred squares, output. The
-// same operations in the same order as the generic rows, lanes combined in the same fixed order.
+// no -march flag): row maximum, xh = x / a into the scratch row with its sum, centred squares
+// (vec_rows::row_power_sum), output. Lanes are combined in a fixed order.
 IMER_FAST_ROW_CLONES void forward_rows_f32(const float* xp, const float* wp, const float* bp, float* yp, float* mean_p,
                                           float* rstd_p, float* amax_p, float* xh, int64_t begin, int64_t end,
                                           int64_t N, float eps_c, float inv_n, bool stable) {
@@ -188,14 +188,7 @@ IMER_FAST_ROW_CLONES void forward_rows_f32(const float* xp, const float* wp, con
         }
       }
     }
-    F8 q = F8{};
-    for (int64_t j = 0; j < vec_end; j += 8) {
-      const F8 d = load8(xh + j) - mu;
-      q += d * d;
-    }
-    float q_tail = 0.0f;
-    for (int64_t j = vec_end; j < N; ++j) q_tail += (xh[j] - mu) * (xh[j] - mu);
-    const float rs = 1.0f / std::sqrt((hsum(q) + q_tail) * inv_n + eps_c);
+    const float rs = 1.0f / std::sqrt(row_power_sum(xh, N, -mu, true) * inv_n + eps_c);
     for (int64_t j = 0; j < vec_end; j += 8) {
       F8 v = (load8(xh + j) - mu) * rs;
       if (wp != nullptr) v *= load8(wp + j);
