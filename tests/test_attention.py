@@ -134,6 +134,84 @@ def test_varlen_lse_layout(backend):
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
 
 
+# ---- the CPU kernel's few-keys path (<= 8 keys, null tokens included; no causal mask, no dropout) ---
+
+
+def few_keys_case(head_dim, num_null, lk, dtype, varlen, seed):
+    """Inputs laid out as FedDISC's condition cross-attention: q a [b, n, h, d] view of a projection,
+    the null tokens expanded over the heads (stride 0), key_mask with a sequence of no valid key."""
+    batch, heads, lq = 3, 5, 13
+    q = rand(batch, lq, heads, head_dim, dtype=dtype, seed=seed).permute(0, 2, 1, 3)
+    kv = rand(batch, lk, 2, heads, head_dim, dtype=dtype, seed=seed + 1)
+    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+    null_k = rand(1, num_null, head_dim, dtype=dtype, seed=seed + 2).expand(heads, num_null, head_dim)
+    null_v = rand(1, num_null, head_dim, dtype=dtype, seed=seed + 3).expand(heads, num_null, head_dim)
+    key_mask = random_key_mask(batch, lk, seed=seed + 4) if lk else None
+    if not num_null:
+        null_k = null_v = None
+    if not varlen:
+        return dict(q=q, k=k, v=v, key_mask=key_mask, null_k=null_k, null_v=null_v)
+    lengths_q, lengths_k = [4, 0, 9], [lk, min(lk, 2), 0]
+    pack = lambda t, lengths: torch.cat([t[b, :, :n].transpose(0, 1) for b, n in enumerate(lengths)])
+    packed_mask = torch.cat([key_mask[b, :n] for b, n in enumerate(lengths_k)]) if lk else None
+    return dict(q=pack(q, lengths_q), k=pack(k, lengths_k), v=pack(v, lengths_k), key_mask=packed_mask,
+                null_k=null_k, null_v=null_v, cu_seqlens_q=cu_seqlens(lengths_q), cu_seqlens_k=cu_seqlens(lengths_k))
+
+
+@pytest.mark.parametrize("head_dim", [1, 2, 4, 8, 16, 32, 64, 3, 12])
+@pytest.mark.parametrize("num_null, lk", [(1, 2), (0, 3), (2, 6), (0, 8), (1, 7), (1, 0), (0, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_few_keys_path_matches_reference(head_dim, num_null, lk, dtype, varlen):
+    """Head dims dividing and spanning the vector width (and ones that fall back to the tiled path),
+    null tokens with stride-0 heads, masked keys, a sequence with no key, varlen: out and lse."""
+    case = few_keys_case(head_dim, num_null, lk, dtype, varlen, seed=40 + head_dim + lk)
+    lq = case["q"].shape[0 if varlen else 2]
+    lkmax = case["k"].shape[0 if varlen else 2]
+    got_out, got_lse = torch.ops.imer_fast.attention(
+        case["q"], case["k"], case["v"], case["key_mask"], case["null_k"], case["null_v"], case.get("cu_seqlens_q"),
+        case.get("cu_seqlens_k"), lq, lkmax, 0.7, 0, 0.0, None)
+    ref_out, ref_lse = attention_ref_with_lse(**case, scale=0.7)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got_out, ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(got_lse, ref_lse, rtol=tol, atol=tol)
+    assert got_out.stride() == torch.empty_like(case["q"]).stride()
+
+
+ISA_CHECK = """
+import torch
+from imer_fast.ops.attention import attention_ref_with_lse
+torch.manual_seed(0)
+for d, nn, lk, kind in [(4, 1, 2, 0), (16, 0, 5, 0), (64, 1, 3, 0), (8, 0, 20, 2), (4, 1, 40, 1), (3, 1, 2, 0)]:
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = (torch.randn(3, 4, n, d, dtype=dtype) for n in (11, lk, lk))
+        mask = torch.rand(3, lk) > 0.3
+        null_k, null_v = (torch.randn(4, nn, d, dtype=dtype), torch.randn(4, nn, d, dtype=dtype)) if nn else (None, None)
+        out, lse = torch.ops.imer_fast.attention(q, k, v, mask, null_k, null_v, None, None, 11, lk, 0.5, kind, 0.0, None)
+        kinds = {0: "none", 1: "causal", 2: "future"}
+        ref_out, ref_lse = attention_ref_with_lse(q, k, v, mask, null_k, null_v, scale=0.5, mask=kinds[kind])
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(out, ref_out, rtol=tol, atol=tol)
+        torch.testing.assert_close(lse, ref_lse, rtol=tol, atol=tol)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_instruction_set_matches_reference(isa):
+    """IMER_FAST_CPU_ISA pins the kernel's instruction set (vector widths 16, 32, 64 bytes): the
+    few-keys and the tiled paths of each against the reference."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, IMER_FAST_CPU_ISA=isa)
+    done = subprocess.run([sys.executable, "-c", ISA_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    if "does not support it" in done.stderr:
+        pytest.skip(f"this CPU does not support {isa}")
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 # ---- layouts, sizes, determinism ---------------------------------------------------------------
 
 

@@ -126,11 +126,17 @@ struct Carver {
   }
 };
 
+// Keys (null tokens included) up to which a forward may take the few-keys path (module doc, above
+// few_keys_forward in the kernel section).
+constexpr int64_t kFewKeys = 8;
+
 struct Kernels {
   size_t (*forward_workspace)(const Params&);
   void (*forward)(const Params&, int64_t b, int64_t h, int64_t i0, int64_t i1, char* ws);
   size_t (*backward_workspace)(const Params&);
   void (*backward)(const Params&, int64_t b, int64_t h, char* ws);
+  bool (*few_keys_fits)(const Params&);  // the vector width and the strides allow the few-keys path
+  void (*few_keys_forward)(const Params&, int64_t b, int64_t i0, int64_t i1, char* ws);
 };
 
 }  // namespace attention_cpu
@@ -412,6 +418,17 @@ std::vector<int64_t> sequence_order(const Problem& pr) {
   return order;
 }
 
+// The few-keys forward serves float32 / float64 without a causal or MulT mask or dropout when every
+// sequence has at most kFewKeys keys, null tokens included (the kernel checks the rest).
+bool takes_few_keys_path(const Problem& pr, const Kernels& kern) {
+  const Params& p = pr.p;
+  if (p.dropout || p.mask_kind != 0 || !(pr.dtype == at::kFloat || pr.dtype == at::kDouble)) return false;
+  for (const auto& s : pr.seqs) {
+    if (s.lk + p.num_null > kFewKeys) return false;
+  }
+  return kern.few_keys_fits(p);
+}
+
 // ---- the operators -------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(
@@ -432,6 +449,21 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(
   p.out = view_of(out, pr.varlen);
   p.lse = lse.data_ptr();
 
+  const Kernels& kern = kernels_for(pr.dtype);
+  if (takes_few_keys_path(pr, kern)) {
+    // Tasks of up to kFewKeysRows query rows of one sequence, all heads at once.
+    constexpr int64_t kFewKeysRows = 32;
+    std::vector<std::array<int64_t, 3>> rows;
+    for (const int64_t b : sequence_order(pr)) {
+      const Seq& s = pr.seqs[b];
+      for (int64_t i0 = 0; i0 < s.lq; i0 += kFewKeysRows) rows.push_back({b, i0, std::min(i0 + kFewKeysRows, s.lq)});
+    }
+    const size_t scratch = static_cast<size_t>(2 * kFewKeys + 2) * (p.heads * p.dim + 64) * sizeof(double) + 256;
+    run_tasks(static_cast<int64_t>(rows.size()), scratch, [&](int64_t t, char* ws) {
+      kern.few_keys_forward(p, rows[t][0], rows[t][1], rows[t][2], ws);
+    });
+    return {out, lse};
+  }
   struct Task {
     int64_t b, h, i0, i1;
   };
@@ -442,7 +474,6 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(
       for (int64_t h = 0; h < p.heads; ++h) tasks.push_back({b, h, i0, std::min(i0 + kBlockQ, s.lq)});
     }
   }
-  const Kernels& kern = kernels_for(pr.dtype);
   run_tasks(static_cast<int64_t>(tasks.size()), kern.forward_workspace(p), [&](int64_t t, char* ws) {
     const Task& task = tasks[t];
     kern.forward(p, task.b, task.h, task.i0, task.i1, ws);
@@ -1139,6 +1170,179 @@ void backward_task(const Params& p, int64_t b, int64_t h, char* ws) {
   }
 }
 
+// ---- few keys: every head of a query row at once ---------------------------------------------------
+// FedDISC's condition cross-attention has one null token and two condition tokens, head dim 4 and 8
+// heads: a (sequence, head) task of the tiled path spends more on packing and set-up than on its few
+// multiply-adds. Here the vector lanes run along a query row's heads x head dims (each row is packed
+// into H x D lanes, scale folded in, and written back through the strides). With D dividing the vector width,
+// log2(D) butterfly steps leave a key's score in every lane of its head, so the softmax and P V are
+// lane-wise; with D a multiple of the width, a head's score is a horizontal sum and its softmax
+// scalar. The keys of the sequence (null tokens first, key_mask-hidden ones left out) are packed once
+// per task into rows of H x D. Same results as the tiled path up to float rounding; no row depends on
+// the schedule.
+
+template <typename F>
+bool few_keys_fits(const Params& p) {
+  constexpr int64_t w = lanes<F>();
+  const int64_t d = p.dim;
+  const bool pow2 = d > 0 && (d & (d - 1)) == 0;
+  return pow2 && (w % d == 0 || d % w == 0);
+}
+
+// Butterfly partners: swap[k][l] = l ^ 2^k, for group sums of up to a whole vector.
+template <typename F>
+struct Butterfly {
+  typename Simd<F>::I swap[8];
+  Butterfly() {
+    for (int64_t k = 0; (int64_t{1} << k) < lanes<F>(); ++k) {
+      for (int64_t l = 0; l < lanes<F>(); ++l) swap[k][l] = l ^ (int64_t{1} << k);
+    }
+  }
+  // Sum of the lanes of each group of `group` lanes (a power of two dividing the width), in every lane.
+  typename Simd<F>::V group_sum(typename Simd<F>::V x, int64_t group) const {
+    for (int64_t k = 0; (int64_t{1} << k) < group; ++k) x += __builtin_shuffle(x, swap[k]);
+    return x;
+  }
+};
+
+// log(x) for float lanes with x >= 1 finite (Cephes logf; relative error below 2e-7); float64 keeps libm's.
+inline Simd<float>::V vlog_at_least_one(Simd<float>::V x) {
+  using V = Simd<float>::V;
+  using I = Simd<float>::I;
+  const I bits = (I)x;
+  V e = __builtin_convertvector((bits >> 23) - 126, V);
+  V m = (V)((bits & 0x007fffff) | 0x3f000000);  // mantissa in [0.5, 1)
+  const I small = m < 0.707106781186547524f;
+  e = (V)(((I)(e - 1.0f) & small) | ((I)e & ~small));
+  m = (V)(((I)(m + m) & small) | ((I)m & ~small)) - 1.0f;
+  const V z = m * m;
+  V y = V{} + 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += e * -2.12194440e-4f;
+  y -= 0.5f * z;
+  return m + y + e * 0.693359375f;
+}
+inline Simd<double>::V vlog_at_least_one(Simd<double>::V x) {
+  for (int64_t l = 0; l < lanes<double>(); ++l) x[l] = std::log(x[l]);
+  return x;
+}
+
+template <typename F>
+void few_keys_forward(const Params& p, int64_t b, int64_t i0, int64_t i1, char* ws) {
+  using V = typename Simd<F>::V;
+  constexpr int64_t w = lanes<F>();
+  constexpr F kInf = std::numeric_limits<F>::infinity();
+  const Seq& s = p.seqs[b];
+  const int64_t d = p.dim, row = p.heads * d, rowp = round_up(row, w);
+  const F scale = static_cast<F>(p.scale);
+  // Visible keys and values as rows of H x D (padded to whole vectors), null tokens first.
+  Carver cv{ws};
+  F* kp = cv.take<F>(kFewKeys * rowp);
+  F* vp = cv.take<F>(kFewKeys * rowp);
+  F* qrow = cv.take<F>(rowp);
+  F* orow = cv.take<F>(rowp);
+  int64_t nk = 0;
+  const auto pack_key = [&](const View& kw, const View& vw, const F* kbase, const F* vbase) {
+    for (int64_t h = 0; h < p.heads; ++h) {
+      for (int64_t e = 0; e < d; ++e) {
+        kp[nk * rowp + h * d + e] = kbase[h * kw.sh + e * kw.sd];
+        vp[nk * rowp + h * d + e] = vbase[h * vw.sh + e * vw.sd];
+      }
+    }
+    fill(kp + nk * rowp + row, rowp - row, F(0));
+    fill(vp + nk * rowp + row, rowp - row, F(0));
+    ++nk;
+  };
+  for (int64_t n = 0; n < p.num_null; ++n) {
+    pack_key(p.null_k, p.null_v, static_cast<const F*>(p.null_k.data) + n * p.null_k.si,
+             static_cast<const F*>(p.null_v.data) + n * p.null_v.si);
+  }
+  for (int64_t j = 0; j < s.lk; ++j) {
+    if (p.key_mask != nullptr && !p.key_mask[b * p.km_sb + (s.k_first + j) * p.km_si]) continue;
+    pack_key(p.k, p.v, static_cast<const F*>(p.k.data) + b * p.k.sb + (s.k_first + j) * p.k.si,
+             static_cast<const F*>(p.v.data) + b * p.v.sb + (s.k_first + j) * p.v.si);
+  }
+  F* lse = static_cast<F*>(p.lse) + s.lse_base;
+  const Butterfly<F> butterfly;
+  // Rows whose heads are contiguous (the projections' layout) are read and written in place.
+  const bool q_rows = p.q.sd == 1 && p.q.sh == d, out_rows = p.out.sd == 1 && p.out.sh == d;
+  for (int64_t i = i0; i < i1; ++i) {
+    const F* q = static_cast<const F*>(p.q.data) + b * p.q.sb + (s.q_first + i) * p.q.si;
+    F* out = static_cast<F*>(p.out.data) + b * p.out.sb + (s.q_first + i) * p.out.si;
+    if (nk == 0) {  // no key to attend: zeros, lse = +inf (the op's contract)
+      for (int64_t h = 0; h < p.heads; ++h) {
+        for (int64_t e = 0; e < d; ++e) out[h * p.out.sh + e * p.out.sd] = F(0);
+        lse[h * p.lse_sh + i] = kInf;
+      }
+      continue;
+    }
+    if (!q_rows || row % w != 0) {
+      for (int64_t h = 0; h < p.heads; ++h) {
+        for (int64_t e = 0; e < d; ++e) qrow[h * d + e] = q[h * p.q.sh + e * p.q.sd];
+      }
+      fill(qrow + row, rowp - row, F(0));
+    }
+    const F* qsrc = q_rows && row % w == 0 ? q : qrow;
+    F* odst = out_rows && row % w == 0 ? out : orow;
+    if (d <= w) {
+      for (int64_t c0 = 0; c0 < rowp; c0 += w) {
+        const V qv = vload<V>(qsrc + c0) * scale;
+        V score[kFewKeys];
+        V m = V{} - kInf;
+        for (int64_t j = 0; j < nk; ++j) {
+          score[j] = butterfly.group_sum(qv * vload<V>(kp + j * rowp + c0), d);
+          m = score[j] > m ? score[j] : m;
+        }
+        V l{}, o{};
+        for (int64_t j = 0; j < nk; ++j) {
+          const V e = vexp(score[j] - m);
+          l += e;
+          o += e * vload<V>(vp + j * rowp + c0);
+        }
+        vstore(odst + c0, o / l);
+        const V row_lse = m + vlog_at_least_one(l);  // l >= 1: the largest score contributes exp(0)
+        for (int64_t lane = 0; lane < w && c0 + lane < row; lane += d) lse[(c0 + lane) / d * p.lse_sh + i] = row_lse[lane];
+      }
+    } else {
+      for (int64_t h = 0; h < p.heads; ++h) {
+        const int64_t h0 = h * d;
+        F score[kFewKeys];
+        F m = -kInf;
+        for (int64_t j = 0; j < nk; ++j) {
+          V acc{};
+          for (int64_t c0 = 0; c0 < d; c0 += w) acc += vload<V>(qsrc + h0 + c0) * vload<V>(kp + j * rowp + h0 + c0);
+          score[j] = butterfly.group_sum(acc, w)[0] * scale;
+          m = score[j] > m ? score[j] : m;
+        }
+        F l = F(0);
+        for (int64_t j = 0; j < nk; ++j) {
+          score[j] = std::exp(score[j] - m);
+          l += score[j];
+        }
+        for (int64_t c0 = 0; c0 < d; c0 += w) {
+          V o{};
+          for (int64_t j = 0; j < nk; ++j) o += score[j] * vload<V>(vp + j * rowp + h0 + c0);
+          vstore(odst + h0 + c0, o / l);
+        }
+        lse[h * p.lse_sh + i] = m + std::log(l);
+      }
+    }
+    if (odst == orow) {
+      for (int64_t h = 0; h < p.heads; ++h) {
+        for (int64_t e = 0; e < d; ++e) out[h * p.out.sh + e * p.out.sd] = orow[h * d + e];
+      }
+    }
+  }
+}
+
 // ---- the table the dispatcher picks from -----------------------------------------------------------
 
 template <typename T, typename F>
@@ -1149,16 +1353,29 @@ template <typename T, typename F>
 void backward_entry(const Params& p, int64_t b, int64_t h, char* ws) {
   backward_task<T, F>(p, b, h, ws);
 }
+// float16 / bfloat16 never take the few-keys path (takes_few_keys_path).
+template <typename T, typename F>
+bool few_keys_fits_entry(const Params& p) {
+  return std::is_same<T, F>::value && few_keys_fits<F>(p);
+}
+template <typename T, typename F>
+void few_keys_entry(const Params& p, int64_t b, int64_t i0, int64_t i1, char* ws) {
+  if constexpr (std::is_same<T, F>::value) few_keys_forward<F>(p, b, i0, i1, ws);
+}
 
 const Kernels& kernels(at::ScalarType dtype) {
   static const Kernels f32{&forward_workspace<float>, &forward_entry<float, float>, &backward_workspace<float>,
-                           &backward_entry<float, float>};
+                           &backward_entry<float, float>,
+                           &few_keys_fits_entry<float, float>, &few_keys_entry<float, float>};
   static const Kernels f64{&forward_workspace<double>, &forward_entry<double, double>, &backward_workspace<double>,
-                           &backward_entry<double, double>};
+                           &backward_entry<double, double>,
+                           &few_keys_fits_entry<double, double>, &few_keys_entry<double, double>};
   static const Kernels f16{&forward_workspace<float>, &forward_entry<c10::Half, float>, &backward_workspace<float>,
-                           &backward_entry<c10::Half, float>};
+                           &backward_entry<c10::Half, float>,
+                           &few_keys_fits_entry<c10::Half, float>, &few_keys_entry<c10::Half, float>};
   static const Kernels bf16{&forward_workspace<float>, &forward_entry<c10::BFloat16, float>,
-                            &backward_workspace<float>, &backward_entry<c10::BFloat16, float>};
+                            &backward_workspace<float>, &backward_entry<c10::BFloat16, float>,
+                           &few_keys_fits_entry<c10::BFloat16, float>, &few_keys_entry<c10::BFloat16, float>};
   switch (dtype) {
     case at::kDouble: return f64;
     case at::kHalf: return f16;
