@@ -60,6 +60,21 @@ def test_outputs_and_gradients_match_reference(name):
     torch.testing.assert_close(yo.grad, yr.grad, rtol=1e-3, atol=1e-5)
 
 
+def test_one_timestep_for_the_whole_batch_matches_reference():
+    """A sampler step (every t equal) runs the time MLP on one broadcast row: same outputs and
+    gradients (the time MLP's included) as the reference's per-row computation."""
+    ref, ours = pair(CONFIGS["release-default"])
+    x, _, y = inputs(CONFIGS["release-default"], batch=4)
+    t = torch.full((4,), 637)
+    out_ref, out = ref(x, t, y), ours(x, t, y)
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    for name in ("time_embed.0.weight", "down_blocks.1.0.time_emb.1.weight"):
+        p_ref, p = ref.get_parameter(name), ours.get_parameter(name)
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
 def test_other_lengths_and_batch_of_one():
     ref, ours = pair(SMALL)
     for length, batch in ((16, 1), (24, 2)):
