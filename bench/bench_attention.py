@@ -289,3 +289,83 @@ def test_eager_core_matches_attention():
     expected = attention(case.q, case.k, case.v, mask=case.mask)
     torch.testing.assert_close(_eager_fn(case)(case.q, case.k, case.v), expected, rtol=1e-5, atol=1e-5)
     assert math.isclose(case.scale, 0.5)
+
+
+# ---- FedDISC's condition cross-attention, forward (what every sampler step of the U-Net runs) -----
+
+COND_CASES = {  # (batch, query length = latent positions at that U-Net level); 8 heads of dim 4
+    "feddisc-cond-B32-L48": (32, 48),
+    "feddisc-cond-B32-L6": (32, 6),
+    "feddisc-cond-B256-L24": (256, 24),
+}
+COND_HEAD_DIM, COND_TOKENS = 4, 2  # release CrossAttention: dim_head 4, two condition tokens + one null
+
+
+@pytest.fixture(scope="module", params=list(COND_CASES))
+def cond_case(request, device):
+    batch, length = COND_CASES[request.param]
+    gen = torch.Generator().manual_seed(2)
+    inner = HEADS * COND_HEAD_DIM
+    # q and the packed k/v as CondCrossAttention lays them out: views of [b, n, h * d] projections
+    q = torch.randn(batch, length, inner, generator=gen).view(batch, length, HEADS, COND_HEAD_DIM).permute(0, 2, 1, 3)
+    kv = torch.randn(batch, COND_TOKENS, 2 * inner, generator=gen).view(batch, COND_TOKENS, 2, HEADS, COND_HEAD_DIM)
+    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+    null_kv = torch.randn(2, COND_HEAD_DIM, generator=gen)
+    return tuple(t.to(device) for t in (q, k, v, null_kv))
+
+
+def _cond_eager(q, k, v, null_kv):
+    """The release's CrossAttention core: null key/value prepended, einsum scores, float softmax, einsum."""
+    b, h = q.shape[:2]
+    null_k, null_v = (t.view(1, 1, 1, -1).expand(b, h, 1, -1) for t in null_kv.unbind(0))
+    keys, values = torch.cat([null_k, k], dim=2), torch.cat([null_v, v], dim=2)
+    sim = torch.einsum("bhid,bhjd->bhij", q * COND_HEAD_DIM ** -0.5, keys)
+    return torch.einsum("bhij,bhjd->bhid", sim.softmax(dim=-1, dtype=torch.float32).to(q.dtype), values)
+
+
+def _bench_forward(benchmark, run, device):
+    with torch.no_grad():
+        run()  # warm-up (compiles)
+        sync(device)
+        benchmark(lambda: (run(), sync(device)))
+
+
+@pytest.mark.benchmark(group="condition cross-attention forward")
+def test_cond_imer_fast(benchmark, cond_case, device):
+    q, k, v, null_kv = cond_case
+    h = q.shape[1]
+    null_k, null_v = null_kv.view(2, 1, 1, -1).expand(2, h, 1, -1).unbind(0)
+    _bench_forward(benchmark, lambda: attention(q, k, v, null_k=null_k, null_v=null_v, scale=COND_HEAD_DIM ** -0.5),
+                   device)
+
+
+@pytest.mark.benchmark(group="condition cross-attention forward")
+def test_cond_eager_release(benchmark, cond_case, device):
+    _bench_forward(benchmark, lambda: _cond_eager(*cond_case), device)
+
+
+@pytest.mark.benchmark(group="condition cross-attention forward")
+def test_cond_compiled_eager_release(benchmark, cond_case, device):
+    compiled = torch.compile(_cond_eager)
+    _bench_forward(benchmark, lambda: compiled(*cond_case), device)
+
+
+@pytest.mark.benchmark(group="condition cross-attention forward")
+@pytest.mark.parametrize("sdpa_backend", SDPA_BACKENDS)
+def test_cond_sdpa(benchmark, cond_case, device, sdpa_backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v, null_kv = cond_case
+    b, h = q.shape[:2]
+    null_k, null_v = (t.view(1, 1, 1, -1).expand(b, h, 1, -1) for t in null_kv.unbind(0))
+
+    def run():
+        with sdpa_kernel([getattr(SDPBackend, sdpa_backend)]):
+            return F.scaled_dot_product_attention(q, torch.cat([null_k, k], 2), torch.cat([null_v, v], 2))
+
+    try:
+        with torch.no_grad():
+            run()
+    except RuntimeError as err:
+        pytest.skip(f"SDPA {sdpa_backend} does not accept this case: {str(err).splitlines()[0][:120]}")
+    _bench_forward(benchmark, run, device)
