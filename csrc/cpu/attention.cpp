@@ -1173,11 +1173,11 @@ void backward_task(const Params& p, int64_t b, int64_t h, char* ws) {
 // ---- few keys: every head of a query row at once ---------------------------------------------------
 // FedDISC's condition cross-attention has one null token and two condition tokens, head dim 4 and 8
 // heads: a (sequence, head) task of the tiled path spends more on packing and set-up than on its few
-// multiply-adds. Here the vector lanes run along a query row's heads x head dims (each row is packed
-// into H x D lanes, scale folded in, and written back through the strides). With D dividing the vector width,
-// log2(D) butterfly steps leave a key's score in every lane of its head, so the softmax and P V are
-// lane-wise; with D a multiple of the width, a head's score is a horizontal sum and its softmax
-// scalar. The keys of the sequence (null tokens first, key_mask-hidden ones left out) are packed once
+// multiply-adds. Here the vector lanes run along a query row's heads x head dims (a row is read and
+// written in place when its heads are contiguous, else through a packed H x D copy). With D dividing
+// the vector width, log2(D) butterfly steps leave a key's score in every lane of its head, so the
+// softmax and P V are lane-wise; with D a multiple of the width, a head's score is a horizontal sum
+// and its softmax scalar. The keys of the sequence (null tokens first, key_mask-hidden ones left out) are packed once
 // per task into rows of H x D. Same results as the tiled path up to float rounding; no row depends on
 // the schedule.
 
@@ -1272,7 +1272,7 @@ void few_keys_forward(const Params& p, int64_t b, int64_t i0, int64_t i1, char* 
   }
   F* lse = static_cast<F*>(p.lse) + s.lse_base;
   const Butterfly<F> butterfly;
-  // Rows whose heads are contiguous (the projections' layout) are read and written in place.
+  // Rows whose heads are contiguous (the projections' layout) and fill whole vectors are used in place.
   const bool q_rows = p.q.sd == 1 && p.q.sh == d, out_rows = p.out.sd == 1 && p.out.sh == d;
   for (int64_t i = i0; i < i1; ++i) {
     const F* q = static_cast<const F*>(p.q.data) + b * p.q.sb + (s.q_first + i) * p.q.si;
@@ -1309,7 +1309,9 @@ void few_keys_forward(const Params& p, int64_t b, int64_t i0, int64_t i1, char* 
         }
         vstore(odst + c0, o / l);
         const V row_lse = m + vlog_at_least_one(l);  // l >= 1: the largest score contributes exp(0)
-        for (int64_t lane = 0; lane < w && c0 + lane < row; lane += d) lse[(c0 + lane) / d * p.lse_sh + i] = row_lse[lane];
+        for (int64_t lane = 0; lane < w && c0 + lane < row; lane += d) {
+          lse[(c0 + lane) / d * p.lse_sh + i] = row_lse[lane];
+        }
       }
     } else {
       for (int64_t h = 0; h < p.heads; ++h) {
