@@ -325,7 +325,7 @@ class ConditionalUNet1d(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         self._check(x, t, y)
-        if x.is_cpu and t.numel() > 1 and bool((t == t[:1]).all()):
+        if x.is_cpu and t.numel() > 1 and not torch.compiler.is_compiling() and bool((t == t[:1]).all()):
             # A sampler step: one timestep for the whole batch, so the time MLP and every block's FiLM
             # projection run on one row, broadcast over the batch (one [B, 512] x [512, 2C] GEMM per
             # residual block saved; the rows were equal anyway).
