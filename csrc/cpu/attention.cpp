@@ -135,7 +135,8 @@ struct Kernels {
   void (*forward)(const Params&, int64_t b, int64_t h, int64_t i0, int64_t i1, char* ws);
   size_t (*backward_workspace)(const Params&);
   void (*backward)(const Params&, int64_t b, int64_t h, char* ws);
-  bool (*few_keys_fits)(const Params&);  // the vector width and the strides allow the few-keys path
+  bool (*few_keys_fits)(const Params&);  // the vector width and the head dim allow the few-keys path
+  size_t (*few_keys_workspace)(const Params&);
   void (*few_keys_forward)(const Params&, int64_t b, int64_t i0, int64_t i1, char* ws);
 };
 
@@ -458,8 +459,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(
       const Seq& s = pr.seqs[b];
       for (int64_t i0 = 0; i0 < s.lq; i0 += kFewKeysRows) rows.push_back({b, i0, std::min(i0 + kFewKeysRows, s.lq)});
     }
-    const size_t scratch = static_cast<size_t>(2 * kFewKeys + 2) * (p.heads * p.dim + 64) * sizeof(double) + 256;
-    run_tasks(static_cast<int64_t>(rows.size()), scratch, [&](int64_t t, char* ws) {
+    run_tasks(static_cast<int64_t>(rows.size()), kern.few_keys_workspace(p), [&](int64_t t, char* ws) {
       kern.few_keys_forward(p, rows[t][0], rows[t][1], rows[t][2], ws);
     });
     return {out, lse};
@@ -1235,20 +1235,45 @@ inline Simd<double>::V vlog_at_least_one(Simd<double>::V x) {
   return x;
 }
 
+// A task's scratch: the visible keys and values as rows of H x D padded to whole vectors (null tokens
+// first), and one packed query / output row.
+template <typename F>
+struct FewKeysTiles {
+  F *kp, *vp, *qrow, *orow;
+  int64_t row, rowp;
+};
+
+template <typename F>
+FewKeysTiles<F> few_keys_tiles(const Params& p, char* base, size_t* bytes) {
+  FewKeysTiles<F> t;
+  t.row = p.heads * p.dim;
+  t.rowp = round_up(t.row, lanes<F>());
+  Carver cv{base};
+  t.kp = cv.take<F>(kFewKeys * t.rowp);
+  t.vp = cv.take<F>(kFewKeys * t.rowp);
+  t.qrow = cv.take<F>(t.rowp);
+  t.orow = cv.take<F>(t.rowp);
+  if (bytes != nullptr) *bytes = cv.used;
+  return t;
+}
+
+template <typename F>
+size_t few_keys_workspace(const Params& p) {
+  size_t bytes = 0;
+  few_keys_tiles<F>(p, nullptr, &bytes);
+  return bytes;
+}
+
 template <typename F>
 void few_keys_forward(const Params& p, int64_t b, int64_t i0, int64_t i1, char* ws) {
   using V = typename Simd<F>::V;
   constexpr int64_t w = lanes<F>();
   constexpr F kInf = std::numeric_limits<F>::infinity();
   const Seq& s = p.seqs[b];
-  const int64_t d = p.dim, row = p.heads * d, rowp = round_up(row, w);
+  const FewKeysTiles<F> t = few_keys_tiles<F>(p, ws, nullptr);
+  F *kp = t.kp, *vp = t.vp, *qrow = t.qrow, *orow = t.orow;
+  const int64_t d = p.dim, row = t.row, rowp = t.rowp;
   const F scale = static_cast<F>(p.scale);
-  // Visible keys and values as rows of H x D (padded to whole vectors), null tokens first.
-  Carver cv{ws};
-  F* kp = cv.take<F>(kFewKeys * rowp);
-  F* vp = cv.take<F>(kFewKeys * rowp);
-  F* qrow = cv.take<F>(rowp);
-  F* orow = cv.take<F>(rowp);
   int64_t nk = 0;
   const auto pack_key = [&](const View& kw, const View& vw, const F* kbase, const F* vbase) {
     for (int64_t h = 0; h < p.heads; ++h) {
@@ -1361,6 +1386,10 @@ bool few_keys_fits_entry(const Params& p) {
   return std::is_same<T, F>::value && few_keys_fits<F>(p);
 }
 template <typename T, typename F>
+size_t few_keys_workspace_entry(const Params& p) {
+  return few_keys_workspace<F>(p);
+}
+template <typename T, typename F>
 void few_keys_entry(const Params& p, int64_t b, int64_t i0, int64_t i1, char* ws) {
   if constexpr (std::is_same<T, F>::value) few_keys_forward<F>(p, b, i0, i1, ws);
 }
@@ -1368,16 +1397,20 @@ void few_keys_entry(const Params& p, int64_t b, int64_t i0, int64_t i1, char* ws
 const Kernels& kernels(at::ScalarType dtype) {
   static const Kernels f32{&forward_workspace<float>, &forward_entry<float, float>, &backward_workspace<float>,
                            &backward_entry<float, float>,
-                           &few_keys_fits_entry<float, float>, &few_keys_entry<float, float>};
+                           &few_keys_fits_entry<float, float>,
+                           &few_keys_workspace_entry<float, float>, &few_keys_entry<float, float>};
   static const Kernels f64{&forward_workspace<double>, &forward_entry<double, double>, &backward_workspace<double>,
                            &backward_entry<double, double>,
-                           &few_keys_fits_entry<double, double>, &few_keys_entry<double, double>};
+                           &few_keys_fits_entry<double, double>,
+                           &few_keys_workspace_entry<double, double>, &few_keys_entry<double, double>};
   static const Kernels f16{&forward_workspace<float>, &forward_entry<c10::Half, float>, &backward_workspace<float>,
                            &backward_entry<c10::Half, float>,
-                           &few_keys_fits_entry<c10::Half, float>, &few_keys_entry<c10::Half, float>};
+                           &few_keys_fits_entry<c10::Half, float>,
+                           &few_keys_workspace_entry<c10::Half, float>, &few_keys_entry<c10::Half, float>};
   static const Kernels bf16{&forward_workspace<float>, &forward_entry<c10::BFloat16, float>,
                             &backward_workspace<float>, &backward_entry<c10::BFloat16, float>,
-                           &few_keys_fits_entry<c10::BFloat16, float>, &few_keys_entry<c10::BFloat16, float>};
+                           &few_keys_fits_entry<c10::BFloat16, float>,
+                           &few_keys_workspace_entry<c10::BFloat16, float>, &few_keys_entry<c10::BFloat16, float>};
   switch (dtype) {
     case at::kDouble: return f64;
     case at::kHalf: return f16;

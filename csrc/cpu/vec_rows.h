@@ -46,7 +46,8 @@ __attribute__((always_inline)) inline V vexp_lanes(V x) {
 }
 __attribute__((always_inline)) inline F8 vexp(F8 x) { return vexp_lanes<F8, I8>(x); }
 
-// silu(f) = f / (1 + exp(-f)) on 16 lanes.
+// silu(f) = f / (1 + exp(-f)) on 8 or 16 lanes.
+__attribute__((always_inline)) inline F8 silu8(F8 f) { return f / (1.0f + vexp(-f)); }
 __attribute__((always_inline)) inline F16 silu16(F16 f) { return f / (1.0f + vexp_lanes<F16, I16>(-f)); }
 
 // sin and cos of float lanes together (Cephes sinf / cosf: octant reduction with a three-part pi/4,
@@ -132,17 +133,12 @@ IMER_FAST_ROW_CLONES inline float row_power_sum(const float* x, int64_t n, float
 // x[i] = x[i] * sigmoid(x[i]) in place.
 IMER_FAST_ROW_CLONES inline void silu_inplace(float* x, int64_t n) {
   int64_t i = 0;
-  const F8 one = F8{} + 1.0f;
   for (; i + 16 <= n; i += 16) store16(x + i, silu16(load16(x + i)));
-  for (; i + 8 <= n; i += 8) {
-    const F8 f = load8(x + i);
-    store8(x + i, f / (one + vexp(-f)));
-  }
+  for (; i + 8 <= n; i += 8) store8(x + i, silu8(load8(x + i)));
   if (i < n) {
     float buf[8] = {};
     for (int64_t j = i; j < n; ++j) buf[j - i] = x[j];
-    const F8 f = load8(buf);
-    store8(buf, f / (one + vexp(-f)));
+    store8(buf, silu8(load8(buf)));
     for (int64_t j = i; j < n; ++j) x[j] = buf[j - i];
   }
 }
@@ -166,7 +162,6 @@ IMER_FAST_ROW_CLONES inline void column_power_accumulate(const float* x, const f
 // out[i] = f or silu(f), f = x[i] * k[i] + m[i] over a row of n channels.
 IMER_FAST_ROW_CLONES inline void affine_silu_row(const float* x, const float* k, const float* m, float* out, int64_t n,
                                                  bool silu) {
-  const F8 one = F8{} + 1.0f;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const F16 f = load16(x + i) * load16(k + i) + load16(m + i);
@@ -174,7 +169,7 @@ IMER_FAST_ROW_CLONES inline void affine_silu_row(const float* x, const float* k,
   }
   for (; i + 8 <= n; i += 8) {
     const F8 f = load8(x + i) * load8(k + i) + load8(m + i);
-    store8(out + i, silu ? f / (one + vexp(-f)) : f);
+    store8(out + i, silu ? silu8(f) : f);
   }
   if (i < n) {
     float buf[8] = {}, kb[8] = {}, mb[8] = {};
@@ -184,7 +179,7 @@ IMER_FAST_ROW_CLONES inline void affine_silu_row(const float* x, const float* k,
       mb[j - i] = m[j];
     }
     const F8 f = load8(buf) * load8(kb) + load8(mb);
-    store8(buf, silu ? f / (one + vexp(-f)) : f);
+    store8(buf, silu ? silu8(f) : f);
     for (int64_t j = i; j < n; ++j) out[j] = buf[j - i];
   }
 }

@@ -327,8 +327,8 @@ class ConditionalUNet1d(nn.Module):
         self._check(x, t, y)
         if x.is_cpu and t.numel() > 1 and not torch.compiler.is_compiling() and bool((t == t[:1]).all()):
             # A sampler step: one timestep for the whole batch, so the time MLP and every block's FiLM
-            # projection run on one row, broadcast over the batch (one [B, 512] x [512, 2C] GEMM per
-            # residual block saved; the rows were equal anyway).
+            # projection run on one row, broadcast over the batch (a [B, 2 * model_channels] x
+            # [2 * model_channels, 2C] GEMM per residual block saved; the rows were equal anyway).
             t = t[:1]
         t_emb = self.time_embed(sinusoidal_timestep_embedding(t, self.model_channels).to(x.dtype))
         t_silu = F.silu(t_emb)
