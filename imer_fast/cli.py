@@ -148,7 +148,9 @@ def add_feddisc_model_args(group) -> None:
     group.add_argument("--temperature", type=float, default=0.2, help="pseudo-label softmax temperature (release: "
                                                                        "0.2 IEMOCAP, 1.0 MOSI/MOSEI)")
     group.add_argument("--condition-speaker", action="store_true", help="add speaker identity to the condition")
-    group.add_argument("--condition-context", action="store_true", help="add DGN dialogue context to the condition")
+    group.add_argument("--condition-context", action="store_true",
+                       help="add dialogue context to the generators' condition (feddisc: the DGN's hidden state; "
+                            "drkf, ours: the neighbouring utterances' label-free predictions)")
     group.add_argument("--condition-observed", action="store_true",
                        help="ours (feddisc, drkf): add the utterance's other observed modalities (scaled latents "
                             "+ availability) to the generators' condition")
@@ -287,8 +289,9 @@ def _train_drkf(args, corpus, missing) -> int:
                         generator_epochs=args.generator_epochs, finetune_epochs=args.finetune_epochs,
                         batch_size=_pick(args.batch_size, 4), missing=missing, max_pairs=args.max_pairs,
                         sampling_steps=args.sampling_steps, recovery_samples=args.recovery_samples,
-                        condition_observed=args.condition_observed, prediction=args.prediction, scaling=args.scaling,
-                        eval_rates=_eval_rates(args.eval_rates), eval_patterns=not args.no_pattern_eval,
+                        condition_observed=args.condition_observed, condition_context=args.condition_context,
+                        prediction=args.prediction, scaling=args.scaling, eval_rates=_eval_rates(args.eval_rates),
+                        eval_patterns=not args.no_pattern_eval,
                         layers=args.layers, trainer=trainer)
     return _train_and_report(args, corpus, "DRKF", lambda: train_drkf(corpus, config, baseline=not args.no_baseline))
 

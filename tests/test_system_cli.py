@@ -13,7 +13,8 @@ COMMON = ["--preset", "small", "--eval-rates", "0.0,0.5", "--batch-size", "4", "
 
 @pytest.mark.parametrize("model, data, extra, metric", [
     ("rohydr", ROHYDR_DATA, ["--epochs", "1"], "MAE"),
-    ("drkf", DRKF_DATA, ["--epochs", "1", "--generator-epochs", "1", "--finetune-epochs", "1"], "WA"),
+    ("drkf", DRKF_DATA, ["--epochs", "1", "--generator-epochs", "1", "--finetune-epochs", "1", "--condition-context"],
+     "WA"),
 ])
 def test_train_eval_recover(tmp_path, capsys, model, data, extra, metric):
     out = tmp_path / "run"
@@ -22,6 +23,7 @@ def test_train_eval_recover(tmp_path, capsys, model, data, extra, metric):
     assert f"{model} {metric}" in printed and f"zero_fill {metric}" in printed
     results = json.loads((out / "results.json").read_text())
     assert set(results["systems"]) == {model, "zero_fill"}
+    assert results["config"].get("condition_context", True)  # drkf: the flag reached the model's config
     evaluation = results["systems"][model]["evaluation"]
     assert "rate:0.5" in evaluation and metric in evaluation["rate:0.5"]
     ckpt = str(out / model / "model.pt")

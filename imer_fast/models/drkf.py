@@ -30,7 +30,11 @@ replaces a missing modality's tokens:
   for sequences), zero-initialised;
 - ``"diffusion"``: DISC-Diffusion samples [``recovery.score_*``], conditioned on
   ``softmax(pseudo_logits / T)`` where the pseudo logits are DRKF's own prediction with every missing
-  modality replaced by its learned missing token — labels are never read;
+  modality replaced by its learned missing token — labels are never read. With ``condition_context``
+  (ours) the pseudo logits also read the dialogue: a linear context head [``context_head``] adds what
+  the neighbouring utterances' own predictions say (:func:`~imer_fast.models.dialogue_context.
+  dialogue_context`), as FedDISC adds its dialogue graph's logits to its per-utterance logits. DRKF's
+  classifier sees one utterance; the recovered latents then carry the conversation's evidence to it;
 - ``"zero"``: zero tokens (the no-recovery baseline).
 
 The release's KL term passes probabilities where ``F.kl_div`` needs log-probabilities and scores the
@@ -51,6 +55,7 @@ from ..data.batching import DialogueBatch, PackedBatch
 from ..data.corpus import MODALITIES
 from ..diffusion.disc import DISCDiffusion
 from ..nn.fusion_encoder import FusionEncoder
+from .dialogue_context import DialogueLayout, dialogue_context
 from .layers import IMPLEMENTATIONS, layer_set
 
 RECOVERY_MODES = ("diffusion", "token", "zero")
@@ -237,6 +242,11 @@ class DRKF(nn.Module):
             conditioning on the other observed modality (see :class:`~imer_fast.diffusion.DISCDiffusion`).
         recovery_samples: recovered latent = mean of this many samples (1: one sample, as FedDISC); more
             samples approach the conditional mean, the minimum-MSE estimate of the missing latent.
+        condition_context, context_window: condition the generators on context-aware pseudo logits: the
+            utterance's own plus a linear head on its neighbours' label-free class probabilities within
+            ``context_window`` turns, same speaker and other speakers (see
+            :mod:`~imer_fast.models.dialogue_context`); the model then needs the utterances' dialogue
+            layout to recover. Diffusion recovery only (ignored for ``token`` and ``zero``).
         encoders: optional modality -> module mapping the raw input of that modality to tokens
             [N, T, D_m] (or a tuple (tokens, lengths)); sequence inputs only.
         layers: "fused" (imer_fast ops) or "reference" (every fused op forced to its eager ``_ref``).
@@ -250,7 +260,8 @@ class DRKF(nn.Module):
                  ae_dropout: float = 0.0, temperature_init: float = 1.0, pseudo_temperature: float = 1.0,
                  unet: Optional[Mapping] = None, timesteps: int = 1000, sampling_steps: int = 50,
                  prediction: str = "eps", scaling: str = "minmax", condition_observed: bool = False,
-                 recovery_samples: int = 1, encoders: Optional[Mapping[str, nn.Module]] = None, layers: str = "fused"):
+                 recovery_samples: int = 1, condition_context: bool = False, context_window: int = 4,
+                 encoders: Optional[Mapping[str, nn.Module]] = None, layers: str = "fused"):
         super().__init__()
         modalities = tuple(modalities)
         if not modalities or len(set(modalities)) != len(modalities) or any(m not in FUSION_ORDER for m in modalities):
@@ -277,18 +288,16 @@ class DRKF(nn.Module):
         self.modalities = tuple(m for m in FUSION_ORDER if m in modalities)
         if not isinstance(recovery_samples, int) or recovery_samples < 1:
             raise ValueError(f"DRKF: recovery_samples must be an int >= 1; got {recovery_samples!r}")
+        if not isinstance(context_window, int) or context_window < 1:
+            raise ValueError(f"DRKF: context_window must be an int >= 1; got {context_window!r}")
         self.inputs, self.recovery_mode, self.num_classes = inputs, recovery, num_classes
+        # The context enters through the generators' condition, so it means nothing without them.
+        self.condition_context = condition_context and recovery == "diffusion"
+        self.context_window = context_window
         self.recovery_samples = recovery_samples
         self.feature_dims = {m: int(feature_dims[m]) for m in self.modalities}
         self.latent_shape = (latent_channels, latent_length)
         token_width = {m: latent_channels if inputs == "vector" else self.feature_dims[m] for m in self.modalities}
-        if inputs == "vector":
-            self.recovery = DISCDiffusion(self.feature_dims, num_classes, latent_channels=latent_channels,
-                                          latent_length=latent_length, temperature=pseudo_temperature,
-                                          timesteps=timesteps, unet=unet, sampling_steps=sampling_steps,
-                                          prediction=prediction, scaling=scaling,
-                                          condition_observed=condition_observed, unet_cls=self.layers.unet,
-                                          build_generators=recovery == "diffusion")
         self.encoders = nn.ModuleDict(dict(encoders or {}))
         self.token_in = nn.ModuleDict({m: nn.Identity() if token_width[m] == hidden else nn.Linear(token_width[m], hidden)
                                        for m in self.modalities})
@@ -304,6 +313,19 @@ class DRKF(nn.Module):
                                     attention_dropout=attention_dropout)
         self.classifier = nn.Linear(hidden, num_classes)
         self.binary_classifier = nn.Linear(hidden, 2)
+        # Built last, what only the diffusion model has after what every model has: seeded alike, the
+        # diffusion, token and zero-fill variants start from the same weights wherever they share them.
+        if inputs == "vector":
+            self.recovery = DISCDiffusion(self.feature_dims, num_classes, latent_channels=latent_channels,
+                                          latent_length=latent_length, temperature=pseudo_temperature,
+                                          timesteps=timesteps, unet=unet, sampling_steps=sampling_steps,
+                                          prediction=prediction, scaling=scaling,
+                                          condition_observed=condition_observed, unet_cls=self.layers.unet,
+                                          build_generators=recovery == "diffusion")
+        if self.condition_context:  # starts as the identity on the utterance's own logits
+            self.context_head = nn.Linear(2 * num_classes, num_classes)
+            nn.init.zeros_(self.context_head.weight)
+            nn.init.zeros_(self.context_head.bias)
         longest = 1 + len(self.modalities) + (latent_length * len(self.modalities) if inputs == "vector" else 0)
         if longest > max_positions:
             raise ValueError(f"DRKF: {len(self.modalities)} modalities of {latent_length} tokens need {longest} "
@@ -316,7 +338,8 @@ class DRKF(nn.Module):
         (token maps, missing tokens, fusion encoder and heads: the fine-tuning stage)."""
         generators = [p for n, p in self.named_parameters() if n.startswith("recovery.score_")]
         generator_ids = {id(p) for p in generators}
-        fusion = [p for prefix in ("token_in.", "missing_tokens.", "fusion.", "classifier.", "binary_classifier.")
+        fusion = [p for prefix in ("token_in.", "missing_tokens.", "fusion.", "classifier.", "binary_classifier.",
+                                   "context_head.")
                   for n, p in self.named_parameters() if n.startswith(prefix)]
         return {"drkf": [p for p in self.parameters() if id(p) not in generator_ids], "recovery": generators,
                 "fusion": fusion}
@@ -496,36 +519,67 @@ class DRKF(nn.Module):
         condition of the generators; labels are never read)."""
         return self.classify(self.fill(tokens, "token"))[0]
 
+    def hidden_pseudo_logits(self, tokens: Tokens) -> Dict[str, Tensor]:
+        """modality ``m`` -> :meth:`pseudo_logits` with ``m`` hidden in every utterance: the condition of
+        ``m``'s generator as it is when ``m`` is really missing (where ``m`` is missing already, the same
+        as :meth:`pseudo_logits`)."""
+        out = {}
+        for m in self.modalities:
+            hidden = tokens.availability.clone()
+            hidden[:, MODALITIES.index(m)] = False
+            out[m] = self.pseudo_logits(Tokens(tokens.tokens, tokens.lengths, hidden))
+        return out
+
+    def context_logits(self, logits: Tensor, layout: Optional[DialogueLayout]) -> Tensor:
+        """``logits`` (detached) plus the context head's reading of the neighbours' class probabilities
+        (``condition_context``): the context-aware pseudo logits."""
+        if not isinstance(layout, DialogueLayout):
+            raise ValueError(f"DRKF: condition_context needs the utterances' dialogue layout (layout="
+                             f"DialogueLayout.of(packed_batch), or predict_batch); got {type(layout).__name__}")
+        logits = logits.detach()
+        return logits + self.context_head(dialogue_context(F.softmax(logits, dim=1), layout, self.context_window))
+
+    def generator_conditions(self, tokens: Tokens, layout: Optional[DialogueLayout] = None) -> Dict[str, Tensor]:
+        """modality ``m`` -> the pseudo logits ``m``'s generator is conditioned on: :meth:`hidden_pseudo_logits`,
+        made context-aware by :meth:`context_logits` with ``condition_context``."""
+        own = self.hidden_pseudo_logits(tokens)
+        if not self.condition_context:
+            return own
+        return {m: self.context_logits(logits, layout) for m, logits in own.items()}
+
     def recover(self, features: Mapping[str, Tensor], tokens: Tokens, pseudo_logits: Tensor, *,
-                seed: Optional[int] = None, steps: Optional[int] = None) -> Tokens:
+                layout: Optional[DialogueLayout] = None, seed: Optional[int] = None,
+                steps: Optional[int] = None) -> Tokens:
         """Observed tokens kept; missing latents sampled by DISC-Diffusion (``recovery="diffusion"``)."""
         given = {m: features[m] for m in self.modalities}
-        latents = self.recovery.recover(given, tokens.availability, pseudo_logits.detach(), seed=seed, steps=steps,
+        condition = self.generator_conditions(tokens, layout) if self.condition_context else pseudo_logits.detach()
+        latents = self.recovery.recover(given, tokens.availability, condition, seed=seed, steps=steps,
                                         samples=self.recovery_samples)
         return Tokens({m: latents[m].transpose(1, 2) for m in self.modalities}, tokens.lengths, tokens.availability)
 
-    def complete(self, features: Mapping[str, Tensor], tokens: Tokens, *, seed: Optional[int] = None,
-                 steps: Optional[int] = None) -> Tuple[Tokens, Optional[Tensor]]:
+    def complete(self, features: Mapping[str, Tensor], tokens: Tokens, *, layout: Optional[DialogueLayout] = None,
+                 seed: Optional[int] = None, steps: Optional[int] = None) -> Tuple[Tokens, Optional[Tensor]]:
         """Tokens with every missing entry replaced by the model's recovery mode, and the pseudo logits
         (diffusion only)."""
         if self.recovery_mode != "diffusion":
             return self.fill(tokens), None
         pseudo = self.pseudo_logits(tokens)
-        return self.recover(features, tokens, pseudo, seed=seed, steps=steps), pseudo
+        return self.recover(features, tokens, pseudo, layout=layout, seed=seed, steps=steps), pseudo
 
     # ---- prediction -----------------------------------------------------------------------------
 
     def forward(self, features: Mapping[str, Tensor], availability: Optional[Tensor] = None,
-                lengths: Optional[Mapping[str, Tensor]] = None, *, seed: Optional[int] = None,
-                steps: Optional[int] = None) -> Dict[str, object]:
+                lengths: Optional[Mapping[str, Tensor]] = None, *, layout: Optional[DialogueLayout] = None,
+                seed: Optional[int] = None, steps: Optional[int] = None) -> Dict[str, object]:
         """Label-free prediction: ``{"logits": [N, classes], "cls": [N, hidden], "tokens": modality ->
         [N, T, W] (observed or recovered), "pseudo_logits": [N, classes] or None}``.
 
         features: modality -> [N, D_m] (vectors) or [N, T_m, D_m] (sequences, with ``lengths``);
-        availability: bool [N, 3] in MODALITIES order (None: all available)."""
+        availability: bool [N, 3] in MODALITIES order (None: all available); layout: where the utterances
+        sit in their dialogues (needed with ``condition_context``)."""
         with self.layers.context():
             observed = self.observed_tokens(features, availability, lengths)
-            tokens, pseudo = self.complete(features, observed, seed=seed, steps=steps)
+            tokens, pseudo = self.complete(features, observed, layout=layout, seed=seed, steps=steps)
             logits, cls = self.classify(tokens)
         return {"logits": logits, "cls": cls, "tokens": tokens.tokens, "pseudo_logits": pseudo}
 
@@ -534,7 +588,7 @@ class DRKF(nn.Module):
         packed = batch.packed() if isinstance(batch, DialogueBatch) else batch
         if not isinstance(packed, PackedBatch):
             raise ValueError(f"DRKF.predict_batch: expected a DialogueBatch or PackedBatch; got {type(batch).__name__}")
-        return self(packed.features, packed.availability, seed=seed, steps=steps)
+        return self(packed.features, packed.availability, layout=DialogueLayout.of(packed), seed=seed, steps=steps)
 
     # ---- release checkpoints --------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from torch import Tensor
 from ..data import Corpus, classification_report, pattern_name
 from ..data.corpus import MODALITIES
 from ..io import atomic_torch_save, atomic_write_json
+from ..models.dialogue_context import DialogueLayout
 from ..models.drkf import DRKF, RELEASE_LOSS_WEIGHTS, Tokens, ordered_pairs, pair_targets
 from .run import SystemRun, read_model_checkpoint
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
@@ -72,6 +73,8 @@ class DRKFConfig:
     sampling_steps: Optional[int] = None   # recovery sampler steps (preset default otherwise)
     recovery_samples: int = 1              # recovered latent = mean of this many diffusion samples
     condition_observed: bool = False       # generators also see the other observed modality
+    condition_context: bool = False        # ... on context-aware pseudo logits (neighbours' predictions)
+    context_window: int = 4                # turns either side that make the context
     prediction: Optional[str] = None       # "eps" | "v" (preset default otherwise)
     scaling: Optional[str] = None          # "minmax" | "standard" (preset default otherwise)
     valid_fraction: float = 0.1
@@ -94,7 +97,8 @@ def _model(feature_dims, num_classes: int, config: DRKFConfig, recovery: str) ->
             preset[name] = getattr(config, name)
     return DRKF(feature_dims, num_classes, modalities=tuple(config.modalities), recovery=recovery,
                 pseudo_temperature=config.pseudo_temperature, recovery_samples=config.recovery_samples,
-                condition_observed=config.condition_observed, dropout=config.dropout,
+                condition_observed=config.condition_observed, condition_context=config.condition_context,
+                context_window=config.context_window, dropout=config.dropout,
                 attention_dropout=config.dropout, layers=config.layers, **preset)
 
 
@@ -158,14 +162,17 @@ class DRKFRun(SystemRun):
         y, keep = self._targets(packed, observed)
         if not bool(keep.any()):
             return None, 0, {}
-        observed = _rows(observed, keep)
-        y = y[keep]
         filled = model.fill(observed)
-        parts = {"ce": F.cross_entropy(model.classify(filled)[0], y)}
-        pair = self.pair_loss(filled, y, epoch)
+        logits = model.classify(filled)[0]  # every utterance: the context head reads the neighbours
+        parts = {"ce": F.cross_entropy(logits[keep], y[keep])}
+        if model.condition_context:
+            context = model.context_logits(logits, DialogueLayout.of(packed))
+            parts["ce_context"] = F.cross_entropy(context[keep], y[keep])
+        y = y[keep]
+        pair = self.pair_loss(_rows(filled, keep), y, epoch)
         if pair is not None:
             parts["pair"] = pair
-        parts.update(model.representation_losses(observed))
+        parts.update(model.representation_losses(_rows(observed, keep)))
         total = sum(w[_term(name)] * value for name, value in parts.items())
         return total, int(keep.sum()), {k: float(v.detach()) for k, v in parts.items()}
 
@@ -180,11 +187,7 @@ class DRKFRun(SystemRun):
         model = self.model
         observed = model.observed_tokens(packed.features, packed.availability)
         with torch.no_grad():
-            pseudo = {}
-            for m in model.modalities:
-                hidden = observed.availability.clone()
-                hidden[:, MODALITIES.index(m)] = False  # predict as if m were missing
-                pseudo[m] = model.pseudo_logits(Tokens(observed.tokens, observed.lengths, hidden))
+            pseudo = model.generator_conditions(observed, DialogueLayout.of(packed))  # as if m were missing
         loss, parts = model.recovery.loss({m: packed.features[m] for m in model.modalities}, packed.availability,
                                           pseudo, generator=generator)
         if not parts:
@@ -200,7 +203,8 @@ class DRKFRun(SystemRun):
             return None, 0
         if model.recovery_mode == "diffusion":
             with torch.no_grad():
-                completed, _ = model.complete(packed.features, observed, seed=self.batch_seed(epoch))
+                completed, _ = model.complete(packed.features, observed, layout=DialogueLayout.of(packed),
+                                              seed=self.batch_seed(epoch))
             completed = _rows(completed, keep)
         else:
             completed = model.fill(_rows(observed, keep))
@@ -210,7 +214,11 @@ class DRKFRun(SystemRun):
         if pair is not None:
             loss = loss + w["pair"] * pair
         if model.recovery_mode == "diffusion":
-            loss = loss + w["ce"] * F.cross_entropy(model.pseudo_logits(_rows(observed, keep)), y)
+            pseudo = model.pseudo_logits(observed)
+            loss = loss + w["ce"] * F.cross_entropy(pseudo[keep], y)
+            if model.condition_context:
+                context = model.context_logits(pseudo, DialogueLayout.of(packed))
+                loss = loss + w["ce"] * F.cross_entropy(context[keep], y)
         return loss, int(keep.sum())
 
     # ---- validation -----------------------------------------------------------------------------
