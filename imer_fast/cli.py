@@ -120,7 +120,10 @@ def _add_train(sub):
                    help="release: extractor -> generator -> classifier; afa: extractor, then --afa-cycles cycles "
                         "alternating generator (classifier frozen) and classifier (recovery frozen) stages")
     f.add_argument("--extractor-epochs", type=int, default=20, help="projections + DGN/MulT pseudo-labeller")
-    f.add_argument("--generator-epochs", type=int, default=20, help="feddisc: DISC-Diffusion generators (per AFA cycle); drkf: its generators")
+    f.add_argument("--generator-epochs", type=int, default=None,
+                   help="feddisc: DISC-Diffusion generators (per AFA cycle; default 20); drkf: its generators "
+                        "(default 20); rohydr (ours): recovery alone before the joint training (default 0, as the "
+                        "release)")
     f.add_argument("--classifier-epochs", type=int, default=20, help="MulT classifier + prompts (per AFA cycle)")
     f.add_argument("--afa-cycles", type=int, default=2)
     add_feddisc_model_args(f)
@@ -254,7 +257,7 @@ def _train_feddisc(args, corpus, missing) -> int:
 
     trainer = _trainer_config(args, 5e-4, 0.01)
     config = FedDISCConfig(preset=args.preset, schedule=args.schedule, extractor_epochs=args.extractor_epochs,
-                           generator_epochs=args.generator_epochs, classifier_epochs=args.classifier_epochs,
+                           generator_epochs=_pick(args.generator_epochs, 20), classifier_epochs=args.classifier_epochs,
                            afa_cycles=args.afa_cycles, batch_size=_pick(args.batch_size, 8), missing=missing,
                            recovery=args.recovery, sampling_steps=args.sampling_steps, window_past=_pick(args.window_past, 6),
                            window_future=_pick(args.window_future, 6), eval_rates=_eval_rates(args.eval_rates),
@@ -268,6 +271,7 @@ def _train_rohydr(args, corpus, missing) -> int:
 
     trainer = _trainer_config(args, 5e-4, 0.01)
     config = RoHyDRConfig(preset=args.preset, generator=args.generator, recovery=args.recovery, epochs=args.epochs,
+                          generator_epochs=_pick(args.generator_epochs, 0),
                           batch_size=_pick(args.batch_size, 8), missing=missing, lambda_g=args.lambda_g,
                           lambda_al=args.lambda_al, lambda_c=args.lambda_c, sampling_steps=args.sampling_steps,
                           prediction=args.prediction,
@@ -286,7 +290,7 @@ def _train_drkf(args, corpus, missing) -> int:
         raise SystemExit(f"--modalities: {err}")
     trainer = _trainer_config(args, 1e-4, 0.01)
     config = DRKFConfig(preset=args.preset, modalities=modalities, recovery=args.recovery, drkf_epochs=args.epochs,
-                        generator_epochs=args.generator_epochs, finetune_epochs=args.finetune_epochs,
+                        generator_epochs=_pick(args.generator_epochs, 20), finetune_epochs=args.finetune_epochs,
                         batch_size=_pick(args.batch_size, 4), missing=missing, max_pairs=args.max_pairs,
                         sampling_steps=args.sampling_steps, recovery_samples=args.recovery_samples,
                         condition_observed=args.condition_observed, condition_context=args.condition_context,

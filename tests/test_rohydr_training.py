@@ -2,14 +2,16 @@
 checkpoints, and seeded evidence that recovery helps where the modalities are redundant."""
 import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from imer_fast.data import make_synthetic
+from imer_fast.models.rohydr import RECOVERY_MODULE_PREFIXES
 from imer_fast.train.rohydr import GROUPS, RoHyDRConfig, RoHyDRRun, build_model, load_rohydr, train_rohydr
-from imer_fast.train.trainer import TrainerConfig, with_validation
+from imer_fast.train.trainer import Trainer, TrainerConfig, with_validation
 
 TINY_MODEL = dict(latent_channels=8, latent_length=8, dit=dict(hidden_size=16, depth=1, num_heads=2), timesteps=20,
                   sampling_steps=3, refiner_blocks=1, refiner_reduction=4,
@@ -70,6 +72,41 @@ def test_each_stage_changes_only_its_group(corpus):
     calls.clear()
     run.train_step(complete, 0, update)
     assert calls == ["recovery", "fusion"]  # nothing missing: no adversarial stage
+
+
+def test_generator_warm_up_trains_recovery_alone_first(corpus):
+    run = tiny_run(corpus, generator_epochs=2)
+    model = run.model
+    generator, joint = run.stages()
+    assert (generator.name, generator.epochs, joint.name) == ("generator", 2, "rohydr")
+    # Its own optimiser and LR schedule: the joint stage's "recovery" group starts afresh.
+    assert set(generator.optimiser_groups()) == {"warm_up"} and "warm_up" not in joint.optimiser_groups()
+    recovery = {id(p) for p in model.parameter_groups()["recovery"]}
+    assert {id(p) for p in generator.parameters} == recovery
+    trained = {n for n, m in model.named_children() if any(m is t for t in generator.train_modules)}
+    assert trained == {n for n, _ in model.named_children() if n.startswith(RECOVERY_MODULE_PREFIXES)}
+    batch = next(iter(run.loader("train", missing="gcnet:0.5")))
+    model.train()
+    loss, n = run.generator_step(batch, 0)
+    assert n == batch.num_utterances and torch.isfinite(loss)
+    loss.backward()
+    graded = {id(p) for p in model.parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert graded and graded <= recovery
+    assert np.isfinite(run.validate_generator()["loss"])
+    assert [s.name for s in tiny_run(corpus, generator_epochs=0).stages()] == ["rohydr"]  # the release's schedule
+    assert [s.name for s in tiny_run(corpus, generator_epochs=2, recovery="zero").stages()] == ["rohydr"]
+
+
+def test_variants_start_from_the_same_shared_weights(corpus):
+    """Seeded alike, RoHyDR and its zero-fill baseline differ only in what recovery adds."""
+    models = {}
+    for recovery in ("diffusion", "zero"):
+        torch.manual_seed(3)
+        models[recovery] = build_model(corpus, tiny_config(recovery=recovery)).state_dict()
+    shared = set(models["zero"]) - {"scaling_fitted"}
+    assert shared and shared < set(models["diffusion"])
+    for key in shared:
+        assert torch.equal(models["zero"][key], models["diffusion"][key]), key
 
 
 def test_stage_losses_follow_the_release_formulas(corpus):
@@ -202,3 +239,51 @@ def test_seeded_evidence_generator_learns_conditional_recovery():
     recovered = float((sampled - held["text"]).pow(2).mean())
     assert recovered < 0.75 * mean_imputation, (recovered, mean_imputation)  # measured 0.51 vs 0.89
     assert float(wrong_cond) > 3 * float(true_cond), (float(true_cond), float(wrong_cond))
+
+
+# ---- seeded pipeline evidence (opt-in: IMER_FAST_EVIDENCE=1, about 2 minutes) ----------------------------------
+
+# Synthetic MOSI with redundant modalities (modality_noise=0.3), DiT generators, 20 warm-up epochs of recovery
+# alone (generator_epochs, ours) then the release's 20 joint epochs; RoHyDR and its zero-fill baseline start from the
+# same shared weights. Measured (2 CPU threads; seeds 0, 1, 2): recovered-latent MSE at GCNet 0.5 0.323 / 0.353 /
+# 0.320 against mean imputation 0.351 / 0.357 / 0.339 (ratios 0.92 / 0.99 / 0.94); without the warm-up seed 0 lost
+# (0.391 vs 0.351). Test MAE at GCNet 0.5 (lower is better): RoHyDR 0.705 / 0.708 / 0.774, zero-fill 0.642 / 0.625 /
+# 0.657 — the pipeline does not beat zero-fill on accuracy (docs/releases/rohydr.md §7): a strict expected failure.
+OPT_IN = pytest.mark.skipif(os.environ.get("IMER_FAST_EVIDENCE") != "1",
+                            reason="set IMER_FAST_EVIDENCE=1 (about 2 min)")
+PIPELINE = dict(preset="small", generator="dit", generator_epochs=20, epochs=20, batch_size=2, missing="gcnet:0.3",
+                eval_rates=(), eval_patterns=False)
+SEEDS = (0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    corpus = with_validation(make_synthetic("mosi", seed=0, scale=0.3, feature_dims=12, modality_noise=0.3), 0.1, 0)
+    runs = {}
+    for seed in SEEDS:
+        for recovery in ("zero", "diffusion"):
+            config = RoHyDRConfig(recovery=recovery, trainer=TrainerConfig(progress=False, lr=3e-3, seed=seed),
+                                  **PIPELINE)
+            torch.manual_seed(seed)
+            run = RoHyDRRun(build_model(corpus, config), corpus, config)
+            Trainer(run.model, run.stages(), config.trainer).run()
+            runs[recovery, seed] = run
+    return runs
+
+
+@pytest.mark.slow
+@OPT_IN
+def test_recovered_latents_beat_mean_imputation(pipeline):
+    errors = {seed: pipeline["diffusion", seed].recovery_error("test", "gcnet:0.5") for seed in SEEDS}
+    print(errors)
+    ratios = [e["recovered_mse"] / e["mean_imputation_mse"] for e in errors.values()]
+    assert all(r < 1.0 for r in ratios) and sum(ratios) / len(ratios) < 0.96, errors
+
+
+@pytest.mark.slow
+@OPT_IN
+@pytest.mark.xfail(strict=True, reason="RoHyDR does not beat zero-fill on MAE yet (measured above)")
+def test_recovery_beats_zero_fill_on_mae(pipeline):
+    mae = {key: run.evaluate("test", "gcnet:0.5")["MAE"] for key, run in pipeline.items()}
+    print(mae)
+    assert sum(mae["diffusion", s] for s in SEEDS) < sum(mae["zero", s] for s in SEEDS), mae

@@ -61,6 +61,7 @@ GENERATORS = ("dit", "score")
 RECOVERY_MODES = ("diffusion", "zero")
 TASKS = ("regression", "classification")
 SHORT = {"text": "l", "audio": "a", "video": "v"}
+RECOVERY_MODULE_PREFIXES = ("score_", "cat_", "rec_")  # generators, condition convs, refiners: the "recovery" group
 # Target modality -> (the two others in the release's concatenation order, the 1×1 conv merging them).
 PAIR_CONDITION = {"text": (("video", "audio"), "cat_va"), "video": (("text", "audio"), "cat_la"),
                   "audio": (("text", "video"), "cat_lv")}
@@ -165,28 +166,6 @@ class RoHyDR(nn.Module):
         self.layers_name = layers
         c, length = self.latent_shape
 
-        if recovery == "diffusion":
-            if generator == "dit":
-                for m in MODALITIES:
-                    self.add_module(f"score_{SHORT[m]}", DiT1d(c, length, cond_channels=c,
-                                                               **{**DIT_DEFAULTS, **dict(dit or {})}))
-                self.diffusion = GaussianDiffusion(timesteps)
-            else:
-                score_kwargs = {**SCORE_DEFAULTS, **dict(score or {})}
-                if c != 32 or score_kwargs["channels"][0] != c or length % 8:
-                    raise ValueError(f"{_NAME}: generator='score' (IMDer's ScoreNet) needs latent_channels = 32 = "
-                                     f"score channels[0] and a latent_length that is a multiple of 8; got "
-                                     f"{c} × {length}, channels {tuple(score_kwargs['channels'])}")
-                self.sde = VESDE(sigma)
-                net_cls = ScoreNet
-                if layers == "reference":
-                    from ..testing.reference_imder import ReferenceScoreNet as net_cls
-                for m in MODALITIES:
-                    self.add_module(f"score_{SHORT[m]}", net_cls(self.sde.marginal_prob_std, **score_kwargs))
-            for _, name in PAIR_CONDITION.values():
-                self.add_module(name, nn.Conv1d(2 * c, c, 1))
-            for m in MODALITIES:
-                self.add_module(f"rec_{SHORT[m]}", rcan_refiner(c, refiner_blocks, refiner_reduction))
         self.register_buffer("latent_mean", torch.zeros(len(MODALITIES)))
         self.register_buffer("latent_std", torch.ones(len(MODALITIES)))
         self.register_buffer("scaling_fitted", torch.tensor(recovery == "zero"))
@@ -223,7 +202,30 @@ class RoHyDR(nn.Module):
         self.proj1 = nn.Linear(self.fusion_dim, self.fusion_dim)
         self.proj2 = nn.Linear(self.fusion_dim, self.fusion_dim)
         self.out_layer = nn.Linear(self.fusion_dim, self.num_outputs)
+        # Built last, what only the recovery model has after what every model has: seeded alike, RoHyDR
+        # and its zero-fill baseline share their (frozen) projections, MulT fusion and head weights.
         if recovery == "diffusion":
+            if generator == "dit":
+                for m in MODALITIES:
+                    self.add_module(f"score_{SHORT[m]}", DiT1d(c, length, cond_channels=c,
+                                                               **{**DIT_DEFAULTS, **dict(dit or {})}))
+                self.diffusion = GaussianDiffusion(timesteps)
+            else:
+                score_kwargs = {**SCORE_DEFAULTS, **dict(score or {})}
+                if c != 32 or score_kwargs["channels"][0] != c or length % 8:
+                    raise ValueError(f"{_NAME}: generator='score' (IMDer's ScoreNet) needs latent_channels = 32 = "
+                                     f"score channels[0] and a latent_length that is a multiple of 8; got "
+                                     f"{c} × {length}, channels {tuple(score_kwargs['channels'])}")
+                self.sde = VESDE(sigma)
+                net_cls = ScoreNet
+                if layers == "reference":
+                    from ..testing.reference_imder import ReferenceScoreNet as net_cls
+                for m in MODALITIES:
+                    self.add_module(f"score_{SHORT[m]}", net_cls(self.sde.marginal_prob_std, **score_kwargs))
+            for _, name in PAIR_CONDITION.values():
+                self.add_module(name, nn.Conv1d(2 * c, c, 1))
+            for m in MODALITIES:
+                self.add_module(f"rec_{SHORT[m]}", rcan_refiner(c, refiner_blocks, refiner_reduction))
             self.reconstruction = FusionReconstructor(self.fusion_dim, reconstructor_hidden, reconstructor_dropout)
             self.discriminator = FusionDiscriminator(self.fusion_dim, discriminator_hidden)
 
@@ -236,7 +238,7 @@ class RoHyDR(nn.Module):
         fusion = [p for n, p in self.named_parameters() if n.startswith(("trans_", "proj1.", "proj2.", "out_layer."))]
         if self.recovery_mode == "zero":
             return {"fusion": fusion}
-        recovery = [p for n, p in self.named_parameters() if n.startswith(("score_", "cat_", "rec_"))]
+        recovery = [p for n, p in self.named_parameters() if n.startswith(RECOVERY_MODULE_PREFIXES)]
         return {"recovery": recovery, "discriminator": list(self.discriminator.parameters()),
                 "reconstructor": list(self.reconstruction.parameters()), "fusion": fusion}
 

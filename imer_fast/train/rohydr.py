@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..data import MODALITIES, Corpus, classification_report, evaluate_patterns, regression_report
 from ..io import atomic_torch_save, atomic_write_json
-from ..models.rohydr import RoHyDR
+from ..models.rohydr import RECOVERY_MODULE_PREFIXES, RoHyDR
 from .run import SystemRun, read_model_checkpoint
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
@@ -63,6 +63,7 @@ class RoHyDRConfig:
     generator: str = "dit"
     recovery: str = "diffusion"
     epochs: int = 20
+    generator_epochs: int = 0              # ours: recovery alone (stage 1's loss) before the joint training
     batch_size: int = 8                    # dialogues per batch (MOSI: videos)
     missing: str = "gcnet:0.3"
     lambda_g: float = 1.0                  # release MOSI (config/config.json)
@@ -128,19 +129,30 @@ class RoHyDRRun(SystemRun):
 
     # ---- the three-stage step -------------------------------------------------------------------
 
-    def train_step(self, batch, epoch: int, update) -> Tuple[Optional[Tensor], int]:
-        """One batch of the release's three optimisation stages (module doc); returns the stage-3 loss."""
-        model, cfg = self.model, self.config
+    def _batch_latents(self, batch, count_skipped: bool = True
+                       ) -> Optional[Tuple[Dict[str, Tensor], Dict[str, Tensor], Tensor, Tensor]]:
+        """Ground-truth and observed latents, availability and labels of the utterances that have some
+        modality (the others are counted in ``skipped_utterances`` when training); None when there is none."""
         packed = batch.packed()
         keep = packed.availability.any(dim=1)
-        self.skipped_utterances += int((~keep).sum())
+        if count_skipped:
+            self.skipped_utterances += int((~keep).sum())
         if not bool(keep.any()):
-            return None, 0
+            return None
         avail = packed.availability[keep]
         y = self._labels(packed)[keep]
         with torch.no_grad():
-            truth = model.latents({m: packed.ground_truth[m][keep] for m in MODALITIES})
+            truth = self.model.latents({m: packed.ground_truth[m][keep] for m in MODALITIES})
             observed = {m: truth[m] * avail[:, k].to(truth[m].dtype).view(-1, 1, 1) for k, m in enumerate(MODALITIES)}
+        return truth, observed, avail, y
+
+    def train_step(self, batch, epoch: int, update) -> Tuple[Optional[Tensor], int]:
+        """One batch of the release's three optimisation stages (module doc); returns the stage-3 loss."""
+        model, cfg = self.model, self.config
+        latents = self._batch_latents(batch)
+        if latents is None:
+            return None, 0
+        truth, observed, avail, y = latents
         incomplete = ~avail.all(dim=1)
         samples = None
         if model.recovery_mode == "diffusion":
@@ -173,6 +185,12 @@ class RoHyDRRun(SystemRun):
 
     def recovery_stage(self, truth, observed, avail, epoch: int, update) -> Dict[str, Tensor]:
         """Stage 1: generators on every conditionable row, refiners on the missing entries; returns the draws."""
+        loss, samples = self.recovery_loss(truth, observed, avail, epoch)
+        update("recovery", loss)
+        return samples
+
+    def recovery_loss(self, truth, observed, avail, epoch: int) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Stage 1's loss and the draws it refined."""
         model, cfg = self.model, self.config
         standardised = {m: model.standardise(m, observed[m]) for m in MODALITIES}
         targets = {m: model.standardise(m, truth[m]) for m in MODALITIES}
@@ -185,9 +203,33 @@ class RoHyDRRun(SystemRun):
         rec_losses = [F.mse_loss(model.refiner(m)(samples[m]), targets[m][rows])
                       for m, rows in model.recoverable_rows(avail).items() if rows.numel()]
         rec = torch.stack(rec_losses).sum() if rec_losses else torch.zeros((), device=avail.device)
-        loss = (torch.stack(gen_losses).sum() + cfg.lambda_g * rec) / (1 + cfg.lambda_g)
-        update("recovery", loss)
-        return samples
+        return (torch.stack(gen_losses).sum() + cfg.lambda_g * rec) / (1 + cfg.lambda_g), samples
+
+    def generator_step(self, batch, epoch: int) -> Tuple[Optional[Tensor], int]:
+        """The warm-up stage (``generator_epochs``): stage 1's loss alone."""
+        latents = self._batch_latents(batch)
+        if latents is None:
+            return None, 0
+        truth, observed, avail, y = latents
+        return self.recovery_loss(truth, observed, avail, epoch)[0], len(y)
+
+    @torch.no_grad()
+    def validate_generator(self) -> Dict[str, float]:
+        """Mean squared error of the recovered (generated and refined) latents of the missing validation
+        entries to their ground truth, on the training missing protocol with fixed seeds."""
+        model = self.model
+        total, count = 0.0, 0
+        for batch in self.loader("valid", seed=self.config.trainer.seed + 1):
+            latents = self._batch_latents(batch, count_skipped=False)
+            if latents is None:
+                continue
+            truth, observed, avail, _ = latents
+            recovered = model.recover(observed, avail, seed=1)
+            for m, rows in model.recoverable_rows(avail).items():
+                if rows.numel():
+                    total += float((recovered[m][rows] - truth[m][rows]).pow(2).mean(dim=(1, 2)).sum())
+                    count += int(rows.numel())
+        return {"loss": total / count if count else float("nan")}
 
     def adversarial_stage(self, truth, observed, avail, incomplete, samples, update) -> None:
         """Stage 2: the discriminator, then the multimodal reconstructor, on the incomplete utterances."""
@@ -234,8 +276,25 @@ class RoHyDRRun(SystemRun):
             with model.layers.context():
                 return self.validate()
 
-        return [Stage("rohydr", "fusion", self.config.epochs, union, step, validate, self.train_batches,
-                      train_modules=[model], before=self.fit_scaling, updates=groups)]
+        stages = []
+        if model.recovery_mode == "diffusion" and self.config.generator_epochs > 0:
+            def warm_up(batch, epoch):
+                with model.layers.context():
+                    return self.generator_step(batch, epoch)
+
+            def validate_warm_up():
+                with model.layers.context():
+                    return self.validate_generator()
+
+            recovery_modules = [module for name, module in model.named_children()
+                                if name.startswith(RECOVERY_MODULE_PREFIXES)]
+            # Its own optimiser group: the joint stage's "recovery" optimiser and LR schedule start afresh
+            # (a plateau schedule that saw latent MSEs would treat the joint stage's task losses as no progress).
+            stages.append(Stage("generator", "warm_up", self.config.generator_epochs, groups["recovery"], warm_up,
+                                validate_warm_up, self.train_batches, train_modules=recovery_modules,
+                                before=self.fit_scaling))
+        return stages + [Stage("rohydr", "fusion", self.config.epochs, union, step, validate, self.train_batches,
+                               train_modules=[model], before=None if stages else self.fit_scaling, updates=groups)]
 
     # ---- evaluation -----------------------------------------------------------------------------
 
