@@ -72,6 +72,8 @@ def test_bad_input_names_the_argument():
         dialogue_context(torch.rand(3), layout)
     with pytest.raises(ValueError, match=r"layout.speakers must be a \[3\] tensor .*got \(2,\)"):
         dialogue_context(torch.rand(3, 2), layout._replace(speakers=torch.zeros(2, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"layout.speakers must be >= 0; got -1"):
+        dialogue_context(torch.rand(3, 2), layout._replace(speakers=torch.tensor([0, -1, 1])))
 
 
 # ---- DRKF's generators with the context condition -------------------------------------------------

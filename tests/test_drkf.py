@@ -199,6 +199,18 @@ def test_fused_and_reference_layers_agree(corpus):
     torch.testing.assert_close(a["logits"], b["logits"], atol=1e-4, rtol=1e-4)
 
 
+def test_variants_start_from_the_same_shared_weights(corpus):
+    """Seeded alike, the diffusion, token and zero-fill models differ only in what their recovery adds."""
+    states = {}
+    for recovery in ("diffusion", "token", "zero"):
+        torch.manual_seed(5)
+        states[recovery] = DRKF(corpus.feature_dims, 4, recovery=recovery, condition_context=True, **TINY).state_dict()
+    for other in ("diffusion", "token"):
+        assert set(states["zero"]) < set(states[other])
+        for key in states["zero"]:
+            assert torch.equal(states["zero"][key], states[other][key]), (other, key)
+
+
 # ---- bad input -----------------------------------------------------------------------------------
 
 

@@ -163,8 +163,10 @@ class DISCDiffusion(nn.Module):
         unet_kwargs.update(in_channels=latent_channels, out_channels=latent_channels, label_num=self.condition_dim)
         for m in self.modalities:
             self.add_module(PROJECTION_NAMES[m], nn.Sequential(nn.Linear(self.feature_dims[m], latent_channels * latent_length)))
-            if build_generators:
-                self.add_module(GENERATOR_NAMES[m], unet_cls(**unet_kwargs))
+        # The generators after every projection: seeded alike, a model without them (a zero-fill baseline)
+        # gets the same projections.
+        for m in self.modalities if build_generators else ():
+            self.add_module(GENERATOR_NAMES[m], unet_cls(**unet_kwargs))
         self.has_generators = build_generators
         self.diffusion = GaussianDiffusion(timesteps=timesteps, beta_schedule=beta_schedule)
         self.register_buffer("latent_min", torch.full((len(MODALITIES),), -1.0))

@@ -44,6 +44,8 @@ def _check(probs: Tensor, layout: DialogueLayout, window: int) -> None:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(f"dialogue_context: layout.{name} must be a [{n}] tensor (one per row of probs); "
                              f"got {got}")
+        if n and int(value.min()) < 0:
+            raise ValueError(f"dialogue_context: layout.{name} must be >= 0; got {int(value.min())}")
 
 
 def dialogue_context(probs: Tensor, layout: DialogueLayout, window: int = 4) -> Tensor:

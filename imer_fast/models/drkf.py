@@ -530,22 +530,25 @@ class DRKF(nn.Module):
             out[m] = self.pseudo_logits(Tokens(tokens.tokens, tokens.lengths, hidden))
         return out
 
-    def context_logits(self, logits: Tensor, layout: Optional[DialogueLayout]) -> Tensor:
-        """``logits`` (detached) plus the context head's reading of the neighbours' class probabilities
-        (``condition_context``): the context-aware pseudo logits."""
+    def context_logits(self, logits: Tensor, neighbour_logits: Tensor, layout: Optional[DialogueLayout]) -> Tensor:
+        """``logits`` plus the context head's reading of the class probabilities of ``neighbour_logits``
+        (``condition_context``; both detached): the context-aware pseudo logits. Neighbours are read as
+        they are observed, in training and at recovery alike."""
         if not isinstance(layout, DialogueLayout):
             raise ValueError(f"DRKF: condition_context needs the utterances' dialogue layout (layout="
                              f"DialogueLayout.of(packed_batch), or predict_batch); got {type(layout).__name__}")
-        logits = logits.detach()
-        return logits + self.context_head(dialogue_context(F.softmax(logits, dim=1), layout, self.context_window))
+        context = dialogue_context(F.softmax(neighbour_logits.detach(), dim=1), layout, self.context_window)
+        return logits.detach() + self.context_head(context)
 
     def generator_conditions(self, tokens: Tokens, layout: Optional[DialogueLayout] = None) -> Dict[str, Tensor]:
         """modality ``m`` -> the pseudo logits ``m``'s generator is conditioned on: :meth:`hidden_pseudo_logits`,
-        made context-aware by :meth:`context_logits` with ``condition_context``."""
+        made context-aware by :meth:`context_logits` (neighbours' :meth:`pseudo_logits`) with
+        ``condition_context``."""
         own = self.hidden_pseudo_logits(tokens)
         if not self.condition_context:
             return own
-        return {m: self.context_logits(logits, layout) for m, logits in own.items()}
+        neighbours = self.pseudo_logits(tokens)
+        return {m: self.context_logits(logits, neighbours, layout) for m, logits in own.items()}
 
     def recover(self, features: Mapping[str, Tensor], tokens: Tokens, pseudo_logits: Tensor, *,
                 layout: Optional[DialogueLayout] = None, seed: Optional[int] = None,
@@ -572,7 +575,8 @@ class DRKF(nn.Module):
                 lengths: Optional[Mapping[str, Tensor]] = None, *, layout: Optional[DialogueLayout] = None,
                 seed: Optional[int] = None, steps: Optional[int] = None) -> Dict[str, object]:
         """Label-free prediction: ``{"logits": [N, classes], "cls": [N, hidden], "tokens": modality ->
-        [N, T, W] (observed or recovered), "pseudo_logits": [N, classes] or None}``.
+        [N, T, W] (observed or recovered), "pseudo_logits": [N, classes] or None}`` (the token-filled
+        prediction; with ``condition_context`` the generators' condition adds the context head to it).
 
         features: modality -> [N, D_m] (vectors) or [N, T_m, D_m] (sequences, with ``lengths``);
         availability: bool [N, 3] in MODALITIES order (None: all available); layout: where the utterances

@@ -166,7 +166,7 @@ class DRKFRun(SystemRun):
         logits = model.classify(filled)[0]  # every utterance: the context head reads the neighbours
         parts = {"ce": F.cross_entropy(logits[keep], y[keep])}
         if model.condition_context:
-            context = model.context_logits(logits, DialogueLayout.of(packed))
+            context = model.context_logits(logits, logits, DialogueLayout.of(packed))
             parts["ce_context"] = F.cross_entropy(context[keep], y[keep])
         y = y[keep]
         pair = self.pair_loss(_rows(filled, keep), y, epoch)
@@ -217,7 +217,7 @@ class DRKFRun(SystemRun):
             pseudo = model.pseudo_logits(observed)
             loss = loss + w["ce"] * F.cross_entropy(pseudo[keep], y)
             if model.condition_context:
-                context = model.context_logits(pseudo, DialogueLayout.of(packed))
+                context = model.context_logits(pseudo, pseudo, DialogueLayout.of(packed))
                 loss = loss + w["ce"] * F.cross_entropy(context[keep], y)
         return loss, int(keep.sum())
 
