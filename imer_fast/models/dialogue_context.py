@@ -65,10 +65,11 @@ def dialogue_context(probs: Tensor, layout: DialogueLayout, window: int = 4) -> 
     sums = probs.new_zeros(2, dialogues, length - 2 * window, c)
     counts = probs.new_zeros(2, dialogues, length - 2 * window, 1)
     for shift in [s for d in range(1, window + 1) for s in (-d, d)]:
-        there = speaker[:, window + shift:length - window + shift]
+        neighbour = slice(window + shift, length - window + shift)
+        there = speaker[:, neighbour]
         for k, group in enumerate((there == here, (there != here) & (there >= 0))):
             weight = group.unsqueeze(-1).to(probs.dtype)
-            sums[k] += weight * padded[:, window + shift:length - window + shift]
+            sums[k] += weight * padded[:, neighbour]
             counts[k] += weight
     means = (sums / counts.clamp(min=1)).view(2, -1, c)
     rows = layout.batch_index * (length - 2 * window) + layout.position

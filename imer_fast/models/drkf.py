@@ -540,14 +540,15 @@ class DRKF(nn.Module):
         context = dialogue_context(F.softmax(neighbour_logits.detach(), dim=1), layout, self.context_window)
         return logits.detach() + self.context_head(context)
 
-    def generator_conditions(self, tokens: Tokens, layout: Optional[DialogueLayout] = None) -> Dict[str, Tensor]:
+    def generator_conditions(self, tokens: Tokens, layout: Optional[DialogueLayout] = None,
+                             pseudo_logits: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """modality ``m`` -> the pseudo logits ``m``'s generator is conditioned on: :meth:`hidden_pseudo_logits`,
-        made context-aware by :meth:`context_logits` (neighbours' :meth:`pseudo_logits`) with
-        ``condition_context``."""
+        made context-aware by :meth:`context_logits` (neighbours' :meth:`pseudo_logits`, computed unless
+        given) with ``condition_context``."""
         own = self.hidden_pseudo_logits(tokens)
         if not self.condition_context:
             return own
-        neighbours = self.pseudo_logits(tokens)
+        neighbours = self.pseudo_logits(tokens) if pseudo_logits is None else pseudo_logits
         return {m: self.context_logits(logits, neighbours, layout) for m, logits in own.items()}
 
     def recover(self, features: Mapping[str, Tensor], tokens: Tokens, pseudo_logits: Tensor, *,
@@ -555,7 +556,8 @@ class DRKF(nn.Module):
                 steps: Optional[int] = None) -> Tokens:
         """Observed tokens kept; missing latents sampled by DISC-Diffusion (``recovery="diffusion"``)."""
         given = {m: features[m] for m in self.modalities}
-        condition = self.generator_conditions(tokens, layout) if self.condition_context else pseudo_logits.detach()
+        condition = (self.generator_conditions(tokens, layout, pseudo_logits) if self.condition_context
+                     else pseudo_logits.detach())
         latents = self.recovery.recover(given, tokens.availability, condition, seed=seed, steps=steps,
                                         samples=self.recovery_samples)
         return Tokens({m: latents[m].transpose(1, 2) for m in self.modalities}, tokens.lengths, tokens.availability)
