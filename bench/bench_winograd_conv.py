@@ -1,4 +1,4 @@
-"""The U-Net's 3-tap convolutions as Winograd F(4, 3) / F(2, 3) against the direct convolution.
+"""The U-Net's 3-tap convolutions as Winograd F(n, 3) (the n the U-Net picks) against the direct convolution.
 
 Shapes of the FedDISC U-Net's residual-block convolutions (channels-last activations, as the U-Net
 keeps them on the CPU), forward only (the sampler path), fp32, batch 32 and 256. Providers:
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imer_fast.ops.winograd_conv import winograd_conv1d, winograd_conv1d_ref, winograd_weight
+from imer_fast.ops.winograd_conv import fewest_rows_tile, winograd_conv1d, winograd_conv1d_ref, winograd_weight
 
 from conftest import sync
 
@@ -23,6 +23,7 @@ CASES = {  # name: (C, Co, L)
     "level2 C256 L12": (256, 256, 12),
     "up-cat C512->256 L12": (512, 256, 12),
     "up-cat C384->256 L24": (384, 256, 24),
+    "level3 C256 L6": (256, 256, 6),
 }
 BATCHES = (32, 256)
 PROVIDERS = ("imer_fast", "eager", "direct", "compiled")
@@ -43,8 +44,7 @@ def _inputs(name, batch, device):
 def test_forward(benchmark, device, name, batch, provider):
     benchmark.group = f"conv1d k3 fwd {name} B={batch}"
     x, weight, bias = _inputs(name, batch, device)
-    tile = 4 if x.shape[2] % 4 == 0 else 2
-    weight_tf = winograd_weight(weight, tile)
+    weight_tf = winograd_weight(weight, fewest_rows_tile(x.shape[2]))
     if provider == "imer_fast":
         fn = lambda: winograd_conv1d(x, weight_tf, bias)  # noqa: E731
     elif provider == "eager":

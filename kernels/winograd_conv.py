@@ -1,7 +1,7 @@
 """Triton kernels of ``imer_fast::winograd_conv1d`` (semantics and matrices: imer_fast/ops/winograd_conv.py).
 
-The two transforms around the batched GEMM (cuBLAS through ``torch.bmm``), for F(2, 3) (R = 4) and
-F(4, 3) (R = 6): the input transform writes m [R, B·T, C] from x [B, C, L] of any strides (tiles
+The two transforms around the batched GEMM (cuBLAS through ``torch.bmm``), for F(2, 3) (R = 4),
+F(4, 3) (R = 6) and F(6, 3) (R = 8): the input transform writes m [R, B·T, C] from x [B, C, L] of any strides (tiles
 of BLOCK_R tiles × BLOCK_C channels; positions outside [0, L) read as zeros), the output transform
 writes y (channels-last [B, L, Co]) from M [R, B·T, Co] plus the bias, in the dtype of x (float32
 or float64). The formulas are the C++ kernel's (csrc/cpu/winograd_conv1d.cpp).
@@ -42,7 +42,7 @@ def _input_transform_kernel(x_ptr, m_ptr, n_tiles, tiles_per_sample, length, cha
         tl.store(out + plane, d1 + d2, mask=ok)
         tl.store(out + 2 * plane, d2 - d1, mask=ok)
         tl.store(out + 3 * plane, d1 - d3, mask=ok)
-    else:
+    elif R == 6:
         d4 = _row(base, p, 4, length, stride_l, ok)
         d5 = _row(base, p, 5, length, stride_l, ok)
         a = d4 - 4 * d2
@@ -55,6 +55,25 @@ def _input_transform_kernel(x_ptr, m_ptr, n_tiles, tiles_per_sample, length, cha
         tl.store(out + 3 * plane, e + f, mask=ok)
         tl.store(out + 4 * plane, e - f, mask=ok)
         tl.store(out + 5 * plane, 4 * d1 - 5 * d3 + d5, mask=ok)
+    else:
+        d4 = _row(base, p, 4, length, stride_l, ok)
+        d5 = _row(base, p, 5, length, stride_l, ok)
+        d6 = _row(base, p, 6, length, stride_l, ok)
+        d7 = _row(base, p, 7, length, stride_l, ok)
+        e12 = 4 * (d2 + d6) - 17 * d4
+        o12 = 4 * (d1 + d5) - 17 * d3
+        e34 = (d2 - 5 * d4) + 4 * d6
+        o34 = 2 * (d1 - 5 * d3) + 8 * d5
+        e56 = 2 * ((4 * d2 - 5 * d4) + d6)
+        o56 = (4 * d1 - 5 * d3) + d5
+        tl.store(out, 4 * (d6 - d0) + 21 * (d2 - d4), mask=ok)
+        tl.store(out + plane, e12 + o12, mask=ok)
+        tl.store(out + 2 * plane, e12 - o12, mask=ok)
+        tl.store(out + 3 * plane, e34 + o34, mask=ok)
+        tl.store(out + 4 * plane, e34 - o34, mask=ok)
+        tl.store(out + 5 * plane, e56 + o56, mask=ok)
+        tl.store(out + 6 * plane, e56 - o56, mask=ok)
+        tl.store(out + 7 * plane, 4 * (d7 - d1) + 21 * (d3 - d5), mask=ok)
 
 
 @triton.jit
@@ -80,7 +99,7 @@ def _output_transform_kernel(M_ptr, bias_ptr, y_ptr, n_tiles, tiles_per_sample, 
     if R == 4:
         tl.store(dst, ((M0 + M1) + M2) + bias, mask=ok)
         tl.store(dst + channels, ((M1 - M2) - M3) + bias, mask=ok & (pos[:, None] + 1 < length))
-    else:
+    elif R == 6:
         M4 = tl.load(src + 4 * plane, mask=ok, other=0)
         M5 = tl.load(src + 5 * plane, mask=ok, other=0)
         s12 = M1 + M2
@@ -91,6 +110,24 @@ def _output_transform_kernel(M_ptr, bias_ptr, y_ptr, n_tiles, tiles_per_sample, 
         tl.store(dst + channels, (d12 + 2 * d34) + bias, mask=ok & (pos[:, None] + 1 < length))
         tl.store(dst + 2 * channels, (s12 + 4 * s34) + bias, mask=ok & (pos[:, None] + 2 < length))
         tl.store(dst + 3 * channels, ((d12 + 8 * d34) + M5) + bias, mask=ok & (pos[:, None] + 3 < length))
+    else:
+        M4 = tl.load(src + 4 * plane, mask=ok, other=0)
+        M5 = tl.load(src + 5 * plane, mask=ok, other=0)
+        M6 = tl.load(src + 6 * plane, mask=ok, other=0)
+        M7 = tl.load(src + 7 * plane, mask=ok, other=0)
+        s12 = M1 + M2
+        d12 = M1 - M2
+        s34 = M3 + M4
+        d34 = M3 - M4
+        s56 = M5 + M6
+        d56 = M5 - M6
+        tl.store(dst, (((M0 + s12) + s34) + s56) + bias, mask=ok)
+        tl.store(dst + channels, ((d12 + 2 * d34) + 0.5 * d56) + bias, mask=ok & (pos[:, None] + 1 < length))
+        tl.store(dst + 2 * channels, ((s12 + 4 * s34) + 0.25 * s56) + bias, mask=ok & (pos[:, None] + 2 < length))
+        tl.store(dst + 3 * channels, ((d12 + 8 * d34) + 0.125 * d56) + bias, mask=ok & (pos[:, None] + 3 < length))
+        tl.store(dst + 4 * channels, ((s12 + 16 * s34) + 0.0625 * s56) + bias, mask=ok & (pos[:, None] + 4 < length))
+        tl.store(dst + 5 * channels, (((d12 + 32 * d34) + 0.03125 * d56) + M7) + bias,
+                 mask=ok & (pos[:, None] + 5 < length))
 
 
 def winograd_conv1d(x, weight_tf, bias):

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from imer_fast.diffusion import GaussianDiffusion
 from imer_fast.nn import ConditionalUNet1d
 from imer_fast.nn.conditional_unet import Conv1d, reuse_transformed_weights
-from imer_fast.ops import select_winograd_conv1d_backend, winograd_conv1d, winograd_conv1d_ref, winograd_weight
+from imer_fast.ops import (fewest_rows_tile, select_winograd_conv1d_backend, winograd_conv1d, winograd_conv1d_ref,
+                           winograd_weight)
 from imer_fast.ops.winograd_conv import TRANSFORMS
 from imer_fast.testing.reference_feddisc import ReferenceUNetModel
 
@@ -31,7 +32,7 @@ def _case(b, c, co, length, dtype=torch.float64, bias=True, seed=0):
     return x, w, bb
 
 
-TILES = [2, 4]  # outputs per tile: F(2, 3) and F(4, 3)
+TILES = [2, 4, 6]  # outputs per tile: F(2, 3), F(4, 3) and F(6, 3)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 7, 8), (3, 4, 6, 7), (1, 3, 2, 1), (2, 1, 1, 2), (4, 64, 33, 48),
@@ -60,10 +61,11 @@ def test_transform_matrices_reproduce_the_convolution():
         torch.testing.assert_close(AT @ ((G @ g) * (BT @ d)), expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("tile,factor", [(2, 4), (4, 16)])
+@pytest.mark.parametrize("tile,factor", [(2, 4), (4, 16), (6, 20)])
 def test_float32_within_rounding_of_conv1d(backend, tile, factor):
     # F(4, 3)'s transforms scale by up to 8, so its rounding is ~10x the direct convolution's
-    # (still ~1e-6 relative here); F(2, 3)'s stays within a few times it.
+    # (still ~1e-6 relative here); F(6, 3)'s (integers up to 21, powers of two to 32) ~1.2x F(4, 3)'s;
+    # F(2, 3)'s stays within a few times the direct convolution's.
     x, w, b = _case(8, 128, 96, 24, dtype=torch.float32)
     out = winograd_conv1d(x, winograd_weight(w, tile), b)
     exact = F.conv1d(x.double(), w.double(), b.double(), padding=1)
@@ -140,6 +142,13 @@ def test_bitwise_repeatable(backend, tile):
         assert torch.equal(winograd_conv1d(x, weight_tf, b), first)
 
 
+def test_fewest_rows_tile_minimises_gemm_rows():
+    for length in range(1, 100):
+        rows = {n: (n + 2) * -(-length // n) for n in TILES}
+        assert rows[fewest_rows_tile(length)] == min(rows.values()), length
+    assert [fewest_rows_tile(length) for length in (48, 24, 12, 6, 8, 4, 1)] == [6, 6, 6, 6, 4, 4, 2]
+
+
 def test_backend_selection():
     assert select_winograd_conv1d_backend(torch.zeros(1, 1, 1)).backend == "cpp"
     assert select_winograd_conv1d_backend(torch.zeros(1, 1, 1, dtype=torch.float16)).backend == "reference"
@@ -150,11 +159,11 @@ def test_errors_name_the_argument():
     weight_tf = winograd_weight(w)
     with pytest.raises(ValueError, match="winograd_weight: weight must be a Conv1d weight"):
         winograd_weight(torch.zeros(3, 4, 5))
-    with pytest.raises(ValueError, match=r"outputs_per_tile must be one of \[2, 4\]; got 3"):
+    with pytest.raises(ValueError, match=r"outputs_per_tile must be one of \[2, 4, 6\]; got 3"):
         winograd_weight(w, 3)
     with pytest.raises(ValueError, match=r"winograd_conv1d: x must be a floating tensor \[B, C, L\]"):
         winograd_conv1d(x[0], weight_tf, b)
-    with pytest.raises(ValueError, match=r"weight_tf must be \[R, C = 4, Co\] with R = 4 or 6"):
+    with pytest.raises(ValueError, match=r"weight_tf must be \[R, C = 4, Co\] with R = 4, 6 or 8"):
         winograd_conv1d(x, w, b)
     with pytest.raises(ValueError, match="weight_tf must match x"):
         winograd_conv1d(x, weight_tf.float(), b)

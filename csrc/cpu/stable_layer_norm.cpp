@@ -158,22 +158,47 @@ IMER_FAST_ROW_CLONES void forward_rows_f32(const float* xp, const float* wp, con
     const float* xr = xp + i * N;
     float* yr = yp + i * N;
     float a = 1.0f;
-    if (stable) {
-      F8 m = F8{} + xr[0];
-      for (int64_t j = 0; j < vec_end; j += 8) {
-        const F8 v = load8(xr + j);
-        m = v > m ? v : m;
+    if (stable) {  // four independent maxima: one running maximum would wait on each comparison
+      F8 m0 = F8{} + xr[0], m1 = m0, m2 = m0, m3 = m0;
+      int64_t j = 0;
+      for (; j + 32 <= vec_end; j += 32) {
+        const F8 v0 = load8(xr + j), v1 = load8(xr + j + 8), v2 = load8(xr + j + 16), v3 = load8(xr + j + 24);
+        m0 = v0 > m0 ? v0 : m0;
+        m1 = v1 > m1 ? v1 : m1;
+        m2 = v2 > m2 ? v2 : m2;
+        m3 = v3 > m3 ? v3 : m3;
       }
+      for (; j < vec_end; j += 8) {
+        const F8 v = load8(xr + j);
+        m0 = v > m0 ? v : m0;
+      }
+      m0 = m1 > m0 ? m1 : m0;
+      m2 = m3 > m2 ? m3 : m2;
+      const F8 m = m2 > m0 ? m2 : m0;
       a = m[0];
       for (int l = 1; l < 8; ++l) a = m[l] > a ? m[l] : a;
       for (int64_t j = vec_end; j < N; ++j) a = xr[j] > a ? xr[j] : a;
     }
-    F8 s = F8{};
-    for (int64_t j = 0; j < vec_end; j += 8) {
+    // x / a as x * (1 / a): at most one rounding apart, and division is the slowest vector unit. A zero,
+    // subnormal or non-finite a keeps the division (its reciprocal would overflow or lose the row).
+    F8 s0 = F8{}, s1 = F8{};
+    int64_t j = 0;
+    if (std::isnormal(a)) {
+      const float inv_a = 1.0f / a;
+      for (; j + 16 <= vec_end; j += 16) {
+        const F8 v0 = load8(xr + j) * inv_a, v1 = load8(xr + j + 8) * inv_a;
+        store8(xh + j, v0);
+        store8(xh + j + 8, v1);
+        s0 += v0;
+        s1 += v1;
+      }
+    }
+    for (; j < vec_end; j += 8) {
       const F8 v = load8(xr + j) / a;
       store8(xh + j, v);
-      s += v;
+      s0 += v;
     }
+    const F8 s = s0 + s1;
     float tail = 0.0f;
     for (int64_t j = vec_end; j < N; ++j) {
       xh[j] = xr[j] / a;

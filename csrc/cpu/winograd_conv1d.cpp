@@ -1,14 +1,14 @@
 // CPU kernel of imer_fast::winograd_conv1d (semantics and transform matrices:
 // imer_fast/ops/winograd_conv.py).
 //
-// A 3-tap convolution (stride 1, zero padding 1) over channels-last rows as Winograd F(n, 3), n = 2
-// or 4 output positions per tile, picked by the transformed kernel's first dimension R = n + 2:
+// A 3-tap convolution (stride 1, zero padding 1) over channels-last rows as Winograd F(n, 3), n = 2,
+// 4 or 6 output positions per tile, picked by the transformed kernel's first dimension R = n + 2:
 //   m_k = sum_j BT[k][j] d_j      input transform of the tile's rows d_j = x[n t - 1 + j], one pass
 //   M_k = m_k @ U_k  (k < R)       one batched GEMM (MKL through at::bmm_out)
 //   y[n t + i] = sum_k AT[i][k] M_k + bias    output transform
-// F(2, 3) does 4 GEMM rows per 2 outputs and F(4, 3) 6 per 4, against 3 per output for the direct
-// convolution: 2/3 and 1/2 of its multiply-adds, on MKL's GEMM where oneDNN's small NWC convolutions
-// run slower. The transforms are explicit formulas (no zero coefficients multiplied). Rows are
+// F(2, 3) does 4 GEMM rows per 2 outputs, F(4, 3) 6 per 4 and F(6, 3) 8 per 6, against 3 per output
+// for the direct convolution: 2/3, 1/2 and 4/9 of its multiply-adds, on MKL's GEMM where oneDNN's
+// small NWC convolutions run slower. The transforms are explicit formulas (no zero coefficients multiplied). Rows are
 // independent in both transforms and the GEMM is deterministic: bitwise repeatable.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -46,7 +46,7 @@ __attribute__((always_inline)) inline void input_tile(const T* const* d_in, T* c
       m2[c] = d2[c] - d1[c];
       m3[c] = d1[c] - d3[c];
     }
-  } else {
+  } else if constexpr (R == 6) {
     const T* __restrict d4 = d_in[4];
     const T* __restrict d5 = d_in[5];
     T* __restrict m4 = m_out[4];
@@ -60,6 +60,30 @@ __attribute__((always_inline)) inline void input_tile(const T* const* d_in, T* c
       m3[c] = e + f;
       m4[c] = e - f;
       m5[c] = T(4) * d1[c] - T(5) * d3[c] + d5[c];
+    }
+  } else {
+    static_assert(R == 8, "F(2, 3), F(4, 3) or F(6, 3)");
+    const T* __restrict d4 = d_in[4];
+    const T* __restrict d5 = d_in[5];
+    const T* __restrict d6 = d_in[6];
+    const T* __restrict d7 = d_in[7];
+    T* __restrict m4 = m_out[4];
+    T* __restrict m5 = m_out[5];
+    T* __restrict m6 = m_out[6];
+    T* __restrict m7 = m_out[7];
+    for (int64_t c = 0; c < n; ++c) {
+      // rows k = 2i - 1, 2i share an even part (d2, d4, d6) and an odd part (d1, d3, d5)
+      const T e12 = T(4) * (d2[c] + d6[c]) - T(17) * d4[c], o12 = T(4) * (d1[c] + d5[c]) - T(17) * d3[c];
+      const T e34 = (d2[c] - T(5) * d4[c]) + T(4) * d6[c], o34 = T(2) * (d1[c] - T(5) * d3[c]) + T(8) * d5[c];
+      const T e56 = T(2) * ((T(4) * d2[c] - T(5) * d4[c]) + d6[c]), o56 = (T(4) * d1[c] - T(5) * d3[c]) + d5[c];
+      m0[c] = T(4) * (d6[c] - d0[c]) + T(21) * (d2[c] - d4[c]);
+      m1[c] = e12 + o12;
+      m2[c] = e12 - o12;
+      m3[c] = e34 + o34;
+      m4[c] = e34 - o34;
+      m5[c] = e56 + o56;
+      m6[c] = e56 - o56;
+      m7[c] = T(4) * (d7[c] - d1[c]) + T(21) * (d3[c] - d5[c]);
     }
   }
 }
@@ -78,7 +102,7 @@ __attribute__((always_inline)) inline void output_tile(const T* const* M_in, con
       y0[c] = ((M0[c] + M1[c]) + M2[c]) + bias[c];
       if (valid > 1) y1[c] = ((M1[c] - M2[c]) - M3[c]) + bias[c];
     }
-  } else {
+  } else if constexpr (R == 6) {
     const T* __restrict M4 = M_in[4];
     const T* __restrict M5 = M_in[5];
     T* __restrict y1 = y_out[1];
@@ -91,6 +115,28 @@ __attribute__((always_inline)) inline void output_tile(const T* const* M_in, con
       if (valid > 2) y2[c] = (s12 + T(4) * s34) + bias[c];
       if (valid > 3) y3[c] = ((d12 + T(8) * d34) + M5[c]) + bias[c];
     }
+  } else {
+    static_assert(R == 8, "F(2, 3), F(4, 3) or F(6, 3)");
+    const T* __restrict M4 = M_in[4];
+    const T* __restrict M5 = M_in[5];
+    const T* __restrict M6 = M_in[6];
+    const T* __restrict M7 = M_in[7];
+    T* __restrict y1 = y_out[1];
+    T* __restrict y2 = y_out[2];
+    T* __restrict y3 = y_out[3];
+    T* __restrict y4 = y_out[4];
+    T* __restrict y5 = y_out[5];
+    for (int64_t c = 0; c < n; ++c) {
+      // y_i = (M1 ± M2) + 2^i (M3 ± M4) + 2^-i (M5 ± M6), + for even i, - for odd i
+      const T s12 = M1[c] + M2[c], d12 = M1[c] - M2[c], s34 = M3[c] + M4[c], d34 = M3[c] - M4[c];
+      const T s56 = M5[c] + M6[c], d56 = M5[c] - M6[c];
+      y0[c] = ((M0[c] + s12) + s34 + s56) + bias[c];
+      if (valid > 1) y1[c] = ((d12 + T(2) * d34) + T(0.5) * d56) + bias[c];
+      if (valid > 2) y2[c] = ((s12 + T(4) * s34) + T(0.25) * s56) + bias[c];
+      if (valid > 3) y3[c] = ((d12 + T(8) * d34) + T(0.125) * d56) + bias[c];
+      if (valid > 4) y4[c] = ((s12 + T(16) * s34) + T(0.0625) * s56) + bias[c];
+      if (valid > 5) y5[c] = (((d12 + T(32) * d34) + T(0.03125) * d56) + M7[c]) + bias[c];
+    }
   }
 }
 
@@ -101,6 +147,9 @@ IMER_FAST_ROW_CLONES void input_tile4_f32(const float* const* d, float* const* m
 IMER_FAST_ROW_CLONES void input_tile6_f32(const float* const* d, float* const* m, int64_t n) {
   input_tile<float, 6>(d, m, n);
 }
+IMER_FAST_ROW_CLONES void input_tile8_f32(const float* const* d, float* const* m, int64_t n) {
+  input_tile<float, 8>(d, m, n);
+}
 IMER_FAST_ROW_CLONES void output_tile4_f32(const float* const* M, const float* bias, float* const* y, int valid,
                                            int64_t n) {
   output_tile<float, 4>(M, bias, y, valid, n);
@@ -109,11 +158,15 @@ IMER_FAST_ROW_CLONES void output_tile6_f32(const float* const* M, const float* b
                                            int64_t n) {
   output_tile<float, 6>(M, bias, y, valid, n);
 }
+IMER_FAST_ROW_CLONES void output_tile8_f32(const float* const* M, const float* bias, float* const* y, int valid,
+                                           int64_t n) {
+  output_tile<float, 8>(M, bias, y, valid, n);
+}
 
 template <typename T, int R>
 void input_tile_any(const T* const* d, T* const* m, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    (R == 4 ? input_tile4_f32 : input_tile6_f32)(d, m, n);
+    (R == 4 ? input_tile4_f32 : R == 6 ? input_tile6_f32 : input_tile8_f32)(d, m, n);
   } else {
     input_tile<T, R>(d, m, n);
   }
@@ -122,7 +175,7 @@ void input_tile_any(const T* const* d, T* const* m, int64_t n) {
 template <typename T, int R>
 void output_tile_any(const T* const* M, const T* bias, T* const* y, int valid, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    (R == 4 ? output_tile4_f32 : output_tile6_f32)(M, bias, y, valid, n);
+    (R == 4 ? output_tile4_f32 : R == 6 ? output_tile6_f32 : output_tile8_f32)(M, bias, y, valid, n);
   } else {
     output_tile<T, R>(M, bias, y, valid, n);
   }
@@ -183,9 +236,9 @@ at::Tensor scratch(int slot, at::IntArrayRef shape, const at::TensorOptions& opt
 
 at::Tensor winograd_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight_tf, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 3, kOp, "x must be [B, C, L]; got shape ", x.sizes());
-  TORCH_CHECK(weight_tf.dim() == 3 && (weight_tf.size(0) == 4 || weight_tf.size(0) == 6) &&
+  TORCH_CHECK(weight_tf.dim() == 3 && (weight_tf.size(0) == 4 || weight_tf.size(0) == 6 || weight_tf.size(0) == 8) &&
                   weight_tf.size(1) == x.size(1),
-              kOp, "weight_tf must be [R, C = ", x.size(1), ", Co] with R = 4 (F(2, 3)) or 6 (F(4, 3)); got shape ",
+              kOp, "weight_tf must be [R, C = ", x.size(1), ", Co] with R = 4 (F(2, 3)), 6 (F(4, 3)) or 8 (F(6, 3)); got shape ",
               weight_tf.sizes());
   TORCH_CHECK(x.scalar_type() == weight_tf.scalar_type(), kOp, "x and weight_tf must share a dtype; got ",
               x.scalar_type(), " and ", weight_tf.scalar_type());
@@ -210,16 +263,21 @@ at::Tensor winograd_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight_tf,
     scalar_t* mp = m.data_ptr<scalar_t>();
     if (R == 4) {
       input_transform<scalar_t, 4>(xp, mp, B, L, C, T);
-    } else {
+    } else if (R == 6) {
       input_transform<scalar_t, 6>(xp, mp, B, L, C, T);
+    } else {
+      input_transform<scalar_t, 8>(xp, mp, B, L, C, T);
     }
     at::bmm_out(M, m, weight_tf.contiguous());
     const scalar_t* Mp = M.data_ptr<scalar_t>();
     scalar_t* yp = y_rows.data_ptr<scalar_t>();
+    const scalar_t* bp = bias_c.data_ptr<scalar_t>();
     if (R == 4) {
-      output_transform<scalar_t, 4>(Mp, bias_c.data_ptr<scalar_t>(), yp, B, L, Co, T);
+      output_transform<scalar_t, 4>(Mp, bp, yp, B, L, Co, T);
+    } else if (R == 6) {
+      output_transform<scalar_t, 6>(Mp, bp, yp, B, L, Co, T);
     } else {
-      output_transform<scalar_t, 6>(Mp, bias_c.data_ptr<scalar_t>(), yp, B, L, Co, T);
+      output_transform<scalar_t, 8>(Mp, bp, yp, B, L, Co, T);
     }
   });
   return y_rows.transpose(1, 2);

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..ops.attention import attention
 from ..ops.group_norm import group_norm_film_silu
 from ..ops.timestep_embedding import sinusoidal_timestep_embedding
-from ..ops.winograd_conv import winograd_conv1d, winograd_weight
+from ..ops.winograd_conv import fewest_rows_tile, winograd_conv1d, winograd_weight
 from .cond_cross_attention import CondCrossAttention
 
 
@@ -79,8 +79,9 @@ class Conv1d(nn.Conv1d):
     """``nn.Conv1d`` (same parameters and init) with CPU paths for channels-last inputs:
 
     - inside :func:`reuse_transformed_weights`, when no gradient is needed, 3-tap convolutions
-      between at least 64 channels run as Winograd F(4, 3), or F(2, 3) for lengths not divisible by 4
-      (:func:`imer_fast.ops.winograd_conv1d`: 1/2 or 2/3 of the multiply-adds, on MKL's GEMM);
+      between at least 64 channels run as Winograd F(6, 3), F(4, 3) or F(2, 3), whichever needs the
+      fewest GEMM rows for the length (:func:`imer_fast.ops.winograd_conv1d`: 4/9, 1/2 or 2/3 of the
+      multiply-adds, on MKL's GEMM);
       narrower ones lose to oneDNN's direct convolution;
     - 1-tap convolutions run as one GEMM over the [B·L, C] rows (``F.linear``);
     - the rest run as 2-D convolutions over [B, C, 1, L] channels-last views: ATen's 1-D path would
@@ -94,8 +95,7 @@ class Conv1d(nn.Conv1d):
         if not x.is_cpu or x.dim() != 3 or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
         if self._winograd_applies(x):
-            # F(4, 3) where the length fills its tiles, else F(2, 3) (L = 6 would waste a third of F(4, 3))
-            return winograd_conv1d(x, self._transformed_weight(4 if x.shape[2] % 4 == 0 else 2), self.bias)
+            return winograd_conv1d(x, self._transformed_weight(fewest_rows_tile(x.shape[2])), self.bias)
         if self.kernel_size == (1,) and self.stride == (1,) and self.padding == (0,) and self.groups == 1:
             return F.linear(x.transpose(1, 2), self.weight.squeeze(2), self.bias).transpose(1, 2)
         out = F.conv2d(x.unsqueeze(2), self.weight.unsqueeze(2), self.bias, (1, self.stride[0]), (0, self.padding[0]),

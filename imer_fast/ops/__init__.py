@@ -25,7 +25,7 @@ from .sampler_steps import (add_scaled_noise, add_scaled_noise_ref, ddim_step, d
                             select_sampler_step_backend, ve_em_step, ve_em_step_ref)
 from .timestep_embedding import (gaussian_fourier_embedding, select_timestep_embedding_backend,
                                  sinusoidal_timestep_embedding, timestep_embedding_ref)
-from .winograd_conv import (select_winograd_conv1d_backend, winograd_conv1d, winograd_conv1d_ref,
+from .winograd_conv import (fewest_rows_tile, select_winograd_conv1d_backend, winograd_conv1d, winograd_conv1d_ref,
                             winograd_weight)
 
 __all__ = [
@@ -42,5 +42,5 @@ __all__ = [
     "select_sampler_step_backend", "ve_em_step", "ve_em_step_ref",
     "gaussian_fourier_embedding", "select_timestep_embedding_backend", "sinusoidal_timestep_embedding",
     "timestep_embedding_ref",
-    "select_winograd_conv1d_backend", "winograd_conv1d", "winograd_conv1d_ref", "winograd_weight",
+    "select_winograd_conv1d_backend", "winograd_conv1d", "winograd_conv1d_ref", "winograd_weight", "fewest_rows_tile",
 ]

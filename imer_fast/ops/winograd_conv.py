@@ -3,20 +3,21 @@
 
 Semantics (the contract every backend implements). For x [B, C, L] and a convolution weight
 w [Co, C, 3] (stride 1, zero padding 1: the U-Nets' ``Conv1d(C, Co, 3, padding=1)``), with
-``g_k = w[:, :, k]ᵀ`` [C, Co] and n = 2 or 4 output positions per tile (R = n + 2 transformed rows):
+``g_k = w[:, :, k]ᵀ`` [C, Co] and n = 2, 4 or 6 output positions per tile (R = n + 2 transformed rows):
 
     weight_tf = winograd_weight(w, n)[k] = Σ_j G[k, j] g_j                  [R, C, Co]
     tile t reads d_j = x[:, :, n·t − 1 + j], j < R (zero outside [0, L))
     m_k = Σ_j BT[k, j] d_j,   M_k = m_k @ weight_tf[k]
     y[:, :, n·t + i] = Σ_k AT[i, k] M_k + bias    (positions past L dropped)
 
-with Lavin & Gray's matrices (``TRANSFORMS``; F(2, 3): points 0, ±1, ∞; F(4, 3): 0, ±1, ±2, ∞).
-This equals ``F.conv1d(x, w, bias, padding=1)`` exactly in real arithmetic (checked in float64 in
-the tests). Per output position F(2, 3) runs 2 GEMM rows and F(4, 3) 1.5, against 3 for the direct
-convolution: 2/3 and 1/2 of its multiply-adds. The transforms only add and scale by small powers of
-two and ±4/5, so in float32 the rounding stays within a few units of 1e-6 relative (the tests bound
-it against the direct convolution's); the U-Net's output moves by about 1e-6 (ConditionalUNet1d
-tests).
+with Lavin & Gray's matrices (``TRANSFORMS``; F(2, 3): points 0, ±1, ∞; F(4, 3): 0, ±1, ±2, ∞;
+F(6, 3): 0, ±1, ±2, ±1/2, ∞, Toom-Cook matrices derived for this module). This equals
+``F.conv1d(x, w, bias, padding=1)`` exactly in real arithmetic (checked in float64 in the tests). Per
+output position F(2, 3) runs 2 GEMM rows, F(4, 3) 1.5 and F(6, 3) 4/3, against 3 for the direct
+convolution: 2/3, 1/2 and 4/9 of its multiply-adds. The transforms add and scale by small integers
+and powers of two, so in float32 the rounding stays within a few units of 1e-6 relative (F(6, 3)
+about 1.2x F(4, 3)'s; the tests bound it against the direct convolution's); the U-Net's output moves
+by about 1e-6 (ConditionalUNet1d tests).
 
 The operator takes the transformed weight (its first dimension picks n), so a sampler that calls
 the same denoiser 50–1,000 times transforms each weight once (:class:`imer_fast.nn.conditional_unet.Conv1d`
@@ -60,6 +61,16 @@ _TABLES = {
         [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
          [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]],
         [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]),
+    # points 0, ±1, ±2, ±1/2, ∞; each BT row scaled to small integers, its G row by the inverse
+    6: ([[-4, 0, 21, 0, -21, 0, 4, 0], [0, 4, 4, -17, -17, 4, 4, 0], [0, -4, 4, 17, -17, -4, 4, 0],
+         [0, 2, 1, -10, -5, 8, 4, 0], [0, -2, 1, 10, -5, -8, 4, 0], [0, 4, 8, -5, -10, 1, 2, 0],
+         [0, -4, 8, 5, -10, -1, 2, 0], [0, -4, 0, 21, 0, -21, 0, 4]],
+        [[-1 / 4, 0, 0], [-1 / 18, -1 / 18, -1 / 18], [-1 / 18, 1 / 18, -1 / 18],
+         [1 / 360, 1 / 180, 1 / 90], [1 / 360, -1 / 180, 1 / 90], [16 / 45, 8 / 45, 4 / 45],
+         [16 / 45, -8 / 45, 4 / 45], [0, 0, 1 / 4]],
+        [[1, 1, 1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 1 / 2, -1 / 2, 0], [0, 1, 1, 4, 4, 1 / 4, 1 / 4, 0],
+         [0, 1, -1, 8, -8, 1 / 8, -1 / 8, 0], [0, 1, 1, 16, 16, 1 / 16, 1 / 16, 0],
+         [0, 1, -1, 32, -32, 1 / 32, -1 / 32, 1]]),
 }
 
 
@@ -73,7 +84,7 @@ TRANSFORMS: Dict[int, Tuple[Tensor, Tensor, Tensor]] = {
 
 
 def winograd_weight(weight: Tensor, outputs_per_tile: int = 4) -> Tensor:
-    """The transformed kernel [n + 2, C, Co] of a Conv1d weight [Co, C, 3] for F(n, 3), n = 2 or 4
+    """The transformed kernel [n + 2, C, Co] of a Conv1d weight [Co, C, 3] for F(n, 3), n = 2, 4 or 6
     (module doc), in the weight's dtype; differentiable."""
     if not isinstance(weight, Tensor) or weight.dim() != 3 or weight.shape[2] != 3:
         got = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
@@ -84,6 +95,12 @@ def winograd_weight(weight: Tensor, outputs_per_tile: int = 4) -> Tensor:
     _, G, _ = _matrices(outputs_per_tile, weight.dtype, weight.device)
     taps = weight.permute(2, 1, 0).reshape(3, -1)  # [3, C·Co]
     return (G @ taps).view(G.shape[0], weight.shape[1], weight.shape[0])
+
+
+def fewest_rows_tile(length: int) -> int:
+    """The n of the F(n, 3) that runs the fewest GEMM rows, (n + 2)·ceil(L / n), over a length L (ties
+    go to the smaller n, whose rounding is smaller): 6 for the FedDISC U-Net's 48, 24, 12 and 6."""
+    return min(_TABLES, key=lambda n: ((n + 2) * -(-length // n), n))
 
 
 def _geometry(x: Tensor, weight_tf: Tensor) -> Tuple[int, int]:
@@ -193,9 +210,9 @@ def _check(x, weight_tf, bias) -> None:
     op = "winograd_conv1d"
     if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
         raise ValueError(f"{op}: x must be a floating tensor [B, C, L]; got {_describe(x)}")
-    if (not isinstance(weight_tf, Tensor) or weight_tf.dim() != 3 or weight_tf.shape[0] not in (4, 6)
+    if (not isinstance(weight_tf, Tensor) or weight_tf.dim() != 3 or weight_tf.shape[0] not in (4, 6, 8)
             or weight_tf.shape[1] != x.shape[1]):
-        raise ValueError(f"{op}: weight_tf must be [R, C = {x.shape[1]}, Co] with R = 4 or 6 (winograd_weight of a "
+        raise ValueError(f"{op}: weight_tf must be [R, C = {x.shape[1]}, Co] with R = 4, 6 or 8 (winograd_weight of a "
                          f"[Co, C, 3] weight); got {_describe(weight_tf)}")
     if weight_tf.dtype != x.dtype or weight_tf.device != x.device:
         raise ValueError(f"{op}: weight_tf must match x ({x.dtype} on {x.device}); got {_describe(weight_tf)}")
