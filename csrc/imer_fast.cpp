@@ -102,10 +102,11 @@ TORCH_LIBRARY(imer_fast, m) {
   // sin (sin_first) or cos of the angles, the second half the other, a zero last column when dim is odd
   // (spec: imer_fast/ops/timestep_embedding.py). Sinusoidal and Gaussian Fourier embeddings.
   m.def("timestep_embedding(Tensor t, Tensor freqs, float scale, bool sin_first, int dim) -> Tensor");
-  // Convolution of x [B, C, L] with a kernel of 3 taps, stride 1, padding 1, as Winograd F(2, 3):
-  // weight_tf [4, C, Co] is the transformed kernel (imer_fast.ops.winograd_weight), bias [Co] optional.
-  // Returns [B, Co, L] stored channels-last ([B, L, Co] in memory) (spec: imer_fast/ops/winograd_conv.py).
-  m.def("winograd_conv1d(Tensor x, Tensor weight_tf, Tensor? bias) -> Tensor");
+  // Convolution of x [B, C, L] with a kernel of 3 taps, stride 1, padding 1, as Winograd F(n, 3):
+  // weight_tf [n + 2, C, Co] is the transformed kernel (imer_fast.ops.winograd_weight, n = 2, 4 or 6), bias
+  // [Co] optional, residual [B, Co, L] optional (added to the output). Returns [B, Co, L] stored
+  // channels-last ([B, L, Co] in memory) (spec: imer_fast/ops/winograd_conv.py).
+  m.def("winograd_conv1d(Tensor x, Tensor weight_tf, Tensor? bias, Tensor? residual) -> Tensor");
   // GroupNorm over x [B, C, *spatial] (num_groups groups of channels), with an optional per-sample
   // channel bias added before it, the optional affine, an optional FiLM x * (1 + scale) + shift
   // (scale / shift [B, C] or [B, C, 1]) and an optional SiLU: the diffusion U-Nets' block prologue

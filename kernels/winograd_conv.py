@@ -1,10 +1,10 @@
 """Triton kernels of ``imer_fast::winograd_conv1d`` (semantics and matrices: imer_fast/ops/winograd_conv.py).
 
 The two transforms around the batched GEMM (cuBLAS through ``torch.bmm``), for F(2, 3) (R = 4),
-F(4, 3) (R = 6) and F(6, 3) (R = 8): the input transform writes m [R, B·T, C] from x [B, C, L] of any strides (tiles
-of BLOCK_R tiles × BLOCK_C channels; positions outside [0, L) read as zeros), the output transform
-writes y (channels-last [B, L, Co]) from M [R, B·T, Co] plus the bias, in the dtype of x (float32
-or float64). The formulas are the C++ kernel's (csrc/cpu/winograd_conv1d.cpp).
+F(4, 3) (R = 6) and F(6, 3) (R = 8): the input transform writes m [R, B·T, C] from x [B, C, L] of any
+strides (tiles of BLOCK_R tiles × BLOCK_C channels; positions outside [0, L) read as zeros), the
+output transform writes y (channels-last [B, L, Co]) from M [R, B·T, Co] plus the bias and the
+optional residual, in the dtype of x (float32 or float64). The formulas are the C++ kernel's (csrc/cpu/winograd_conv1d.cpp).
 """
 import torch
 import triton
@@ -18,6 +18,17 @@ BLOCK_C = 64
 def _row(base, p, j, length, stride_l, ok):
     return tl.load(base + (p[:, None] + j).to(tl.int64) * stride_l,
                    mask=ok & (p[:, None] + j >= 0) & (p[:, None] + j < length), other=0)
+
+
+@triton.jit
+def _store_output_row(y_ptr, res_ptr, offset, row, channels, value, bias, pos, length, ok, HAS_RES: tl.constexpr):
+    """Output row ``row`` of each tile: (value + bias), plus the residual's row when HAS_RES; rows past
+    the length are dropped."""
+    mask = ok & (pos[:, None] + row < length)
+    out = value + bias
+    if HAS_RES:
+        out = out + tl.load(res_ptr + offset + row * channels, mask=mask, other=0)
+    tl.store(y_ptr + offset + row * channels, out, mask=mask)
 
 
 @triton.jit
@@ -77,8 +88,9 @@ def _input_transform_kernel(x_ptr, m_ptr, n_tiles, tiles_per_sample, length, cha
 
 
 @triton.jit
-def _output_transform_kernel(M_ptr, bias_ptr, y_ptr, n_tiles, tiles_per_sample, length, channels,
-                             HAS_BIAS: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _output_transform_kernel(M_ptr, bias_ptr, res_ptr, y_ptr, n_tiles, tiles_per_sample, length, channels,
+                             HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_ok, col_ok = rows < n_tiles, cols < channels
@@ -95,10 +107,10 @@ def _output_transform_kernel(M_ptr, bias_ptr, y_ptr, n_tiles, tiles_per_sample, 
         bias = tl.zeros((1, BLOCK_C), dtype=M0.dtype)
     b = (rows // tiles_per_sample).to(tl.int64)
     pos = (R - 2) * (rows % tiles_per_sample)
-    dst = y_ptr + (b * length + pos)[:, None] * channels + cols[None, :]
+    offset = (b * length + pos)[:, None] * channels + cols[None, :]  # rows of y and of the residual, [B, L, Co]
     if R == 4:
-        tl.store(dst, ((M0 + M1) + M2) + bias, mask=ok)
-        tl.store(dst + channels, ((M1 - M2) - M3) + bias, mask=ok & (pos[:, None] + 1 < length))
+        _store_output_row(y_ptr, res_ptr, offset, 0, channels, (M0 + M1) + M2, bias, pos, length, ok, HAS_RES)
+        _store_output_row(y_ptr, res_ptr, offset, 1, channels, (M1 - M2) - M3, bias, pos, length, ok, HAS_RES)
     elif R == 6:
         M4 = tl.load(src + 4 * plane, mask=ok, other=0)
         M5 = tl.load(src + 5 * plane, mask=ok, other=0)
@@ -106,10 +118,10 @@ def _output_transform_kernel(M_ptr, bias_ptr, y_ptr, n_tiles, tiles_per_sample, 
         d12 = M1 - M2
         s34 = M3 + M4
         d34 = M3 - M4
-        tl.store(dst, ((M0 + s12) + s34) + bias, mask=ok)
-        tl.store(dst + channels, (d12 + 2 * d34) + bias, mask=ok & (pos[:, None] + 1 < length))
-        tl.store(dst + 2 * channels, (s12 + 4 * s34) + bias, mask=ok & (pos[:, None] + 2 < length))
-        tl.store(dst + 3 * channels, ((d12 + 8 * d34) + M5) + bias, mask=ok & (pos[:, None] + 3 < length))
+        _store_output_row(y_ptr, res_ptr, offset, 0, channels, (M0 + s12) + s34, bias, pos, length, ok, HAS_RES)
+        _store_output_row(y_ptr, res_ptr, offset, 1, channels, d12 + 2 * d34, bias, pos, length, ok, HAS_RES)
+        _store_output_row(y_ptr, res_ptr, offset, 2, channels, s12 + 4 * s34, bias, pos, length, ok, HAS_RES)
+        _store_output_row(y_ptr, res_ptr, offset, 3, channels, (d12 + 8 * d34) + M5, bias, pos, length, ok, HAS_RES)
     else:
         M4 = tl.load(src + 4 * plane, mask=ok, other=0)
         M5 = tl.load(src + 5 * plane, mask=ok, other=0)
@@ -121,16 +133,20 @@ def _output_transform_kernel(M_ptr, bias_ptr, y_ptr, n_tiles, tiles_per_sample, 
         d34 = M3 - M4
         s56 = M5 + M6
         d56 = M5 - M6
-        tl.store(dst, (((M0 + s12) + s34) + s56) + bias, mask=ok)
-        tl.store(dst + channels, ((d12 + 2 * d34) + 0.5 * d56) + bias, mask=ok & (pos[:, None] + 1 < length))
-        tl.store(dst + 2 * channels, ((s12 + 4 * s34) + 0.25 * s56) + bias, mask=ok & (pos[:, None] + 2 < length))
-        tl.store(dst + 3 * channels, ((d12 + 8 * d34) + 0.125 * d56) + bias, mask=ok & (pos[:, None] + 3 < length))
-        tl.store(dst + 4 * channels, ((s12 + 16 * s34) + 0.0625 * s56) + bias, mask=ok & (pos[:, None] + 4 < length))
-        tl.store(dst + 5 * channels, (((d12 + 32 * d34) + 0.03125 * d56) + M7) + bias,
-                 mask=ok & (pos[:, None] + 5 < length))
+        _store_output_row(y_ptr, res_ptr, offset, 0, channels, ((M0 + s12) + s34) + s56, bias, pos, length, ok,
+                          HAS_RES)
+        _store_output_row(y_ptr, res_ptr, offset, 1, channels, (d12 + 2 * d34) + 0.5 * d56, bias, pos, length, ok,
+                          HAS_RES)
+        _store_output_row(y_ptr, res_ptr, offset, 2, channels, (s12 + 4 * s34) + 0.25 * s56, bias, pos, length, ok,
+                          HAS_RES)
+        _store_output_row(y_ptr, res_ptr, offset, 3, channels, (d12 + 8 * d34) + 0.125 * d56, bias, pos, length, ok,
+                          HAS_RES)
+        _store_output_row(y_ptr, res_ptr, offset, 4, channels, (s12 + 16 * s34) + 0.0625 * s56, bias, pos, length,
+                          ok, HAS_RES)
+        _store_output_row(y_ptr, res_ptr, offset, 5, channels, ((d12 + 32 * d34) + 0.03125 * d56) + M7, bias, pos,
+                          length, ok, HAS_RES)
 
-
-def winograd_conv1d(x, weight_tf, bias):
+def winograd_conv1d(x, weight_tf, bias, residual):
     batch, channels, length = x.shape
     transformed, out_channels = weight_tf.shape[0], weight_tf.shape[2]
     per_tile = transformed - 2
@@ -147,7 +163,9 @@ def winograd_conv1d(x, weight_tf, bias):
                                       R=transformed, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     M = torch.bmm(m, weight_tf.contiguous())
     bias_arg = bias.contiguous() if bias is not None else M
+    res_rows = residual.transpose(1, 2).contiguous() if residual is not None else M  # [B, L, Co]
     grid = (triton.cdiv(n_tiles, BLOCK_R), triton.cdiv(out_channels, BLOCK_C))
-    _output_transform_kernel[grid](M, bias_arg, y_rows, n_tiles, tiles_per_sample, length, out_channels,
-                                   HAS_BIAS=bias is not None, R=transformed, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+    _output_transform_kernel[grid](M, bias_arg, res_rows, y_rows, n_tiles, tiles_per_sample, length, out_channels,
+                                   HAS_BIAS=bias is not None, HAS_RES=residual is not None, R=transformed,
+                                   BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
     return y_rows.transpose(1, 2)

@@ -120,8 +120,36 @@ def test_gradients_equal_conv1d_gradients_float64(tile):
 def test_opcheck(tile):
     x, w, b = _case(2, 6, 5, 7, dtype=torch.float32)
     weight_tf = winograd_weight(w, tile).requires_grad_()
-    torch.library.opcheck(torch.ops.imer_fast.winograd_conv1d.default, (x.requires_grad_(), weight_tf, b))
-    torch.library.opcheck(torch.ops.imer_fast.winograd_conv1d.default, (x.detach(), weight_tf.detach(), None))
+    residual = torch.randn(2, 5, 7, requires_grad=True)
+    torch.library.opcheck(torch.ops.imer_fast.winograd_conv1d.default, (x.requires_grad_(), weight_tf, b, None))
+    torch.library.opcheck(torch.ops.imer_fast.winograd_conv1d.default, (x.detach(), weight_tf.detach(), None, None))
+    torch.library.opcheck(torch.ops.imer_fast.winograd_conv1d.default, (x, weight_tf, b, residual))
+
+
+# ---- the residual epilogue --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_residual_adds_after_the_bias_like_a_separate_add(backend, tile):
+    # (conv + bias) + residual in that order: the same floats as adding the residual afterwards.
+    x, w, b = _case(4, 16, 12, 13, dtype=torch.float32)
+    weight_tf = winograd_weight(w, tile)
+    residual = torch.randn(4, 13, 12).transpose(1, 2)  # channels-last, as the U-Net's shortcuts
+    fused = winograd_conv1d(x, weight_tf, b, residual)
+    assert torch.equal(fused, winograd_conv1d(x, weight_tf, b) + residual)
+    strided = torch.randn(4, 12, 26)[:, :, ::2]
+    torch.testing.assert_close(winograd_conv1d(x, weight_tf, None, strided), winograd_conv1d(x, weight_tf) + strided,
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tile", TILES)
+def test_residual_equals_conv1d_plus_residual_float64_with_gradients(backend, tile):
+    x, w, b = _case(2, 3, 4, 7)
+    residual = torch.randn(2, 4, 7, dtype=torch.float64)
+    torch.testing.assert_close(winograd_conv1d(x, winograd_weight(w, tile), b, residual),
+                               F.conv1d(x, w, b, padding=1) + residual, rtol=1e-12, atol=1e-12)
+    inputs = tuple(t.clone().requires_grad_() for t in (x, w, b, residual))
+    assert torch.autograd.gradcheck(lambda x, w, b, r: winograd_conv1d(x, winograd_weight(w, tile), b, r), inputs)
 
 
 @settings(max_examples=60, deadline=None)
@@ -169,8 +197,12 @@ def test_errors_name_the_argument():
         winograd_conv1d(x, weight_tf.float(), b)
     with pytest.raises(ValueError, match=r"bias must be a \[Co = 3\]"):
         winograd_conv1d(x, weight_tf, torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"residual must be a \[B, Co, L\] = \[2, 3, 6\] torch.float64 tensor"):
+        winograd_conv1d(x, weight_tf, b, torch.zeros(2, 3, 5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"imer_fast::winograd_conv1d: residual must be a \[B, Co, L\]"):
+        torch.ops.imer_fast.winograd_conv1d(x, weight_tf, None, torch.zeros(2, 3, 6))
     with pytest.raises(RuntimeError, match="imer_fast::winograd_conv1d: x and weight_tf must share a dtype"):
-        torch.ops.imer_fast.winograd_conv1d(x, weight_tf.float(), None)
+        torch.ops.imer_fast.winograd_conv1d(x, weight_tf.float(), None, None)
 
 
 # ---- the U-Net's use of it -----------------------------------------------------------------------

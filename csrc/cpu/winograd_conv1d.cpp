@@ -88,32 +88,49 @@ __attribute__((always_inline)) inline void input_tile(const T* const* d_in, T* c
   }
 }
 
-template <typename T, int R>
+// v + residual row r at channel c when the op has a residual (kRes), else v.
+template <bool kRes, typename T>
+__attribute__((always_inline)) inline T plus_residual(T v, const T* __restrict r, int64_t c) {
+  if constexpr (kRes) {
+    return v + r[c];
+  } else {
+    return v;
+  }
+}
+
+// One tile's outputs y_i = (sum_k AT[i][k] M_k + bias) + residual_i (residual only when kRes; r_in
+// then holds the tile's residual rows, laid out as y_out).
+template <typename T, int R, bool kRes>
 __attribute__((always_inline)) inline void output_tile(const T* const* M_in, const T* __restrict bias, T* const* y_out,
-                                                       int valid, int64_t n) {
+                                                       const T* const* r_in, int valid, int64_t n) {
   const T* __restrict M0 = M_in[0];
   const T* __restrict M1 = M_in[1];
   const T* __restrict M2 = M_in[2];
   const T* __restrict M3 = M_in[3];
   T* __restrict y0 = y_out[0];
+  const T* __restrict r0 = kRes ? r_in[0] : nullptr;
   if constexpr (R == 4) {
     T* __restrict y1 = y_out[1];
+    const T* __restrict r1 = kRes ? r_in[1] : nullptr;
     for (int64_t c = 0; c < n; ++c) {
-      y0[c] = ((M0[c] + M1[c]) + M2[c]) + bias[c];
-      if (valid > 1) y1[c] = ((M1[c] - M2[c]) - M3[c]) + bias[c];
+      y0[c] = plus_residual<kRes>(((M0[c] + M1[c]) + M2[c]) + bias[c], r0, c);
+      if (valid > 1) y1[c] = plus_residual<kRes>(((M1[c] - M2[c]) - M3[c]) + bias[c], r1, c);
     }
   } else if constexpr (R == 6) {
     const T* __restrict M4 = M_in[4];
     const T* __restrict M5 = M_in[5];
     T* __restrict y1 = y_out[1];
+    const T* __restrict r1 = kRes ? r_in[1] : nullptr;
     T* __restrict y2 = y_out[2];
+    const T* __restrict r2 = kRes ? r_in[2] : nullptr;
     T* __restrict y3 = y_out[3];
+    const T* __restrict r3 = kRes ? r_in[3] : nullptr;
     for (int64_t c = 0; c < n; ++c) {
       const T s12 = M1[c] + M2[c], d12 = M1[c] - M2[c], s34 = M3[c] + M4[c], d34 = M3[c] - M4[c];
-      y0[c] = ((M0[c] + s12) + s34) + bias[c];
-      if (valid > 1) y1[c] = (d12 + T(2) * d34) + bias[c];
-      if (valid > 2) y2[c] = (s12 + T(4) * s34) + bias[c];
-      if (valid > 3) y3[c] = ((d12 + T(8) * d34) + M5[c]) + bias[c];
+      y0[c] = plus_residual<kRes>(((M0[c] + s12) + s34) + bias[c], r0, c);
+      if (valid > 1) y1[c] = plus_residual<kRes>((d12 + T(2) * d34) + bias[c], r1, c);
+      if (valid > 2) y2[c] = plus_residual<kRes>((s12 + T(4) * s34) + bias[c], r2, c);
+      if (valid > 3) y3[c] = plus_residual<kRes>(((d12 + T(8) * d34) + M5[c]) + bias[c], r3, c);
     }
   } else {
     static_assert(R == 8, "F(2, 3), F(4, 3) or F(6, 3)");
@@ -122,20 +139,27 @@ __attribute__((always_inline)) inline void output_tile(const T* const* M_in, con
     const T* __restrict M6 = M_in[6];
     const T* __restrict M7 = M_in[7];
     T* __restrict y1 = y_out[1];
+    const T* __restrict r1 = kRes ? r_in[1] : nullptr;
     T* __restrict y2 = y_out[2];
+    const T* __restrict r2 = kRes ? r_in[2] : nullptr;
     T* __restrict y3 = y_out[3];
+    const T* __restrict r3 = kRes ? r_in[3] : nullptr;
     T* __restrict y4 = y_out[4];
+    const T* __restrict r4 = kRes ? r_in[4] : nullptr;
     T* __restrict y5 = y_out[5];
+    const T* __restrict r5 = kRes ? r_in[5] : nullptr;
     for (int64_t c = 0; c < n; ++c) {
       // y_i = (M1 ± M2) + 2^i (M3 ± M4) + 2^-i (M5 ± M6), + for even i, - for odd i
       const T s12 = M1[c] + M2[c], d12 = M1[c] - M2[c], s34 = M3[c] + M4[c], d34 = M3[c] - M4[c];
       const T s56 = M5[c] + M6[c], d56 = M5[c] - M6[c];
-      y0[c] = ((M0[c] + s12) + s34 + s56) + bias[c];
-      if (valid > 1) y1[c] = ((d12 + T(2) * d34) + T(0.5) * d56) + bias[c];
-      if (valid > 2) y2[c] = ((s12 + T(4) * s34) + T(0.25) * s56) + bias[c];
-      if (valid > 3) y3[c] = ((d12 + T(8) * d34) + T(0.125) * d56) + bias[c];
-      if (valid > 4) y4[c] = ((s12 + T(16) * s34) + T(0.0625) * s56) + bias[c];
-      if (valid > 5) y5[c] = (((d12 + T(32) * d34) + T(0.03125) * d56) + M7[c]) + bias[c];
+      y0[c] = plus_residual<kRes>(((M0[c] + s12) + s34 + s56) + bias[c], r0, c);
+      if (valid > 1) y1[c] = plus_residual<kRes>(((d12 + T(2) * d34) + T(0.5) * d56) + bias[c], r1, c);
+      if (valid > 2) y2[c] = plus_residual<kRes>(((s12 + T(4) * s34) + T(0.25) * s56) + bias[c], r2, c);
+      if (valid > 3) y3[c] = plus_residual<kRes>(((d12 + T(8) * d34) + T(0.125) * d56) + bias[c], r3, c);
+      if (valid > 4) y4[c] = plus_residual<kRes>(((s12 + T(16) * s34) + T(0.0625) * s56) + bias[c], r4, c);
+      if (valid > 5) {
+        y5[c] = plus_residual<kRes>((((d12 + T(32) * d34) + T(0.03125) * d56) + M7[c]) + bias[c], r5, c);
+      }
     }
   }
 }
@@ -150,17 +174,29 @@ IMER_FAST_ROW_CLONES void input_tile6_f32(const float* const* d, float* const* m
 IMER_FAST_ROW_CLONES void input_tile8_f32(const float* const* d, float* const* m, int64_t n) {
   input_tile<float, 8>(d, m, n);
 }
-IMER_FAST_ROW_CLONES void output_tile4_f32(const float* const* M, const float* bias, float* const* y, int valid,
-                                           int64_t n) {
-  output_tile<float, 4>(M, bias, y, valid, n);
+IMER_FAST_ROW_CLONES void output_tile4_f32(const float* const* M, const float* bias, float* const* y,
+                                           const float* const* r, int valid, int64_t n) {
+  if (r != nullptr) {
+    output_tile<float, 4, true>(M, bias, y, r, valid, n);
+  } else {
+    output_tile<float, 4, false>(M, bias, y, r, valid, n);
+  }
 }
-IMER_FAST_ROW_CLONES void output_tile6_f32(const float* const* M, const float* bias, float* const* y, int valid,
-                                           int64_t n) {
-  output_tile<float, 6>(M, bias, y, valid, n);
+IMER_FAST_ROW_CLONES void output_tile6_f32(const float* const* M, const float* bias, float* const* y,
+                                           const float* const* r, int valid, int64_t n) {
+  if (r != nullptr) {
+    output_tile<float, 6, true>(M, bias, y, r, valid, n);
+  } else {
+    output_tile<float, 6, false>(M, bias, y, r, valid, n);
+  }
 }
-IMER_FAST_ROW_CLONES void output_tile8_f32(const float* const* M, const float* bias, float* const* y, int valid,
-                                           int64_t n) {
-  output_tile<float, 8>(M, bias, y, valid, n);
+IMER_FAST_ROW_CLONES void output_tile8_f32(const float* const* M, const float* bias, float* const* y,
+                                           const float* const* r, int valid, int64_t n) {
+  if (r != nullptr) {
+    output_tile<float, 8, true>(M, bias, y, r, valid, n);
+  } else {
+    output_tile<float, 8, false>(M, bias, y, r, valid, n);
+  }
 }
 
 template <typename T, int R>
@@ -173,11 +209,13 @@ void input_tile_any(const T* const* d, T* const* m, int64_t n) {
 }
 
 template <typename T, int R>
-void output_tile_any(const T* const* M, const T* bias, T* const* y, int valid, int64_t n) {
+void output_tile_any(const T* const* M, const T* bias, T* const* y, const T* const* r, int valid, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    (R == 4 ? output_tile4_f32 : R == 6 ? output_tile6_f32 : output_tile8_f32)(M, bias, y, valid, n);
+    (R == 4 ? output_tile4_f32 : R == 6 ? output_tile6_f32 : output_tile8_f32)(M, bias, y, r, valid, n);
+  } else if (r != nullptr) {
+    output_tile<T, R, true>(M, bias, y, r, valid, n);
   } else {
-    output_tile<T, R>(M, bias, y, valid, n);
+    output_tile<T, R, false>(M, bias, y, r, valid, n);
   }
 }
 
@@ -202,11 +240,11 @@ void input_transform(const scalar_t* x, scalar_t* m, int64_t B, int64_t L, int64
   });
 }
 
-// y rows n t .. n t + n - 1 of sample b from M_k[r, :] plus the bias (zeros when absent); rows past
-// the end of L are dropped.
+// y rows n t .. n t + n - 1 of sample b from M_k[r, :] plus the bias (zeros when absent) plus the
+// residual's rows (when res is not null; laid out as y, [B, L, Co]); rows past the end of L are dropped.
 template <typename scalar_t, int R>
-void output_transform(const scalar_t* M, const scalar_t* bias, scalar_t* y, int64_t B, int64_t L, int64_t Co,
-                      int64_t T) {
+void output_transform(const scalar_t* M, const scalar_t* bias, const scalar_t* res, scalar_t* y, int64_t B, int64_t L,
+                      int64_t Co, int64_t T) {
   constexpr int kOut = R - 2;
   const int64_t N = B * T;
   at::parallel_for(0, N, kTilesPerTask, [&](int64_t begin, int64_t end) {
@@ -214,10 +252,15 @@ void output_transform(const scalar_t* M, const scalar_t* bias, scalar_t* y, int6
       const int64_t b = r / T, first = kOut * (r % T);
       const scalar_t* Mk[R];
       scalar_t* rows[kOut];
+      const scalar_t* res_rows[kOut];
       for (int k = 0; k < R; ++k) Mk[k] = M + (k * N + r) * Co;
       const int valid = static_cast<int>(std::min<int64_t>(kOut, L - first));
-      for (int i = 0; i < kOut; ++i) rows[i] = y + (b * L + first + std::min(i, valid - 1)) * Co;
-      output_tile_any<scalar_t, R>(Mk, bias, rows, valid, Co);
+      for (int i = 0; i < kOut; ++i) {
+        const int64_t row = (b * L + first + std::min(i, valid - 1)) * Co;
+        rows[i] = y + row;
+        res_rows[i] = res ? res + row : nullptr;
+      }
+      output_tile_any<scalar_t, R>(Mk, bias, rows, res ? res_rows : nullptr, valid, Co);
     }
   });
 }
@@ -234,7 +277,8 @@ at::Tensor scratch(int slot, at::IntArrayRef shape, const at::TensorOptions& opt
   return buffer.narrow(0, 0, numel).view(shape);
 }
 
-at::Tensor winograd_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight_tf, const std::optional<at::Tensor>& bias) {
+at::Tensor winograd_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight_tf, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 3, kOp, "x must be [B, C, L]; got shape ", x.sizes());
   TORCH_CHECK(weight_tf.dim() == 3 && (weight_tf.size(0) == 4 || weight_tf.size(0) == 6 || weight_tf.size(0) == 8) &&
                   weight_tf.size(1) == x.size(1),
@@ -252,6 +296,14 @@ at::Tensor winograd_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight_tf,
                 "bias must be a [Co = ", Co, "] ", x.scalar_type(), " tensor; got ", bias->scalar_type(), " of shape ",
                 bias->sizes());
     bias_c = bias->contiguous();
+  }
+  at::Tensor res_rows;  // residual [B, Co, L] as rows [B, L, Co] (no copy when it is channels-last)
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->dim() == 3 && residual->size(0) == B && residual->size(1) == Co && residual->size(2) == L &&
+                    residual->scalar_type() == x.scalar_type(),
+                kOp, "residual must be a [B, Co, L] = [", B, ", ", Co, ", ", L, "] ", x.scalar_type(), " tensor; got ",
+                residual->scalar_type(), " of shape ", residual->sizes());
+    res_rows = residual->transpose(1, 2).contiguous();
   }
   at::Tensor y_rows = at::empty({B, L, Co}, x.options());
   if (y_rows.numel() == 0) return y_rows.transpose(1, 2);
@@ -272,12 +324,13 @@ at::Tensor winograd_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight_tf,
     const scalar_t* Mp = M.data_ptr<scalar_t>();
     scalar_t* yp = y_rows.data_ptr<scalar_t>();
     const scalar_t* bp = bias_c.data_ptr<scalar_t>();
+    const scalar_t* rp = res_rows.defined() ? res_rows.data_ptr<scalar_t>() : nullptr;
     if (R == 4) {
-      output_transform<scalar_t, 4>(Mp, bp, yp, B, L, Co, T);
+      output_transform<scalar_t, 4>(Mp, bp, rp, yp, B, L, Co, T);
     } else if (R == 6) {
-      output_transform<scalar_t, 6>(Mp, bp, yp, B, L, Co, T);
+      output_transform<scalar_t, 6>(Mp, bp, rp, yp, B, L, Co, T);
     } else {
-      output_transform<scalar_t, 8>(Mp, bp, yp, B, L, Co, T);
+      output_transform<scalar_t, 8>(Mp, bp, rp, yp, B, L, Co, T);
     }
   });
   return y_rows.transpose(1, 2);

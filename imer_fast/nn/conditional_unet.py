@@ -91,11 +91,17 @@ class Conv1d(nn.Conv1d):
 
     _winograd_copy = None  # (key, transformed weight, the weight it came from), see _transformed_weight
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """The convolution of x, plus ``residual`` (a block's shortcut, of the output's shape) when given:
+        the Winograd path adds it in its output transform, saving the separate pass of the add."""
+        if x.is_cpu and x.dim() == 3 and self._winograd_applies(x):
+            return winograd_conv1d(x, self._transformed_weight(fewest_rows_tile(x.shape[2])), self.bias, residual)
+        out = self._convolve(x)
+        return out if residual is None else out + residual
+
+    def _convolve(self, x: Tensor) -> Tensor:
         if not x.is_cpu or x.dim() != 3 or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
-        if self._winograd_applies(x):
-            return winograd_conv1d(x, self._transformed_weight(fewest_rows_tile(x.shape[2])), self.bias)
         if self.kernel_size == (1,) and self.stride == (1,) and self.padding == (0,) and self.groups == 1:
             return F.linear(x.transpose(1, 2), self.weight.squeeze(2), self.bias).transpose(1, 2)
         out = F.conv2d(x.unsqueeze(2), self.weight.unsqueeze(2), self.bias, (1, self.stride[0]), (0, self.padding[0]),
@@ -105,7 +111,7 @@ class Conv1d(nn.Conv1d):
     def _winograd_applies(self, x: Tensor) -> bool:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         return (_reuse["depth"] > 0 and not needs_grad and not torch.compiler.is_compiling()
-                and self.kernel_size == (3,) and self.stride == (1,) and self.padding == (1,)
+                and self.padding_mode == "zeros" and self.kernel_size == (3,) and self.stride == (1,) and self.padding == (1,)
                 and self.dilation == (1,) and self.groups == 1 and min(self.in_channels, self.out_channels) >= 64
                 and x.dtype in (torch.float32, torch.float64) and x.dtype == self.weight.dtype)
 
@@ -141,8 +147,9 @@ class Block(nn.Module):
         self.activation = nn.SiLU()  # kept for the module tree; the fused prologue applies it
         self.project = Conv1d(dim, dim_out, kernel_size=3, padding=1)
 
-    def forward(self, x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None) -> Tensor:
-        return self.project(_group_norm(self.groupnorm, x, silu=True, scale=scale, shift=shift))
+    def forward(self, x: Tensor, scale: Optional[Tensor] = None, shift: Optional[Tensor] = None,
+                residual: Optional[Tensor] = None) -> Tensor:
+        return self.project(_group_norm(self.groupnorm, x, silu=True, scale=scale, shift=shift), residual)
 
 
 class ResidualBlock(nn.Module):
@@ -160,7 +167,7 @@ class ResidualBlock(nn.Module):
         h = self.block1(x)
         h = h + self.cross_attn(h.transpose(1, 2), y).transpose(1, 2)
         scale, shift = self.time_emb[1](t_silu).expand(x.shape[0], -1).chunk(2, dim=1)  # t_silu may be one shared row
-        return self.block2(h, scale, shift) + self.shortcut(x)
+        return self.block2(h, scale, shift, residual=self.shortcut(x))
 
 
 class AttentionBlock(nn.Module):

@@ -8,7 +8,8 @@ w [Co, C, 3] (stride 1, zero padding 1: the U-Nets' ``Conv1d(C, Co, 3, padding=1
     weight_tf = winograd_weight(w, n)[k] = Σ_j G[k, j] g_j                  [R, C, Co]
     tile t reads d_j = x[:, :, n·t − 1 + j], j < R (zero outside [0, L))
     m_k = Σ_j BT[k, j] d_j,   M_k = m_k @ weight_tf[k]
-    y[:, :, n·t + i] = Σ_k AT[i, k] M_k + bias    (positions past L dropped)
+    y[:, :, n·t + i] = (Σ_k AT[i, k] M_k + bias) + residual[:, :, n·t + i]
+                       (positions past L dropped; bias and residual optional)
 
 with Lavin & Gray's matrices (``TRANSFORMS``; F(2, 3): points 0, ±1, ∞; F(4, 3): 0, ±1, ±2, ∞;
 F(6, 3): 0, ±1, ±2, ±1/2, ∞, Toom-Cook matrices derived for this module). This equals
@@ -28,7 +29,7 @@ channels-last input. float32 and float64.
 Gradients (written with torch ops, so they are differentiable again): ``dM_k = Σ_i AT[i, k] gy_i``,
 ``dm_k = dM_k @ weight_tf[k]ᵀ``, ``dd_j = Σ_k BT[k, j] dm_k`` added back to the tile's input rows
 (neighbouring tiles overlap by two rows), ``dweight_tf[k] = m_kᵀ @ dM_k``, dbias the sum of grad_y
-over batch and positions.
+over batch and positions, dresidual = grad_y.
 
 Backends (:func:`select_winograd_conv1d_backend`): C++ on CPU (``csrc/cpu/winograd_conv1d.cpp``: the
 transforms in threaded row loops around MKL's batched GEMM), Triton on CUDA
@@ -118,7 +119,8 @@ def _input_transform(x: Tensor, n: int, tiles: int) -> Tensor:
     return torch.einsum("kj,jbtc->kbtc", BT, d).reshape(n + 2, batch * tiles, channels)
 
 
-def winograd_conv1d_ref(x: Tensor, weight_tf: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+def winograd_conv1d_ref(x: Tensor, weight_tf: Tensor, bias: Optional[Tensor] = None,
+                        residual: Optional[Tensor] = None) -> Tensor:
     """Pure-torch twin written from the transforms (module doc)."""
     batch, _, length = x.shape
     n, tiles = _geometry(x, weight_tf)
@@ -127,6 +129,8 @@ def winograd_conv1d_ref(x: Tensor, weight_tf: Tensor, bias: Optional[Tensor] = N
     y = torch.einsum("ik,kbto->btio", AT, M).reshape(batch, n * tiles, weight_tf.shape[2])[:, :length]
     if bias is not None:
         y = y + bias
+    if residual is not None:
+        y = y + residual.transpose(1, 2)
     return y.contiguous().transpose(1, 2)
 
 
@@ -134,14 +138,15 @@ def winograd_conv1d_ref(x: Tensor, weight_tf: Tensor, bias: Optional[Tensor] = N
 
 
 @torch.library.register_fake("imer_fast::winograd_conv1d")
-def _fake(x, weight_tf, bias):
+def _fake(x, weight_tf, bias, residual):
     return x.new_empty((x.shape[0], x.shape[2], weight_tf.shape[2])).transpose(1, 2)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight_tf, bias = inputs
+    x, weight_tf, bias, residual = inputs
     ctx.save_for_backward(x, weight_tf)
     ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
 
 
 def _backward(ctx, grad_y):
@@ -164,16 +169,17 @@ def _backward(ctx, grad_y):
         grad_w = torch.bmm(_input_transform(x, n, tiles).transpose(1, 2), dM)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad_y.sum(dim=(0, 2))
-    return grad_x, grad_w, grad_b
+    grad_residual = grad_y if ctx.has_residual and ctx.needs_input_grad[3] else None
+    return grad_x, grad_w, grad_b, grad_residual
 
 
 torch.library.register_autograd("imer_fast::winograd_conv1d", _backward, setup_context=_setup_context)
 
 
-def _winograd_conv1d_triton(x, weight_tf, bias):
+def _winograd_conv1d_triton(x, weight_tf, bias, residual):
     from imer_fast._kernels import winograd_conv as kernels
 
-    return kernels.winograd_conv1d(x, weight_tf, bias)
+    return kernels.winograd_conv1d(x, weight_tf, bias, residual)
 
 
 torch.library.register_kernel("imer_fast::winograd_conv1d", "cuda", _winograd_conv1d_triton)
@@ -206,7 +212,7 @@ def _describe(t) -> str:
     return f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
 
 
-def _check(x, weight_tf, bias) -> None:
+def _check(x, weight_tf, bias, residual) -> None:
     op = "winograd_conv1d"
     if not isinstance(x, Tensor) or x.dim() != 3 or not x.is_floating_point():
         raise ValueError(f"{op}: x must be a floating tensor [B, C, L]; got {_describe(x)}")
@@ -220,12 +226,19 @@ def _check(x, weight_tf, bias) -> None:
                              or bias.dtype != x.dtype or bias.device != x.device):
         raise ValueError(f"{op}: bias must be a [Co = {weight_tf.shape[2]}] {x.dtype} tensor on {x.device}; "
                          f"got {_describe(bias)}")
+    expected = (x.shape[0], weight_tf.shape[2], x.shape[2])
+    if residual is not None and (not isinstance(residual, Tensor) or tuple(residual.shape) != expected
+                                 or residual.dtype != x.dtype or residual.device != x.device):
+        raise ValueError(f"{op}: residual must be a [B, Co, L] = {list(expected)} {x.dtype} tensor on {x.device}; "
+                         f"got {_describe(residual)}")
 
 
-def winograd_conv1d(x: Tensor, weight_tf: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.conv1d(x, w, bias, padding=1)`` for a 3-tap ``w`` given ``weight_tf = winograd_weight(w, n)``
-    (module doc); [B, Co, L] stored channels-last."""
-    _check(x, weight_tf, bias)
+def winograd_conv1d(x: Tensor, weight_tf: Tensor, bias: Optional[Tensor] = None,
+                    residual: Optional[Tensor] = None) -> Tensor:
+    """``F.conv1d(x, w, bias, padding=1) + residual`` for a 3-tap ``w`` given ``weight_tf =
+    winograd_weight(w, n)`` (module doc); [B, Co, L] stored channels-last. The residual (a block's
+    shortcut) is added in the output transform, in that order: the same floats as the separate add."""
+    _check(x, weight_tf, bias, residual)
     if select_winograd_conv1d_backend(x).backend == "reference":
-        return winograd_conv1d_ref(x, weight_tf, bias)
-    return torch.ops.imer_fast.winograd_conv1d(x, weight_tf, bias)
+        return winograd_conv1d_ref(x, weight_tf, bias, residual)
+    return torch.ops.imer_fast.winograd_conv1d(x, weight_tf, bias, residual)
