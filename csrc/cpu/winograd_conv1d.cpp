@@ -26,142 +26,117 @@ namespace {
 constexpr const char* kOp = "imer_fast::winograd_conv1d: ";
 constexpr int64_t kTilesPerTask = 8;
 
-// One tile's rows: R inputs (or M_k) and R transformed rows (or n outputs), n channels each.
-// Restrict-qualified so that the loops vectorise without runtime alias checks (the padding rows all
-// point at one shared zero row, which defeats GCC's overlap test).
+// Lanes of V (a float32 vector of vec_rows.h, or the scalar type itself for the channel tail and
+// float64) at p + c. memcpy: the rows carry no vector alignment.
+template <typename V, typename T>
+__attribute__((always_inline)) inline V lanes(const T* p, int64_t c) {
+  V v;
+  __builtin_memcpy(&v, p + c, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+__attribute__((always_inline)) inline void put(T* p, int64_t c, V v) {
+  __builtin_memcpy(p + c, &v, sizeof(V));
+}
+
+// Channels [c, c + lanes of V) of one tile's input transform: the R input rows d_in (positions
+// outside [0, L) point at a zero row) into the R transformed rows m_out. Explicit lanes: GCC does not
+// vectorise these loops over arrays of row pointers by itself.
+template <typename V, typename T, int R>
+__attribute__((always_inline)) inline void input_columns(const T* const* d_in, T* const* m_out, int64_t c) {
+  const V d0 = lanes<V>(d_in[0], c), d1 = lanes<V>(d_in[1], c), d2 = lanes<V>(d_in[2], c), d3 = lanes<V>(d_in[3], c);
+  if constexpr (R == 4) {
+    put(m_out[0], c, d0 - d2);
+    put(m_out[1], c, d1 + d2);
+    put(m_out[2], c, d2 - d1);
+    put(m_out[3], c, d1 - d3);
+  } else if constexpr (R == 6) {
+    const V d4 = lanes<V>(d_in[4], c), d5 = lanes<V>(d_in[5], c);
+    const V a = d4 - T(4) * d2, b = d3 - T(4) * d1;  // shared by m1, m2
+    const V e = d4 - d2, f = T(2) * (d3 - d1);        // shared by m3, m4
+    put(m_out[0], c, T(4) * d0 - T(5) * d2 + d4);
+    put(m_out[1], c, a + b);
+    put(m_out[2], c, a - b);
+    put(m_out[3], c, e + f);
+    put(m_out[4], c, e - f);
+    put(m_out[5], c, T(4) * d1 - T(5) * d3 + d5);
+  } else {
+    static_assert(R == 8, "F(2, 3), F(4, 3) or F(6, 3)");
+    const V d4 = lanes<V>(d_in[4], c), d5 = lanes<V>(d_in[5], c), d6 = lanes<V>(d_in[6], c),
+            d7 = lanes<V>(d_in[7], c);
+    // rows k = 2i - 1, 2i share an even part (d2, d4, d6) and an odd part (d1, d3, d5)
+    const V e12 = T(4) * (d2 + d6) - T(17) * d4, o12 = T(4) * (d1 + d5) - T(17) * d3;
+    const V e34 = (d2 - T(5) * d4) + T(4) * d6, o34 = T(2) * (d1 - T(5) * d3) + T(8) * d5;
+    const V e56 = T(2) * ((T(4) * d2 - T(5) * d4) + d6), o56 = (T(4) * d1 - T(5) * d3) + d5;
+    put(m_out[0], c, T(4) * (d6 - d0) + T(21) * (d2 - d4));
+    put(m_out[1], c, e12 + o12);
+    put(m_out[2], c, e12 - o12);
+    put(m_out[3], c, e34 + o34);
+    put(m_out[4], c, e34 - o34);
+    put(m_out[5], c, e56 + o56);
+    put(m_out[6], c, e56 - o56);
+    put(m_out[7], c, T(4) * (d7 - d1) + T(21) * (d3 - d5));
+  }
+}
+
+// Channels [c, c + lanes of V) of one tile's output transform: y_i = (sum_k AT[i][k] M_k + bias) +
+// residual_i for the valid outputs i < valid (the residual only when kRes; r_rows then holds the tile's
+// residual rows, laid out as y_rows).
+template <typename V, typename T, int R, bool kRes>
+__attribute__((always_inline)) inline void output_columns(const T* const* M_in, const T* bias, T* const* y_rows,
+                                                          const T* const* r_rows, int valid, int64_t c) {
+  const V b = lanes<V>(bias, c);
+  auto emit = [&](int i, V v) __attribute__((always_inline)) {
+    v = v + b;
+    if constexpr (kRes) v = v + lanes<V>(r_rows[i], c);
+    put(y_rows[i], c, v);
+  };
+  const V M0 = lanes<V>(M_in[0], c), M1 = lanes<V>(M_in[1], c), M2 = lanes<V>(M_in[2], c), M3 = lanes<V>(M_in[3], c);
+  if constexpr (R == 4) {
+    emit(0, (M0 + M1) + M2);
+    if (valid > 1) emit(1, (M1 - M2) - M3);
+  } else if constexpr (R == 6) {
+    const V M4 = lanes<V>(M_in[4], c), M5 = lanes<V>(M_in[5], c);
+    const V s12 = M1 + M2, d12 = M1 - M2, s34 = M3 + M4, d34 = M3 - M4;
+    emit(0, (M0 + s12) + s34);
+    if (valid > 1) emit(1, d12 + T(2) * d34);
+    if (valid > 2) emit(2, s12 + T(4) * s34);
+    if (valid > 3) emit(3, (d12 + T(8) * d34) + M5);
+  } else {
+    static_assert(R == 8, "F(2, 3), F(4, 3) or F(6, 3)");
+    const V M4 = lanes<V>(M_in[4], c), M5 = lanes<V>(M_in[5], c), M6 = lanes<V>(M_in[6], c),
+            M7 = lanes<V>(M_in[7], c);
+    // y_i = (M1 ± M2) + 2^i (M3 ± M4) + 2^-i (M5 ± M6), + for even i, - for odd i
+    const V s12 = M1 + M2, d12 = M1 - M2, s34 = M3 + M4, d34 = M3 - M4, s56 = M5 + M6, d56 = M5 - M6;
+    emit(0, ((M0 + s12) + s34) + s56);
+    if (valid > 1) emit(1, (d12 + T(2) * d34) + T(0.5) * d56);
+    if (valid > 2) emit(2, (s12 + T(4) * s34) + T(0.25) * s56);
+    if (valid > 3) emit(3, (d12 + T(8) * d34) + T(0.125) * d56);
+    if (valid > 4) emit(4, (s12 + T(16) * s34) + T(0.0625) * s56);
+    if (valid > 5) emit(5, ((d12 + T(32) * d34) + T(0.03125) * d56) + M7);
+  }
+}
+
+// One tile over all n channels: 16-lane vectors for float32 (one AVX-512 register, two AVX2 ones),
+// then the scalar tail; float64 scalar.
 template <typename T, int R>
 __attribute__((always_inline)) inline void input_tile(const T* const* d_in, T* const* m_out, int64_t n) {
-  const T* __restrict d0 = d_in[0];
-  const T* __restrict d1 = d_in[1];
-  const T* __restrict d2 = d_in[2];
-  const T* __restrict d3 = d_in[3];
-  T* __restrict m0 = m_out[0];
-  T* __restrict m1 = m_out[1];
-  T* __restrict m2 = m_out[2];
-  T* __restrict m3 = m_out[3];
-  if constexpr (R == 4) {
-    for (int64_t c = 0; c < n; ++c) {
-      m0[c] = d0[c] - d2[c];
-      m1[c] = d1[c] + d2[c];
-      m2[c] = d2[c] - d1[c];
-      m3[c] = d1[c] - d3[c];
-    }
-  } else if constexpr (R == 6) {
-    const T* __restrict d4 = d_in[4];
-    const T* __restrict d5 = d_in[5];
-    T* __restrict m4 = m_out[4];
-    T* __restrict m5 = m_out[5];
-    for (int64_t c = 0; c < n; ++c) {
-      const T a = d4[c] - T(4) * d2[c], b = d3[c] - T(4) * d1[c];  // shared by m1, m2
-      const T e = d4[c] - d2[c], f = T(2) * (d3[c] - d1[c]);        // shared by m3, m4
-      m0[c] = T(4) * d0[c] - T(5) * d2[c] + d4[c];
-      m1[c] = a + b;
-      m2[c] = a - b;
-      m3[c] = e + f;
-      m4[c] = e - f;
-      m5[c] = T(4) * d1[c] - T(5) * d3[c] + d5[c];
-    }
-  } else {
-    static_assert(R == 8, "F(2, 3), F(4, 3) or F(6, 3)");
-    const T* __restrict d4 = d_in[4];
-    const T* __restrict d5 = d_in[5];
-    const T* __restrict d6 = d_in[6];
-    const T* __restrict d7 = d_in[7];
-    T* __restrict m4 = m_out[4];
-    T* __restrict m5 = m_out[5];
-    T* __restrict m6 = m_out[6];
-    T* __restrict m7 = m_out[7];
-    for (int64_t c = 0; c < n; ++c) {
-      // rows k = 2i - 1, 2i share an even part (d2, d4, d6) and an odd part (d1, d3, d5)
-      const T e12 = T(4) * (d2[c] + d6[c]) - T(17) * d4[c], o12 = T(4) * (d1[c] + d5[c]) - T(17) * d3[c];
-      const T e34 = (d2[c] - T(5) * d4[c]) + T(4) * d6[c], o34 = T(2) * (d1[c] - T(5) * d3[c]) + T(8) * d5[c];
-      const T e56 = T(2) * ((T(4) * d2[c] - T(5) * d4[c]) + d6[c]), o56 = (T(4) * d1[c] - T(5) * d3[c]) + d5[c];
-      m0[c] = T(4) * (d6[c] - d0[c]) + T(21) * (d2[c] - d4[c]);
-      m1[c] = e12 + o12;
-      m2[c] = e12 - o12;
-      m3[c] = e34 + o34;
-      m4[c] = e34 - o34;
-      m5[c] = e56 + o56;
-      m6[c] = e56 - o56;
-      m7[c] = T(4) * (d7[c] - d1[c]) + T(21) * (d3[c] - d5[c]);
-    }
+  int64_t c = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; c + 16 <= n; c += 16) input_columns<vec_rows::F16, T, R>(d_in, m_out, c);
   }
+  for (; c < n; ++c) input_columns<T, T, R>(d_in, m_out, c);
 }
 
-// v + residual row r at channel c when the op has a residual (kRes), else v.
-template <bool kRes, typename T>
-__attribute__((always_inline)) inline T plus_residual(T v, const T* __restrict r, int64_t c) {
-  if constexpr (kRes) {
-    return v + r[c];
-  } else {
-    return v;
-  }
-}
-
-// One tile's outputs y_i = (sum_k AT[i][k] M_k + bias) + residual_i (residual only when kRes; r_in
-// then holds the tile's residual rows, laid out as y_out).
 template <typename T, int R, bool kRes>
-__attribute__((always_inline)) inline void output_tile(const T* const* M_in, const T* __restrict bias, T* const* y_out,
+__attribute__((always_inline)) inline void output_tile(const T* const* M_in, const T* bias, T* const* y_out,
                                                        const T* const* r_in, int valid, int64_t n) {
-  const T* __restrict M0 = M_in[0];
-  const T* __restrict M1 = M_in[1];
-  const T* __restrict M2 = M_in[2];
-  const T* __restrict M3 = M_in[3];
-  T* __restrict y0 = y_out[0];
-  const T* __restrict r0 = kRes ? r_in[0] : nullptr;
-  if constexpr (R == 4) {
-    T* __restrict y1 = y_out[1];
-    const T* __restrict r1 = kRes ? r_in[1] : nullptr;
-    for (int64_t c = 0; c < n; ++c) {
-      y0[c] = plus_residual<kRes>(((M0[c] + M1[c]) + M2[c]) + bias[c], r0, c);
-      if (valid > 1) y1[c] = plus_residual<kRes>(((M1[c] - M2[c]) - M3[c]) + bias[c], r1, c);
-    }
-  } else if constexpr (R == 6) {
-    const T* __restrict M4 = M_in[4];
-    const T* __restrict M5 = M_in[5];
-    T* __restrict y1 = y_out[1];
-    const T* __restrict r1 = kRes ? r_in[1] : nullptr;
-    T* __restrict y2 = y_out[2];
-    const T* __restrict r2 = kRes ? r_in[2] : nullptr;
-    T* __restrict y3 = y_out[3];
-    const T* __restrict r3 = kRes ? r_in[3] : nullptr;
-    for (int64_t c = 0; c < n; ++c) {
-      const T s12 = M1[c] + M2[c], d12 = M1[c] - M2[c], s34 = M3[c] + M4[c], d34 = M3[c] - M4[c];
-      y0[c] = plus_residual<kRes>(((M0[c] + s12) + s34) + bias[c], r0, c);
-      if (valid > 1) y1[c] = plus_residual<kRes>((d12 + T(2) * d34) + bias[c], r1, c);
-      if (valid > 2) y2[c] = plus_residual<kRes>((s12 + T(4) * s34) + bias[c], r2, c);
-      if (valid > 3) y3[c] = plus_residual<kRes>(((d12 + T(8) * d34) + M5[c]) + bias[c], r3, c);
-    }
-  } else {
-    static_assert(R == 8, "F(2, 3), F(4, 3) or F(6, 3)");
-    const T* __restrict M4 = M_in[4];
-    const T* __restrict M5 = M_in[5];
-    const T* __restrict M6 = M_in[6];
-    const T* __restrict M7 = M_in[7];
-    T* __restrict y1 = y_out[1];
-    const T* __restrict r1 = kRes ? r_in[1] : nullptr;
-    T* __restrict y2 = y_out[2];
-    const T* __restrict r2 = kRes ? r_in[2] : nullptr;
-    T* __restrict y3 = y_out[3];
-    const T* __restrict r3 = kRes ? r_in[3] : nullptr;
-    T* __restrict y4 = y_out[4];
-    const T* __restrict r4 = kRes ? r_in[4] : nullptr;
-    T* __restrict y5 = y_out[5];
-    const T* __restrict r5 = kRes ? r_in[5] : nullptr;
-    for (int64_t c = 0; c < n; ++c) {
-      // y_i = (M1 ± M2) + 2^i (M3 ± M4) + 2^-i (M5 ± M6), + for even i, - for odd i
-      const T s12 = M1[c] + M2[c], d12 = M1[c] - M2[c], s34 = M3[c] + M4[c], d34 = M3[c] - M4[c];
-      const T s56 = M5[c] + M6[c], d56 = M5[c] - M6[c];
-      y0[c] = plus_residual<kRes>(((M0[c] + s12) + s34 + s56) + bias[c], r0, c);
-      if (valid > 1) y1[c] = plus_residual<kRes>(((d12 + T(2) * d34) + T(0.5) * d56) + bias[c], r1, c);
-      if (valid > 2) y2[c] = plus_residual<kRes>(((s12 + T(4) * s34) + T(0.25) * s56) + bias[c], r2, c);
-      if (valid > 3) y3[c] = plus_residual<kRes>(((d12 + T(8) * d34) + T(0.125) * d56) + bias[c], r3, c);
-      if (valid > 4) y4[c] = plus_residual<kRes>(((s12 + T(16) * s34) + T(0.0625) * s56) + bias[c], r4, c);
-      if (valid > 5) {
-        y5[c] = plus_residual<kRes>((((d12 + T(32) * d34) + T(0.03125) * d56) + M7[c]) + bias[c], r5, c);
-      }
-    }
+  int64_t c = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; c + 16 <= n; c += 16) output_columns<vec_rows::F16, T, R, kRes>(M_in, bias, y_out, r_in, valid, c);
   }
+  for (; c < n; ++c) output_columns<T, T, R, kRes>(M_in, bias, y_out, r_in, valid, c);
 }
 
 // float32 tiles compiled per instruction set (the build has no -march flag); float64 as is.
