@@ -4,7 +4,8 @@ The two transforms around the batched GEMM (cuBLAS through ``torch.bmm``), for F
 F(4, 3) (R = 6) and F(6, 3) (R = 8): the input transform writes m [R, B·T, C] from x [B, C, L] of any
 strides (tiles of BLOCK_R tiles × BLOCK_C channels; positions outside [0, L) read as zeros), the
 output transform writes y (channels-last [B, L, Co]) from M [R, B·T, Co] plus the bias and the
-optional residual, in the dtype of x (float32 or float64). The formulas are the C++ kernel's (csrc/cpu/winograd_conv1d.cpp).
+optional residual, in the dtype of x (float32 or float64). The formulas are the C++ kernel's
+(csrc/cpu/winograd_conv1d.cpp).
 """
 import torch
 import triton

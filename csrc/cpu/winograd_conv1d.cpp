@@ -255,10 +255,10 @@ at::Tensor scratch(int slot, at::IntArrayRef shape, const at::TensorOptions& opt
 at::Tensor winograd_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight_tf, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.dim() == 3, kOp, "x must be [B, C, L]; got shape ", x.sizes());
-  TORCH_CHECK(weight_tf.dim() == 3 && (weight_tf.size(0) == 4 || weight_tf.size(0) == 6 || weight_tf.size(0) == 8) &&
-                  weight_tf.size(1) == x.size(1),
-              kOp, "weight_tf must be [R, C = ", x.size(1), ", Co] with R = 4 (F(2, 3)), 6 (F(4, 3)) or 8 (F(6, 3)); got shape ",
-              weight_tf.sizes());
+  const int64_t rows_per_tile = weight_tf.dim() == 3 ? weight_tf.size(0) : 0;
+  TORCH_CHECK((rows_per_tile == 4 || rows_per_tile == 6 || rows_per_tile == 8) && weight_tf.size(1) == x.size(1),
+              kOp, "weight_tf must be [R, C = ", x.size(1),
+              ", Co] with R = 4 (F(2, 3)), 6 (F(4, 3)) or 8 (F(6, 3)); got shape ", weight_tf.sizes());
   TORCH_CHECK(x.scalar_type() == weight_tf.scalar_type(), kOp, "x and weight_tf must share a dtype; got ",
               x.scalar_type(), " and ", weight_tf.scalar_type());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, kOp,

@@ -111,8 +111,9 @@ class Conv1d(nn.Conv1d):
     def _winograd_applies(self, x: Tensor) -> bool:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         return (_reuse["depth"] > 0 and not needs_grad and not torch.compiler.is_compiling()
-                and self.padding_mode == "zeros" and self.kernel_size == (3,) and self.stride == (1,) and self.padding == (1,)
-                and self.dilation == (1,) and self.groups == 1 and min(self.in_channels, self.out_channels) >= 64
+                and self.padding_mode == "zeros" and self.kernel_size == (3,) and self.stride == (1,)
+                and self.padding == (1,) and self.dilation == (1,) and self.groups == 1
+                and min(self.in_channels, self.out_channels) >= 64
                 and x.dtype in (torch.float32, torch.float64) and x.dtype == self.weight.dtype)
 
     def _transformed_weight(self, outputs_per_tile: int) -> Tensor:
