@@ -147,9 +147,17 @@ def _output_transform_kernel(M_ptr, bias_ptr, res_ptr, y_ptr, n_tiles, tiles_per
         _store_output_row(y_ptr, res_ptr, offset, 5, channels, ((d12 + 32 * d34) + 0.03125 * d56) + M7, bias, pos,
                           length, ok, HAS_RES)
 
+
 def winograd_conv1d(x, weight_tf, bias, residual):
     batch, channels, length = x.shape
     transformed, out_channels = weight_tf.shape[0], weight_tf.shape[2]
+    # The kernels index bias and residual unchecked: direct torch.ops calls get the C++ kernel's errors.
+    if bias is not None and (tuple(bias.shape) != (out_channels,) or bias.dtype != x.dtype):
+        raise RuntimeError(f"imer_fast::winograd_conv1d: bias must be a [Co = {out_channels}] {x.dtype} tensor; "
+                           f"got {bias.dtype} of shape {tuple(bias.shape)}")
+    if residual is not None and (tuple(residual.shape) != (batch, out_channels, length) or residual.dtype != x.dtype):
+        raise RuntimeError(f"imer_fast::winograd_conv1d: residual must be a [B, Co, L] = [{batch}, {out_channels}, "
+                           f"{length}] {x.dtype} tensor; got {residual.dtype} of shape {tuple(residual.shape)}")
     per_tile = transformed - 2
     tiles_per_sample = (length + per_tile - 1) // per_tile
     n_tiles = batch * tiles_per_sample

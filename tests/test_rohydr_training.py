@@ -241,17 +241,19 @@ def test_seeded_evidence_generator_learns_conditional_recovery():
     assert float(wrong_cond) > 3 * float(true_cond), (float(true_cond), float(wrong_cond))
 
 
-# ---- seeded pipeline evidence (opt-in: IMER_FAST_EVIDENCE=1, about 2 minutes) ----------------------------------
+# ---- seeded pipeline evidence (opt-in: IMER_FAST_EVIDENCE=1, about 3.5 minutes) --------------------------------
 
-# Synthetic MOSI with redundant modalities (modality_noise=0.3), DiT generators, 20 warm-up epochs of recovery
+# Synthetic MOSI with redundant modalities (modality_noise=0.3), DiT generators, 80 warm-up epochs of recovery
 # alone (generator_epochs, ours) then the release's 20 joint epochs; RoHyDR and its zero-fill baseline start from the
-# same shared weights. Measured (2 CPU threads; seeds 0, 1, 2): recovered-latent MSE at GCNet 0.5 0.323 / 0.353 /
-# 0.320 against mean imputation 0.351 / 0.357 / 0.339 (ratios 0.92 / 0.99 / 0.94); without the warm-up seed 0 lost
-# (0.391 vs 0.351). Test MAE at GCNet 0.5 (lower is better): RoHyDR 0.705 / 0.708 / 0.774, zero-fill 0.642 / 0.625 /
-# 0.657 — the pipeline does not beat zero-fill on accuracy (docs/releases/rohydr.md §7): a strict expected failure.
+# same shared weights. Measured (2 CPU threads; seeds 0, 1, 2): recovered-latent MSE at GCNet 0.5 0.290 / 0.305 /
+# 0.286 against mean imputation 0.351 / 0.357 / 0.339 (ratios 0.83 / 0.85 / 0.84). With 20 warm-up epochs the ratios
+# were 0.92 / 0.99 / 0.94 and then 0.92 / 0.99 / 1.03 after a float-rounding change in a shared LayerNorm kernel: too
+# close to 1 to assert. Test MAE at GCNet 0.5 (lower is better): RoHyDR 0.724 / 0.748 / 0.789, zero-fill 0.642 /
+# 0.625 / 0.647 — the pipeline does not beat zero-fill on accuracy (docs/releases/rohydr.md §7): a strict expected
+# failure.
 OPT_IN = pytest.mark.skipif(os.environ.get("IMER_FAST_EVIDENCE") != "1",
-                            reason="set IMER_FAST_EVIDENCE=1 (about 2 min)")
-PIPELINE = dict(preset="small", generator="dit", generator_epochs=20, epochs=20, batch_size=2, missing="gcnet:0.3",
+                            reason="set IMER_FAST_EVIDENCE=1 (about 3.5 min)")
+PIPELINE = dict(preset="small", generator="dit", generator_epochs=80, epochs=20, batch_size=2, missing="gcnet:0.3",
                 eval_rates=(), eval_patterns=False)
 SEEDS = (0, 1, 2)
 
@@ -277,7 +279,7 @@ def test_recovered_latents_beat_mean_imputation(pipeline):
     errors = {seed: pipeline["diffusion", seed].recovery_error("test", "gcnet:0.5") for seed in SEEDS}
     print(errors)
     ratios = [e["recovered_mse"] / e["mean_imputation_mse"] for e in errors.values()]
-    assert all(r < 1.0 for r in ratios) and sum(ratios) / len(ratios) < 0.96, errors
+    assert all(r < 0.92 for r in ratios) and sum(ratios) / len(ratios) < 0.90, errors
 
 
 @pytest.mark.slow

@@ -143,6 +143,18 @@ def test_residual_adds_after_the_bias_like_a_separate_add(backend, tile):
 
 
 @pytest.mark.parametrize("tile", TILES)
+def test_float32_vector_lanes_and_channel_tail(backend, tile):
+    # 40 input and 36 output channels: 16-lane vectors plus a scalar tail in both CPU transforms.
+    x, w, b = _case(4, 40, 36, 13, dtype=torch.float32)
+    weight_tf = winograd_weight(w, tile)
+    residual = torch.randn(4, 13, 36).transpose(1, 2)
+    fused = winograd_conv1d(x, weight_tf, b, residual)
+    assert torch.equal(fused, winograd_conv1d(x, weight_tf, b) + residual)
+    exact = F.conv1d(x.double(), w.double(), b.double(), padding=1) + residual.double()
+    torch.testing.assert_close(fused.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tile", TILES)
 def test_residual_equals_conv1d_plus_residual_float64_with_gradients(backend, tile):
     x, w, b = _case(2, 3, 4, 7)
     residual = torch.randn(2, 4, 7, dtype=torch.float64)

@@ -179,12 +179,13 @@ IMER_FAST_ROW_CLONES void forward_rows_f32(const float* xp, const float* wp, con
       for (int l = 1; l < 8; ++l) a = m[l] > a ? m[l] : a;
       for (int64_t j = vec_end; j < N; ++j) a = xr[j] > a ? xr[j] : a;
     }
-    // x / a as x * (1 / a): at most one rounding apart, and division is the slowest vector unit. A zero,
-    // subnormal or non-finite a keeps the division (its reciprocal would overflow or lose the row).
+    // x / a as x * (1 / a): at most one rounding apart, and division is the slowest vector unit. An a
+    // whose reciprocal is not a normal float (zero, subnormal, non-finite, or |a| >= 2^126) keeps the
+    // division.
     F8 s0 = F8{}, s1 = F8{};
     int64_t j = 0;
-    if (std::isnormal(a)) {
-      const float inv_a = 1.0f / a;
+    const float inv_a = 1.0f / a;
+    if (std::isnormal(a) && std::isnormal(inv_a)) {
       for (; j + 16 <= vec_end; j += 16) {
         const F8 v0 = load8(xr + j) * inv_a, v1 = load8(xr + j + 8) * inv_a;
         store8(xh + j, v0);

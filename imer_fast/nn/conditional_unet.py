@@ -95,7 +95,10 @@ class Conv1d(nn.Conv1d):
         """The convolution of x, plus ``residual`` (a block's shortcut, of the output's shape) when given:
         the Winograd path adds it in its output transform, saving the separate pass of the add."""
         if x.is_cpu and x.dim() == 3 and self._winograd_applies(x):
-            return winograd_conv1d(x, self._transformed_weight(fewest_rows_tile(x.shape[2])), self.bias, residual)
+            weight_tf = self._transformed_weight(fewest_rows_tile(x.shape[2]))
+            if residual is None or (residual.dtype == x.dtype and residual.is_cpu):
+                return winograd_conv1d(x, weight_tf, self.bias, residual)
+            return winograd_conv1d(x, weight_tf, self.bias) + residual  # type promotion, as the plain add
         out = self._convolve(x)
         return out if residual is None else out + residual
 
