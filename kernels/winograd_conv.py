@@ -112,40 +112,37 @@ def _output_transform_kernel(M_ptr, bias_ptr, res_ptr, y_ptr, n_tiles, tiles_per
     if R == 4:
         _store_output_row(y_ptr, res_ptr, offset, 0, channels, (M0 + M1) + M2, bias, pos, length, ok, HAS_RES)
         _store_output_row(y_ptr, res_ptr, offset, 1, channels, (M1 - M2) - M3, bias, pos, length, ok, HAS_RES)
-    elif R == 6:
+    else:  # F(4, 3) and F(6, 3) share their first rows' sums and differences
         M4 = tl.load(src + 4 * plane, mask=ok, other=0)
         M5 = tl.load(src + 5 * plane, mask=ok, other=0)
         s12 = M1 + M2
         d12 = M1 - M2
         s34 = M3 + M4
         d34 = M3 - M4
-        _store_output_row(y_ptr, res_ptr, offset, 0, channels, (M0 + s12) + s34, bias, pos, length, ok, HAS_RES)
-        _store_output_row(y_ptr, res_ptr, offset, 1, channels, d12 + 2 * d34, bias, pos, length, ok, HAS_RES)
-        _store_output_row(y_ptr, res_ptr, offset, 2, channels, s12 + 4 * s34, bias, pos, length, ok, HAS_RES)
-        _store_output_row(y_ptr, res_ptr, offset, 3, channels, (d12 + 8 * d34) + M5, bias, pos, length, ok, HAS_RES)
-    else:
-        M4 = tl.load(src + 4 * plane, mask=ok, other=0)
-        M5 = tl.load(src + 5 * plane, mask=ok, other=0)
-        M6 = tl.load(src + 6 * plane, mask=ok, other=0)
-        M7 = tl.load(src + 7 * plane, mask=ok, other=0)
-        s12 = M1 + M2
-        d12 = M1 - M2
-        s34 = M3 + M4
-        d34 = M3 - M4
-        s56 = M5 + M6
-        d56 = M5 - M6
-        _store_output_row(y_ptr, res_ptr, offset, 0, channels, ((M0 + s12) + s34) + s56, bias, pos, length, ok,
-                          HAS_RES)
-        _store_output_row(y_ptr, res_ptr, offset, 1, channels, (d12 + 2 * d34) + 0.5 * d56, bias, pos, length, ok,
-                          HAS_RES)
-        _store_output_row(y_ptr, res_ptr, offset, 2, channels, (s12 + 4 * s34) + 0.25 * s56, bias, pos, length, ok,
-                          HAS_RES)
-        _store_output_row(y_ptr, res_ptr, offset, 3, channels, (d12 + 8 * d34) + 0.125 * d56, bias, pos, length, ok,
-                          HAS_RES)
-        _store_output_row(y_ptr, res_ptr, offset, 4, channels, (s12 + 16 * s34) + 0.0625 * s56, bias, pos, length,
-                          ok, HAS_RES)
-        _store_output_row(y_ptr, res_ptr, offset, 5, channels, ((d12 + 32 * d34) + 0.03125 * d56) + M7, bias, pos,
-                          length, ok, HAS_RES)
+        if R == 6:
+            _store_output_row(y_ptr, res_ptr, offset, 0, channels, (M0 + s12) + s34, bias, pos, length, ok, HAS_RES)
+            _store_output_row(y_ptr, res_ptr, offset, 1, channels, d12 + 2 * d34, bias, pos, length, ok, HAS_RES)
+            _store_output_row(y_ptr, res_ptr, offset, 2, channels, s12 + 4 * s34, bias, pos, length, ok, HAS_RES)
+            _store_output_row(y_ptr, res_ptr, offset, 3, channels, (d12 + 8 * d34) + M5, bias, pos, length, ok,
+                              HAS_RES)
+        else:
+            M6 = tl.load(src + 6 * plane, mask=ok, other=0)
+            M7 = tl.load(src + 7 * plane, mask=ok, other=0)
+            s56 = M5 + M6
+            d56 = M5 - M6
+            # y_i = (M1 ± M2) + 2^i (M3 ± M4) + 2^-i (M5 ± M6), + for even i, - for odd i
+            _store_output_row(y_ptr, res_ptr, offset, 0, channels, ((M0 + s12) + s34) + s56, bias, pos, length,
+                              ok, HAS_RES)
+            _store_output_row(y_ptr, res_ptr, offset, 1, channels, (d12 + 2 * d34) + 0.5 * d56, bias, pos, length,
+                              ok, HAS_RES)
+            _store_output_row(y_ptr, res_ptr, offset, 2, channels, (s12 + 4 * s34) + 0.25 * s56, bias, pos, length,
+                              ok, HAS_RES)
+            _store_output_row(y_ptr, res_ptr, offset, 3, channels, (d12 + 8 * d34) + 0.125 * d56, bias, pos,
+                              length, ok, HAS_RES)
+            _store_output_row(y_ptr, res_ptr, offset, 4, channels, (s12 + 16 * s34) + 0.0625 * s56, bias, pos,
+                              length, ok, HAS_RES)
+            _store_output_row(y_ptr, res_ptr, offset, 5, channels, ((d12 + 32 * d34) + 0.03125 * d56) + M7, bias,
+                              pos, length, ok, HAS_RES)
 
 
 def winograd_conv1d(x, weight_tf, bias, residual):

@@ -96,25 +96,26 @@ __attribute__((always_inline)) inline void output_columns(const T* const* M_in, 
   if constexpr (R == 4) {
     emit(0, (M0 + M1) + M2);
     if (valid > 1) emit(1, (M1 - M2) - M3);
-  } else if constexpr (R == 6) {
+  } else {  // F(4, 3) and F(6, 3) share their first rows' sums and differences
+    static_assert(R == 6 || R == 8, "F(2, 3), F(4, 3) or F(6, 3)");
     const V M4 = lanes<V>(M_in[4], c), M5 = lanes<V>(M_in[5], c);
     const V s12 = M1 + M2, d12 = M1 - M2, s34 = M3 + M4, d34 = M3 - M4;
-    emit(0, (M0 + s12) + s34);
-    if (valid > 1) emit(1, d12 + T(2) * d34);
-    if (valid > 2) emit(2, s12 + T(4) * s34);
-    if (valid > 3) emit(3, (d12 + T(8) * d34) + M5);
-  } else {
-    static_assert(R == 8, "F(2, 3), F(4, 3) or F(6, 3)");
-    const V M4 = lanes<V>(M_in[4], c), M5 = lanes<V>(M_in[5], c), M6 = lanes<V>(M_in[6], c),
-            M7 = lanes<V>(M_in[7], c);
-    // y_i = (M1 ± M2) + 2^i (M3 ± M4) + 2^-i (M5 ± M6), + for even i, - for odd i
-    const V s12 = M1 + M2, d12 = M1 - M2, s34 = M3 + M4, d34 = M3 - M4, s56 = M5 + M6, d56 = M5 - M6;
-    emit(0, ((M0 + s12) + s34) + s56);
-    if (valid > 1) emit(1, (d12 + T(2) * d34) + T(0.5) * d56);
-    if (valid > 2) emit(2, (s12 + T(4) * s34) + T(0.25) * s56);
-    if (valid > 3) emit(3, (d12 + T(8) * d34) + T(0.125) * d56);
-    if (valid > 4) emit(4, (s12 + T(16) * s34) + T(0.0625) * s56);
-    if (valid > 5) emit(5, ((d12 + T(32) * d34) + T(0.03125) * d56) + M7);
+    if constexpr (R == 6) {
+      emit(0, (M0 + s12) + s34);
+      if (valid > 1) emit(1, d12 + T(2) * d34);
+      if (valid > 2) emit(2, s12 + T(4) * s34);
+      if (valid > 3) emit(3, (d12 + T(8) * d34) + M5);
+    } else {
+      const V M6 = lanes<V>(M_in[6], c), M7 = lanes<V>(M_in[7], c);
+      // y_i = (M1 ± M2) + 2^i (M3 ± M4) + 2^-i (M5 ± M6), + for even i, - for odd i
+      const V s56 = M5 + M6, d56 = M5 - M6;
+      emit(0, ((M0 + s12) + s34) + s56);
+      if (valid > 1) emit(1, (d12 + T(2) * d34) + T(0.5) * d56);
+      if (valid > 2) emit(2, (s12 + T(4) * s34) + T(0.25) * s56);
+      if (valid > 3) emit(3, (d12 + T(8) * d34) + T(0.125) * d56);
+      if (valid > 4) emit(4, (s12 + T(16) * s34) + T(0.0625) * s56);
+      if (valid > 5) emit(5, ((d12 + T(32) * d34) + T(0.03125) * d56) + M7);
+    }
   }
 }
 

@@ -94,7 +94,7 @@ class Conv1d(nn.Conv1d):
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """The convolution of x, plus ``residual`` (a block's shortcut, of the output's shape) when given:
         the Winograd path adds it in its output transform, saving the separate pass of the add."""
-        if x.is_cpu and x.dim() == 3 and self._winograd_applies(x):
+        if self._winograd_applies(x):
             weight_tf = self._transformed_weight(fewest_rows_tile(x.shape[2]))
             if residual is None or (residual.dtype == x.dtype and residual.is_cpu):
                 return winograd_conv1d(x, weight_tf, self.bias, residual)
@@ -113,8 +113,8 @@ class Conv1d(nn.Conv1d):
 
     def _winograd_applies(self, x: Tensor) -> bool:
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        return (_reuse["depth"] > 0 and not needs_grad and not torch.compiler.is_compiling()
-                and self.padding_mode == "zeros" and self.kernel_size == (3,) and self.stride == (1,)
+        return (_reuse["depth"] > 0 and not needs_grad and not torch.compiler.is_compiling() and x.is_cpu
+                and x.dim() == 3 and self.padding_mode == "zeros" and self.kernel_size == (3,) and self.stride == (1,)
                 and self.padding == (1,) and self.dilation == (1,) and self.groups == 1
                 and min(self.in_channels, self.out_channels) >= 64
                 and x.dtype in (torch.float32, torch.float64) and x.dtype == self.weight.dtype)
