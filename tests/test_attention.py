@@ -229,6 +229,27 @@ def test_non_contiguous_inputs_read_in_place(backend):
     assert out.stride() == torch.empty_like(dense_q).stride()  # free view back to [L, B, H * D]
 
 
+def test_cpu_backward_packs_key_value_gradients_like_their_inputs():
+    """k and v as the halves of one packed k|v projection ([Lk, B, 2, H, D], the MulT layer's): the CPU
+    backward returns dk and dv as the halves of one buffer of that layout (the layer uses them as one
+    [Lk * B, 2 * H * D] matrix, no copy), with the reference's values."""
+    lq, lk, batch, heads, dim = 9, 7, 3, 4, 8
+    q = rand(lq, batch, heads, dim, seed=60).permute(1, 2, 0, 3)
+    kv = rand(lk, batch, 2, heads, dim, seed=61)
+    k, v = (kv[:, :, i].permute(1, 2, 0, 3) for i in range(2))
+    grad = rand(batch, heads, lq, dim, seed=62)
+    scale = dim ** -0.5
+    out, lse = torch.ops.imer_fast.attention(q, k, v, None, None, None, None, None, 0, 0, scale, 2, 0.0, None)
+    dq, dk, dv, _, _ = torch.ops.imer_fast.attention_backward(
+        grad, q, k, v, out, lse, None, None, None, None, None, 0, 0, scale, 2, 0.0, None, [True] * 3 + [False] * 2)
+    assert dk.stride() == k.stride() and dv.stride() == v.stride()
+    assert dv.data_ptr() - dk.data_ptr() == heads * dim * dk.element_size()
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad(attention_ref(*leaves, mask="future"), leaves, grad)
+    for got, want in zip((dq, dk, dv), ref):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(0, 2, 3, 4, 8), (2, 2, 0, 4, 8), (2, 2, 3, 0, 8), (2, 0, 3, 4, 8)])
 def test_zero_size(backend, shape):
     batch, heads, lq, lk, dim = shape

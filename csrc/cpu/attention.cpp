@@ -393,16 +393,22 @@ char* worker_scratch(size_t bytes, std::vector<char>& oversized) {
 }
 
 // Runs task(t, scratch) for t in [0, num_tasks), handed out in order to the workers as they free
-// up. Each task writes its own outputs, so the schedule does not change the results.
+// up, in runs of consecutive tasks: about 16 runs per worker, so that the shared counter is not
+// bounced between cores after every microsecond-long task, and neighbouring tasks (adjacent heads,
+// whose output rows share cache lines in a [L, B, H, D] layout) mostly stay on one core. Each task
+// writes its own outputs, so the schedule does not change the results.
 template <typename Task>
 void run_tasks(int64_t num_tasks, size_t scratch_bytes, const Task& task) {
   if (num_tasks <= 0) return;
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  const int64_t run = std::max<int64_t>(1, num_tasks / (16 * workers));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<char> oversized;
     char* ws = worker_scratch(scratch_bytes, oversized);
-    for (int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) task(t, ws);
+    for (int64_t t0 = next.fetch_add(run); t0 < num_tasks; t0 = next.fetch_add(run)) {
+      for (int64_t t = t0; t < std::min(t0 + run, num_tasks); ++t) task(t, ws);
+    }
   });
 }
 
@@ -495,6 +501,27 @@ void reduce_null_partials(const at::Tensor& part, int64_t batch, at::Tensor& dst
   dst.copy_(sum);
 }
 
+// dk and dv like k and v. When k and v are the two halves of one packed k|v projection (rows of
+// [Lk, B, 2, H, D], as a MulT layer computes them: k = view(...).select(2, 0).permute(1, 2, 0, 3)),
+// so are dk and dv, and the caller can use the pair as one [Lk * B, 2 * H * D] matrix instead of
+// copying them together. (empty_like would give each a dense [B, H, Lk, D] tensor: the halves are
+// not dense on their own.)
+std::pair<at::Tensor, at::Tensor> key_value_gradients(const at::Tensor& k, const at::Tensor& v, bool need_dk,
+                                                      bool need_dv, bool varlen) {
+  const auto none = [&] { return at::empty({0}, k.options()); };
+  if (!varlen && need_dk && need_dv && k.sizes() == v.sizes() && k.strides() == v.strides()) {
+    const int64_t batch = k.size(0), heads = k.size(1), lk = k.size(2), dim = k.size(3), row = 2 * heads * dim;
+    const std::vector<int64_t> packed_strides{row, dim, batch * row, 1};
+    if (k.strides() == at::IntArrayRef(packed_strides) &&
+        static_cast<const char*>(v.data_ptr()) - static_cast<const char*>(k.data_ptr()) ==
+            static_cast<std::ptrdiff_t>(heads * dim * k.element_size())) {
+      const at::Tensor packed = at::empty({lk, batch, 2, heads, dim}, k.options());
+      return {packed.select(2, 0).permute({1, 2, 0, 3}), packed.select(2, 1).permute({1, 2, 0, 3})};
+    }
+  }
+  return {need_dk ? at::empty_like(k) : none(), need_dv ? at::empty_like(v) : none()};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse_in, const c10::optional<at::Tensor>& key_mask, const c10::optional<at::Tensor>& null_k,
@@ -522,8 +549,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   // Outputs not asked for are distinct empty tensors (one shared tensor would alias the outputs).
   const auto none = [&] { return at::empty({0}, q.options()); };
   at::Tensor dq = output_mask[0] ? at::empty_like(q) : none();
-  at::Tensor dk = output_mask[1] ? at::empty_like(k) : none();
-  at::Tensor dv = output_mask[2] ? at::empty_like(v) : none();
+  auto [dk, dv] = key_value_gradients(k, v, output_mask[1], output_mask[2], pr.varlen);
   at::Tensor dnk = output_mask[3] && has_null ? at::empty_like(*null_k) : none();
   at::Tensor dnv = output_mask[4] && has_null ? at::empty_like(*null_v) : none();
   p.need_dq = output_mask[0], p.need_dk = output_mask[1], p.need_dv = output_mask[2];

@@ -283,9 +283,15 @@ std::vector<at::Tensor> mult_layer_backward_cpu(
     d_hk = project_back(rows_of(dk, s, s.lk), saved[kHk], e, e);
     d_hv = project_back(rows_of(dv, s, s.lk), saved[kHv], 2 * e, e);
   } else {
-    // one copy packs dk and dv as the k|v projection's [Lk, B, 2, H, D] rows
+    // The attention gives dk and dv as the halves of one [Lk, B, 2, H, D] buffer, like the packed k|v
+    // projection they belong to; other layouts are copied into one.
+    const std::vector<int64_t> packed_strides{2 * e, s.head_dim, s.batch * 2 * e, 1};
+    const bool packed = dk.strides() == at::IntArrayRef(packed_strides) && dv.strides() == dk.strides() &&
+                        static_cast<const char*>(dv.data_ptr()) - static_cast<const char*>(dk.data_ptr()) ==
+                            static_cast<std::ptrdiff_t>(e * dk.element_size());
     const at::Tensor d_kv =
-        at::stack({dk.permute({2, 0, 1, 3}), dv.permute({2, 0, 1, 3})}, 2).view({s.key_rows, 2 * e});
+        packed ? at::as_strided(dk, {s.key_rows, 2 * e}, {2 * e, 1})
+               : at::stack({dk.permute({2, 0, 1, 3}), dv.permute({2, 0, 1, 3})}, 2).view({s.key_rows, 2 * e});
     d_hk = project_back(d_kv, s.mode == Mode::kSelf ? saved[kHq] : saved[kHk], e, 2 * e);
     if (s.mode == Mode::kSelf) d_hq.add_(d_hk);
   }
