@@ -229,6 +229,75 @@ def test_non_contiguous_inputs_read_in_place(backend):
     assert out.stride() == torch.empty_like(dense_q).stride()  # free view back to [L, B, H * D]
 
 
+# ---- head dim >= 64, lengths >= 128: the CPU op hands what ATen's flash kernel can express to it -----
+
+ATEN_FLASH_CASES = [  # (mask, lq, lk): causal is top-left at any lengths, future only when lq == lk
+    ("none", 130, 151), ("causal", 160, 129), ("causal", 128, 170), ("future", 140, 140)]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kind, lq, lk", ATEN_FLASH_CASES)
+def test_cpu_aten_flash_route_matches_reference(head_dim, kind, lq, lk):
+    """The cases the C++ op routes to ATen's flash kernel (dense, no key mask / null tokens / dropout,
+    head dim >= 64): forward, lse and gradients against the reference, inputs read in place from a
+    packed [L, B, 3, H, D] layout, out laid out like q and dq, dk, dv like q, k, v."""
+    batch, heads = 2, 3
+    qkv_q = rand(lq, batch, 3, heads, head_dim, seed=70)
+    qkv_k = rand(lk, batch, 3, heads, head_dim, seed=71)
+    q = qkv_q[:, :, 0].permute(1, 2, 0, 3)
+    k, v = qkv_k[:, :, 1].permute(1, 2, 0, 3), qkv_k[:, :, 2].permute(1, 2, 0, 3)
+    scale = 0.9 * head_dim ** -0.5
+    code = {"none": 0, "causal": 1, "future": 2}[kind]
+    out, lse = torch.ops.imer_fast.attention(q, k, v, None, None, None, None, None, 0, 0, scale, code, 0.0, None)
+    want, want_lse = attention_ref_with_lse(q, k, v, None, None, None, mask=kind, scale=scale)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    assert out.stride() == torch.empty_like(q).stride() and lse.is_contiguous()
+    aten_out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, kind != "none", scale=scale)
+    assert torch.equal(out, aten_out)  # routed, not the tiled kernel
+    grad = rand(batch, heads, lq, head_dim, seed=72)
+    got = torch.ops.imer_fast.attention_backward(grad, q, k, v, out, lse, None, None, None, None, None, 0, 0, scale,
+                                                 code, 0.0, None, [True, True, True, False, False])
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad(attention_ref(*leaves, mask=kind, scale=scale), leaves, grad)
+    for g, r, x in zip(got[:3], ref, (q, k, v)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=2e-5)
+        assert g.stride() == torch.empty_like(x).stride()
+    all_valid = torch.ones(batch, lk, dtype=torch.bool)  # hides nothing: routed too
+    masked, _ = torch.ops.imer_fast.attention(q, k, v, all_valid, None, None, None, None, 0, 0, scale, code, 0.0, None)
+    assert torch.equal(masked, out)
+    again = torch.ops.imer_fast.attention_backward(grad, q, k, v, out, lse, None, None, None, None, None, 0, 0,
+                                                   scale, code, 0.0, None, [False, True, False, False, False])
+    assert torch.equal(again[1], got[1]) and again[0].numel() == 0 and again[2].numel() == 0
+
+
+@pytest.mark.parametrize("kind", MASKS)
+def test_cpu_aten_flash_route_gradcheck_float64(kind):
+    q, k, v = padded_inputs(1, 1, 128, 128, 64, dtype=torch.float64, seed=73, requires_grad=True)
+    fn = lambda q, k, v: attention(q, k, v, mask=kind, scale=0.2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)  # random projections: 49k inputs
+
+
+def test_cpu_aten_flash_route_opcheck():
+    q, k, v = padded_inputs(1, 2, 128, 130, 64, seed=74, requires_grad=True)
+    torch.library.opcheck(torch.ops.imer_fast.attention.default,
+                          (q, k, v, None, None, None, None, None, 128, 130, 0.1, 1, 0.0, None))
+    out, lse = torch.ops.imer_fast.attention(q, k, v, None, None, None, None, None, 128, 130, 0.1, 1, 0.0, None)
+    torch.library.opcheck(torch.ops.imer_fast.attention_backward.default,
+                          (rand(*out.shape, seed=75), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
+                           None, None, None, None, None, 128, 130, 0.1, 1, 0.0, None, [True, True, True, False, False]))
+
+
+def test_cpu_short_sequences_keep_the_tiled_kernel():
+    """Below 128 queries or keys the tiled kernel is faster at head dim 64 (the U-Net's self-attention at
+    L = 6 / 12): not routed, so the result differs from ATen's in the last bits somewhere."""
+    q, k, v = padded_inputs(4, 4, 12, 12, 64, seed=76)
+    out, _ = torch.ops.imer_fast.attention(q, k, v, None, None, None, None, None, 0, 0, 0.125, 0, 0.0, None)
+    aten_out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=0.125)
+    torch.testing.assert_close(out, aten_out, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out, aten_out)
+
+
 def test_cpu_backward_packs_key_value_gradients_like_their_inputs():
     """k and v as the halves of one packed k|v projection ([Lk, B, 2, H, D], the MulT layer's): the CPU
     backward returns dk and dv as the halves of one buffer of that layout (the layer uses them as one
