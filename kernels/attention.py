@@ -44,8 +44,10 @@ repeatable.
 Products. Head dims 4..128 are padded to a power of two ``BLOCK_D`` with masked loads. ``tl.dot``
 needs every dimension >= 16 and has no fp64 form, so for ``BLOCK_D < 16`` (the 4- and 8-wide heads of
 IMDer / FedDISC) and for float64 a ``BCAST`` constexpr selects a CUDA-core variant (broadcast multiply
-and ``tl.sum``), with smaller tiles. fp32 uses exact (``ieee``) dot products unless
-``torch.backends.cuda.matmul.allow_tf32`` is set; fp16/bf16 accumulate in fp32; float64 computes in
+and ``tl.sum``), with smaller tiles. fp32 uses ``tf32x3`` dot products (three TF32
+tensor-core products, a few fp32 ulps from exact; exact ``ieee`` ones spill registers, see
+``_precision``), or ``tf32`` when ``torch.backends.cuda.matmul.allow_tf32`` is set; fp16/bf16
+accumulate in fp32; float64 computes in
 float64 (the Python-float ``scale`` and ``1 / (1 - p)`` are passed as fp32 hi + lo pairs, since
 Triton types float arguments as fp32).
 
@@ -53,8 +55,9 @@ Dropout regenerates the counter-based hash of the contract in-kernel with wrappi
 arithmetic; the int64 seed is loaded from its device tensor (no host sync) and split into its low and
 high 32 bits, so forward, backward and every other backend draw identical masks.
 
-Block sizes come from a plain heuristic on the head dim, the dtype and the sequence lengths
-(``@triton.autotune`` with several configs does not run under the interpreter used by the tests).
+Block sizes come from a table per kernel, dtype and head dim (clamped for short sequences), chosen from
+sm_90 compiles as the largest tiles that do not (or barely) spill registers (``_blocks``; ``@triton.autotune`` with
+several configs does not run under the interpreter used by the tests, and no GPU has timed them).
 """
 from __future__ import annotations
 
@@ -553,15 +556,43 @@ def _pow2(n: int, lo: int, hi: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact fp32 products unless torch allows TF32 matmuls (NVIDIA only;
-    "ieee" is accepted by every backend). fp16/bf16 products are exact either way."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and torch.version.hip is None:
-        return "tf32"
-    return "ieee"
+    """tl.dot input precision for fp32: "tf32x3" (three TF32 tensor-core products, a few fp32 ulps from
+    exact) unless torch allows TF32 matmuls ("tf32"). Exact "ieee" fp32 products lower to CUDA-core FMAs
+    that hold their operands in registers: compiled for sm_90, the forward at head dim 64 spilled 7.8 KB
+    per thread with 64 x 64 tiles, and every fp32 tile from head dim 32 up spilled
+    (bench/results/sm90-compile). fp16/bf16 products are exact either way; ROCm keeps "ieee"."""
+    if dtype != torch.float32 or torch.version.hip is not None:
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# (BLOCK_M, BLOCK_N, num_warps) per kernel kind, for tensor-core products (head dim >= 16) in fp16 /
+# bf16 and in fp32 ("tf32x3"), and for the CUDA-core broadcast products (head dims 4 and 8, any dtype
+# but fp64). Chosen from sm_90 compiles (imer_fast.testing.triton_aot) as the largest tiles whose code
+# keeps every value in registers (no stack bytes) with key masks, null tokens and the future mask on
+# (fp32 at head dim 128: none does; these spill 8-24 bytes). Other flag combinations (dropout, varlen)
+# spill at most 80 bytes per thread with them (184 for fp32 dq at head dim 128), where exact fp32
+# products with the earlier 64 x 64 tiles spilled up to 9.4 KB. "dkdv": BLOCK_M queries streamed past
+# BLOCK_N keys held.
+_HALF_TILES = {
+    "fwd": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 8), 128: (64, 32, 8)},
+    "dq": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 8), 128: (32, 32, 8)},
+    "dkdv": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 8), 128: (32, 32, 8)},
+}
+_FP32_TILES = {
+    "fwd": {16: (64, 64, 4), 32: (64, 32, 4), 64: (32, 32, 8), 128: (16, 16, 8)},
+    "dq": {16: (64, 32, 4), 32: (64, 32, 4), 64: (32, 16, 8), 128: (16, 16, 4)},
+    "dkdv": {16: (32, 64, 4), 32: (32, 64, 8), 64: (32, 16, 8), 128: (32, 16, 8)},
+}
+_BCAST_TILES = {
+    "fwd": {4: (64, 32, 8), 8: (32, 32, 8)},
+    "dq": {4: (64, 32, 8), 8: (32, 32, 8)},
+    "dkdv": {4: (64, 32, 4), 8: (32, 32, 8)},
+}
 
 
 def _blocks(dtype: torch.dtype, head_dim: int, rows: int, cols: int, kind: str) -> Tuple[int, int, int, bool, int]:
@@ -571,22 +602,18 @@ def _blocks(dtype: torch.dtype, head_dim: int, rows: int, cols: int, kind: str) 
     "dq" (query-side backward)."""
     block_d = _pow2(head_dim, 4, _MAX_HEAD_DIM)
     bcast = dtype == torch.float64 or block_d < 16
-    if dtype == torch.float64:  # broadcast products [M, N, D] in fp64: keep them small
+    if dtype == torch.float64:  # broadcast products [M, N, D] in fp64 (gradcheck): keep them small
         bm = bn = 16 if block_d >= 64 else 32
-    elif bcast:  # head dims 4 / 8: [M, N, D] products of 4-8K elements
-        bm, bn = (64, 32) if block_d <= 4 else (32, 32)
+        num_warps = 4
+    elif bcast:
+        bm, bn, num_warps = _BCAST_TILES[kind][block_d]
+    elif dtype == torch.float32:
+        bm, bn, num_warps = _FP32_TILES[kind][block_d]
     else:
-        half = dtype in (torch.float16, torch.bfloat16)
-        if kind == "fwd":
-            bm, bn = (64, 64) if block_d <= 64 or half else (64, 32)
-        elif kind == "dkdv":  # five [N, D] / [M, D] tiles live at once
-            bm, bn = (32, 64) if block_d <= 64 else ((32, 64) if half else (32, 32))
-        else:
-            bm, bn = (64, 32) if block_d <= 64 else ((64, 32) if half else (32, 32))
+        bm, bn, num_warps = _HALF_TILES[kind][block_d]
     # short sequences: no wider than needed (16 is tl.dot's minimum)
     bm = min(bm, _pow2(rows, 16, 128))
     bn = min(bn, _pow2(cols, 16, 128))
-    num_warps = 8 if not bcast and max(bm, bn) * block_d >= 8192 else 4
     return bm, bn, block_d, bcast, num_warps
 
 
