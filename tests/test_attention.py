@@ -271,6 +271,27 @@ def test_cpu_aten_flash_route_matches_reference(head_dim, kind, lq, lk):
     assert torch.equal(again[1], got[1]) and again[0].numel() == 0 and again[2].numel() == 0
 
 
+def test_cpu_aten_flash_route_needs_unit_stride_head_dim():
+    """ATen's kernel assumes the head dim has stride 1; other strides (allowed by the contract) keep the
+    tiled kernel, forward and backward, and stay correct."""
+    q = rand(1, 2, 128, 64, 2, seed=77)[..., 0]
+    k, v = rand(1, 2, 130, 64, seed=78), rand(1, 2, 130, 64, seed=79)
+    grad = rand(1, 2, 128, 64, 2, seed=80)[..., 0]
+    out, lse = torch.ops.imer_fast.attention(q, k, v, None, None, None, None, None, 0, 0, 0.125, 0, 0.0, None)
+    torch.testing.assert_close(out, attention_ref(q, k, v, scale=0.125), rtol=1e-5, atol=2e-5)
+    got = torch.ops.imer_fast.attention_backward(grad, q, k, v, out, lse, None, None, None, None, None, 0, 0, 0.125,
+                                                 0, 0.0, None, [True, True, True, False, False])
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.autograd.grad(attention_ref(*leaves, scale=0.125), leaves, grad)
+    for g, r in zip(got[:3], ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=2e-5)
+    dense = torch.ops.imer_fast.attention(q.contiguous(), k, v, None, None, None, None, None, 0, 0, 0.125, 0, 0.0,
+                                          None)[0]
+    aten_out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q.contiguous(), k, v, 0.0, False,
+                                                                          scale=0.125)[0]
+    assert torch.equal(dense, aten_out)  # the same problem with a dense q is routed
+
+
 @pytest.mark.parametrize("kind", MASKS)
 def test_cpu_aten_flash_route_gradcheck_float64(kind):
     q, k, v = padded_inputs(1, 1, 128, 128, 64, dtype=torch.float64, seed=73, requires_grad=True)

@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <numeric>
 #include <string>
@@ -454,10 +455,16 @@ bool takes_few_keys_path(const Problem& pr, const Kernels& kern) {
 constexpr int64_t kAtenFlashMinDim = 64;
 constexpr int64_t kAtenFlashMinLength = 128;
 
+// `rows` are the tensors ATen's kernel would read (q, k, v; in the backward also grad_out and out): it
+// assumes unit stride along the head dim (ATen's own SDPA checks that before picking it), which the
+// contract here does not promise, so any other stride keeps the tiled kernel.
 bool takes_aten_flash_path(const Problem& pr, const at::Tensor& q, const at::Tensor& k,
-                           const c10::optional<at::Tensor>& key_mask) {
+                           const c10::optional<at::Tensor>& key_mask, std::initializer_list<at::Tensor> rows) {
   const Params& p = pr.p;
   if (pr.varlen || p.num_null > 0 || p.dropout || p.dim < kAtenFlashMinDim) return false;
+  for (const at::Tensor& t : rows) {
+    if (t.stride(-1) != 1) return false;
+  }
   if (!(pr.dtype == at::kFloat || pr.dtype == at::kDouble) || q.numel() == 0 || k.numel() == 0) return false;
   if (q.size(2) < kAtenFlashMinLength || k.size(2) < kAtenFlashMinLength) return false;
   if (p.mask_kind == 2 && q.size(2) != k.size(2)) return false;
@@ -479,7 +486,7 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(
   Problem pr = prepare(q, k, v, key_mask, null_k, null_v, cu_seqlens_q, cu_seqlens_k, scale, mask_kind, dropout_p,
                        dropout_seed);
   Params& p = pr.p;
-  if (takes_aten_flash_path(pr, q, k, key_mask)) {
+  if (takes_aten_flash_path(pr, q, k, key_mask, {q, k, v})) {
     auto [aten_out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, aten_is_causal(p),
                                                                           c10::nullopt, scale);
     // out keeps q's layout, as below (a free view back to the rows q came from)
@@ -588,7 +595,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   const bool has_null = p.num_null > 0 || null_k.has_value();
   // Outputs not asked for are distinct empty tensors (one shared tensor would alias the outputs).
   const auto none = [&] { return at::empty({0}, q.options()); };
-  if (takes_aten_flash_path(pr, q, k, key_mask) && (output_mask[0] || output_mask[1] || output_mask[2])) {
+  if (takes_aten_flash_path(pr, q, k, key_mask, {q, k, v, grad_out, out}) &&
+      (output_mask[0] || output_mask[1] || output_mask[2])) {
     auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, q, k, v, out, lse, 0.0, aten_is_causal(p), c10::nullopt, scale);
     // laid out like the tiled path's (empty_like of the input), whatever ATen chose

@@ -39,8 +39,8 @@ arithmetic is on uint32 (wrapping); ``fmix`` is MurmurHash3's finaliser:
 Backends (:func:`select_attention_backend`): Triton on CUDA (``kernels/attention.py``: online-softmax
 tiles, a CUDA-core variant for head dims below 16), C++ on CPU (``csrc/cpu/attention.cpp``), and the
 pure-torch :func:`attention_ref`, which materialises the scores. Double backward is not supported.
-On the CPU, float32 / float64 padded problems with a head dim >= 64, both lengths >= 128 and no key
-mask that hides a key, no null tokens and no dropout (causal, or ``"future"`` with Lq == Lk, allowed) run ATen's flash kernel, which is faster
+On the CPU, float32 / float64 padded problems with a head dim >= 64 (of stride 1), both lengths >= 128
+and no key mask that hides a key, no null tokens and no dropout (causal, or ``"future"`` with Lq == Lk, allowed) run ATen's flash kernel, which is faster
 there (measured, see the C++ file); its gradients are bitwise repeatable for a given thread count but,
 like MKL's GEMMs, not across thread counts. Every other CPU result is independent of the thread count.
 """
