@@ -473,6 +473,13 @@ bool takes_aten_flash_path(const Problem& pr, const at::Tensor& q, const at::Ten
 
 bool aten_is_causal(const Params& p) { return p.mask_kind != 0; }
 
+// `t` with the layout empty_like(like) gives (what the tiled kernel returns), copied only if ATen chose
+// another one.
+at::Tensor laid_out_like(const at::Tensor& t, const at::Tensor& like) {
+  at::Tensor dst = at::empty_like(like);
+  return dst.strides() == t.strides() ? t : dst.copy_(t);
+}
+
 // ---- the operators -------------------------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> attention_cpu(
@@ -489,12 +496,9 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(
   if (takes_aten_flash_path(pr, q, k, key_mask, {q, k, v})) {
     auto [aten_out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, aten_is_causal(p),
                                                                           c10::nullopt, scale);
-    // out keeps q's layout, as below (a free view back to the rows q came from)
-    // and lse is contiguous [B, H, Lq] (ATen's is laid out [B, Lq, H])
-    at::Tensor out = at::empty_like(q);
-    if (out.strides() == aten_out.strides()) return {aten_out, lse.contiguous()};
-    out.copy_(aten_out);
-    return {out, lse.contiguous()};
+    // out keeps q's layout, as below (a free view back to the rows q came from), and lse is contiguous
+    // [B, H, Lq] (ATen's is laid out [B, Lq, H])
+    return {laid_out_like(aten_out, q), lse.contiguous()};
   }
   auto out = at::empty_like(q);
   auto lse = pr.varlen ? at::empty({p.heads, q.size(0)}, q.options().dtype(pr.compute))
@@ -599,13 +603,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
       (output_mask[0] || output_mask[1] || output_mask[2])) {
     auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
         grad_out, q, k, v, out, lse, 0.0, aten_is_causal(p), c10::nullopt, scale);
-    // laid out like the tiled path's (empty_like of the input), whatever ATen chose
-    const auto like = [&](bool need, const at::Tensor& grad, const at::Tensor& x) {
-      if (!need) return none();
-      at::Tensor dst = at::empty_like(x);
-      return dst.strides() == grad.strides() ? grad : dst.copy_(grad);
+    const auto grad = [&](bool need, const at::Tensor& g, const at::Tensor& x) {
+      return need ? laid_out_like(g, x) : none();
     };
-    return {like(output_mask[0], dq, q), like(output_mask[1], dk, k), like(output_mask[2], dv, v), none(), none()};
+    return {grad(output_mask[0], dq, q), grad(output_mask[1], dk, k), grad(output_mask[2], dv, v), none(), none()};
   }
   at::Tensor dq = output_mask[0] ? at::empty_like(q) : none();
   auto [dk, dv] = key_value_gradients(k, v, output_mask[1], output_mask[2], pr.varlen);

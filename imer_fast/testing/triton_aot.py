@@ -174,14 +174,16 @@ def _decode_constexpr(value):
 def _jit_function(module: str, name: str):
     import importlib
 
+    from triton.runtime.jit import JITFunction
+
     kernel = getattr(importlib.import_module(module), name)
-    while not hasattr(kernel, "arg_names") or type(kernel).__name__ != "JITFunction":
+    while not isinstance(kernel, JITFunction):
         kernel = kernel.fn  # through @triton.autotune / @triton.heuristics wrappers
     return kernel
 
 
 def _resource_usage(cubin: bytes) -> dict:
-    """Registers, stack and spill bytes of the cubin's kernel, read by the cuobjdump Triton bundles."""
+    """Registers and stack (spill) bytes of the cubin's kernel, read by the cuobjdump Triton bundles."""
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
