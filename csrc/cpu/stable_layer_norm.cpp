@@ -233,6 +233,114 @@ IMER_FAST_ROW_CLONES void forward_rows_f32(const float* xp, const float* wp, con
   }
 }
 
+// Backward of rows [begin, end) in acc_t (module doc of imer_fast/ops/layer_norm.py): dx when dxp is
+// given, grad_y * xn and grad_y added to dw_row / db_row when given; buf holds 2 * N scratch values.
+template <typename scalar_t, typename acc_t>
+void backward_rows(const scalar_t* __restrict__ gp, const scalar_t* __restrict__ xp, const scalar_t* wp,
+                   const acc_t* mean_p, const acc_t* rstd_p, const acc_t* amax_p, scalar_t* dxp,
+                   acc_t* __restrict__ dw_row, acc_t* __restrict__ db_row, acc_t* buf, int64_t begin, int64_t end,
+                   int64_t N) {
+  acc_t* __restrict__ xn = buf;
+  acc_t* __restrict__ g = buf + N;
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t* __restrict__ xr = xp + i * N;
+    const scalar_t* __restrict__ gr = gp + i * N;
+    const acc_t a = amax_p[i], mu = mean_p[i], rs = rstd_p[i];
+    for (int64_t j = 0; j < N; ++j) xn[j] = (static_cast<acc_t>(xr[j]) / a - mu) * rs;
+    if (dxp != nullptr) {
+      if (wp != nullptr) {
+        for (int64_t j = 0; j < N; ++j) g[j] = static_cast<acc_t>(gr[j]) * static_cast<acc_t>(wp[j]);
+      } else {
+        for (int64_t j = 0; j < N; ++j) g[j] = static_cast<acc_t>(gr[j]);
+      }
+      const acc_t mean_g = lane_sum<acc_t>(N, [&](int64_t j) { return g[j]; }) * inv_n;
+      const acc_t mean_gxn = lane_sum<acc_t>(N, [&](int64_t j) { return g[j] * xn[j]; }) * inv_n;
+      const acc_t scale = rs / a;
+      scalar_t* __restrict__ dxr = dxp + i * N;
+      for (int64_t j = 0; j < N; ++j) dxr[j] = static_cast<scalar_t>(scale * (g[j] - mean_g - xn[j] * mean_gxn));
+    }
+    if (dw_row != nullptr && db_row != nullptr) {
+      for (int64_t j = 0; j < N; ++j) {
+        const acc_t gy = static_cast<acc_t>(gr[j]);
+        dw_row[j] += gy * xn[j];
+        db_row[j] += gy;
+      }
+    } else if (dw_row != nullptr) {
+      for (int64_t j = 0; j < N; ++j) dw_row[j] += static_cast<acc_t>(gr[j]) * xn[j];
+    } else if (db_row != nullptr) {
+      for (int64_t j = 0; j < N; ++j) db_row[j] += static_cast<acc_t>(gr[j]);
+    }
+  }
+}
+
+// Backward of float32 rows [begin, end) on eight-lane vectors, compiled per instruction set: xn is
+// rebuilt from x the way the forward built xh (x * (1 / a) where that reciprocal is a normal float),
+// dx is written when dxp is given, and grad_y * xn and grad_y are added to dw_row / db_row when given.
+// xn is a scratch row of N floats.
+IMER_FAST_ROW_CLONES void backward_rows_f32(const float* gp, const float* xp, const float* wp, const float* mean_p,
+                                           const float* rstd_p, const float* amax_p, float* dxp, float* dw_row,
+                                           float* db_row, float* xn, int64_t begin, int64_t end, int64_t N) {
+  using namespace vec_rows;
+  const int64_t vec_end = N - N % 8;
+  const float inv_n = 1.0f / static_cast<float>(N);
+  for (int64_t i = begin; i < end; ++i) {
+    const float* xr = xp + i * N;
+    const float* gr = gp + i * N;
+    const float a = amax_p[i], mu = mean_p[i], rs = rstd_p[i];
+    const float inv_a = 1.0f / a;
+    const bool multiply = std::isnormal(a) && std::isnormal(inv_a);
+    F8 sum_g{}, sum_gxn{};
+    float tail_g = 0.0f, tail_gxn = 0.0f;
+    for (int64_t j = 0; j < N; j += 8) {
+      if (j == vec_end) {  // scalar tail, same formulas
+        for (int64_t t = j; t < N; ++t) {
+          const float v = ((multiply ? xr[t] * inv_a : xr[t] / a) - mu) * rs;
+          const float gy = gr[t], g = wp != nullptr ? gy * wp[t] : gy;
+          xn[t] = v;
+          tail_g += g;
+          tail_gxn += g * v;
+          if (dw_row != nullptr) dw_row[t] += gy * v;
+          if (db_row != nullptr) db_row[t] += gy;
+        }
+        break;
+      }
+      const F8 xv = load8(xr + j);
+      const F8 v = ((multiply ? xv * inv_a : xv / a) - mu) * rs;
+      const F8 gy = load8(gr + j), g = wp != nullptr ? gy * load8(wp + j) : gy;
+      store8(xn + j, v);
+      sum_g += g;
+      sum_gxn += g * v;
+      if (dw_row != nullptr) store8(dw_row + j, load8(dw_row + j) + gy * v);
+      if (db_row != nullptr) store8(db_row + j, load8(db_row + j) + gy);
+    }
+    if (dxp == nullptr) continue;
+    const float mean_g = (hsum(sum_g) + tail_g) * inv_n, mean_gxn = (hsum(sum_gxn) + tail_gxn) * inv_n;
+    const float scale = rs / a;
+    float* dxr = dxp + i * N;
+    int64_t j = 0;
+    for (; j < vec_end; j += 8) {
+      const F8 gy = load8(gr + j), g = wp != nullptr ? gy * load8(wp + j) : gy;
+      store8(dxr + j, scale * (g - mean_g - load8(xn + j) * mean_gxn));
+    }
+    for (; j < N; ++j) {
+      const float g = wp != nullptr ? gr[j] * wp[j] : gr[j];
+      dxr[j] = scale * (g - mean_g - xn[j] * mean_gxn);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_rows_any(const scalar_t* gp, const scalar_t* xp, const scalar_t* wp, const acc_t* mean_p,
+                       const acc_t* rstd_p, const acc_t* amax_p, scalar_t* dxp, acc_t* dw_row, acc_t* db_row,
+                       acc_t* buf, int64_t begin, int64_t end, int64_t N) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    backward_rows_f32(gp, xp, wp, mean_p, rstd_p, amax_p, dxp, dw_row, db_row, buf, begin, end, N);
+  } else {
+    backward_rows<scalar_t, acc_t>(gp, xp, wp, mean_p, rstd_p, amax_p, dxp, dw_row, db_row, buf, begin, end, N);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void forward_rows_any(const scalar_t* xp, const scalar_t* wp, const scalar_t* bp, scalar_t* yp, acc_t* mean_p,
                       acc_t* rstd_p, acc_t* amax_p, acc_t* xh, int64_t begin, int64_t end, int64_t N, acc_t eps_c,
@@ -329,44 +437,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stable_layer_norm_backward_cpu(
     scalar_t* dxp = need_x ? dx.data_ptr<scalar_t>() : nullptr;
     acc_t* dwp = need_w ? dw_part.data_ptr<acc_t>() : nullptr;
     acc_t* dbp = need_b ? db_part.data_ptr<acc_t>() : nullptr;
-    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
     at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-      std::vector<acc_t> buf(2 * N);  // xn and g of the current row
-      acc_t* __restrict__ xn = buf.data();
-      acc_t* __restrict__ g = xn + N;
+      std::vector<acc_t> buf(2 * N);  // scratch rows
       for (int64_t c = c_begin; c < c_end; ++c) {
-        acc_t* __restrict__ dw_row = need_w ? dwp + c * N : nullptr;
-        acc_t* __restrict__ db_row = need_b ? dbp + c * N : nullptr;
-        const int64_t row_end = std::min(M, (c + 1) * chunk_rows);
-        for (int64_t i = c * chunk_rows; i < row_end; ++i) {
-          const scalar_t* __restrict__ xr = xp + i * N;
-          const scalar_t* __restrict__ gr = gp + i * N;
-          const acc_t a = amax_p[i], mu = mean_p[i], rs = rstd_p[i];
-          for (int64_t j = 0; j < N; ++j) xn[j] = (static_cast<acc_t>(xr[j]) / a - mu) * rs;
-          if (need_x) {
-            if (wp != nullptr) {
-              for (int64_t j = 0; j < N; ++j) g[j] = static_cast<acc_t>(gr[j]) * static_cast<acc_t>(wp[j]);
-            } else {
-              for (int64_t j = 0; j < N; ++j) g[j] = static_cast<acc_t>(gr[j]);
-            }
-            const acc_t mean_g = lane_sum<acc_t>(N, [&](int64_t j) { return g[j]; }) * inv_n;
-            const acc_t mean_gxn = lane_sum<acc_t>(N, [&](int64_t j) { return g[j] * xn[j]; }) * inv_n;
-            const acc_t scale = rs / a;
-            scalar_t* __restrict__ dxr = dxp + i * N;
-            for (int64_t j = 0; j < N; ++j) dxr[j] = static_cast<scalar_t>(scale * (g[j] - mean_g - xn[j] * mean_gxn));
-          }
-          if (need_w && need_b) {
-            for (int64_t j = 0; j < N; ++j) {
-              const acc_t gy = static_cast<acc_t>(gr[j]);
-              dw_row[j] += gy * xn[j];
-              db_row[j] += gy;
-            }
-          } else if (need_w) {
-            for (int64_t j = 0; j < N; ++j) dw_row[j] += static_cast<acc_t>(gr[j]) * xn[j];
-          } else if (need_b) {
-            for (int64_t j = 0; j < N; ++j) db_row[j] += static_cast<acc_t>(gr[j]);
-          }
-        }
+        backward_rows_any<scalar_t, acc_t>(gp, xp, wp, mean_p, rstd_p, amax_p, dxp, need_w ? dwp + c * N : nullptr,
+                                           need_b ? dbp + c * N : nullptr, buf.data(), c * chunk_rows,
+                                           std::min(M, (c + 1) * chunk_rows), N);
       }
     });
   });
