@@ -277,3 +277,29 @@ def test_backend_selection_is_explained():
     with backends.force("reference"):
         assert backends.explain("stable_layer_norm", torch.randn(2, 2)).backend == "reference"
     assert backends.explain("stable_layer_norm", torch.randn(2, 2, device="meta")).backend == "reference"
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 16, 21, 24, 32, 40, 67])
+@pytest.mark.parametrize("stable", [True, False])
+def test_backward_rebuilds_the_forward_rows_bit_for_bit(backend, n, stable):
+    """dweight with weight 1, no bias and grad_y one row of ones is that row's normalised values, which
+    must equal the forward's output exactly: near-constant rows (rstd up to 1 / sqrt(eps)) magnify any
+    last-bit difference between the two (found in review: x / a against x * (1 / a), fused multiply-adds).
+    The reference backend (torch autograd) makes no such promise."""
+    if backend == "reference":
+        pytest.skip("torch autograd's backward does not rebuild the forward's rows bit for bit")
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(6, n, generator=gen) * 3 + 0.5
+    x[0] = 41.0  # constant rows: where their mean comes out exact, y == 0, and then dx must be 0 too
+    x[1] = 0.01
+    x[2] = x[2] * 1e-4 + 7.3  # nearly constant
+    weight = torch.ones(n, requires_grad=True)
+    x.requires_grad_()
+    y = stable_layer_norm(x, weight, None, 1e-10, stable)
+    for row in range(6):
+        grad = torch.zeros(6, n)
+        grad[row] = 1.0
+        dx, dweight = torch.autograd.grad(y, [x, weight], grad, retain_graph=True)
+        assert torch.equal(dweight, y[row].detach()), (row, dweight - y[row])
+        if row < 2 and not y[row].any():
+            assert not dx.any(), (row, dx)

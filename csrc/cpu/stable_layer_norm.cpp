@@ -35,6 +35,12 @@
 
 #include "vec_rows.h"
 
+// No fused multiply-add contraction in this file (GCC contracts by default, and the AVX-512 clones
+// have FMA): the backward must rebuild the forward's normalised rows bit for bit, and a fused
+// x * (1 / a) - mean or grad * weight - mean(grad * weight) keeps bits the rounded operand lost, which
+// rstd (up to 1 / sqrt(eps)) magnifies on near-constant rows (a one-feature row then got dx ~ 1e-5, not 0).
+#pragma GCC optimize("fp-contract=off")
+
 namespace imer_fast {
 namespace {
 
@@ -181,11 +187,12 @@ IMER_FAST_ROW_CLONES void forward_rows_f32(const float* xp, const float* wp, con
     }
     // x / a as x * (1 / a): at most one rounding apart, and division is the slowest vector unit. An a
     // whose reciprocal is not a normal float (zero, subnormal, non-finite, or |a| >= 2^126) keeps the
-    // division.
+    // division. backward_rows_f32 rebuilds xh with the same rule, element for element.
     F8 s0 = F8{}, s1 = F8{};
     int64_t j = 0;
     const float inv_a = 1.0f / a;
-    if (std::isnormal(a) && std::isnormal(inv_a)) {
+    const bool multiply = std::isnormal(a) && std::isnormal(inv_a);
+    if (multiply) {
       for (; j + 16 <= vec_end; j += 16) {
         const F8 v0 = load8(xr + j) * inv_a, v1 = load8(xr + j + 8) * inv_a;
         store8(xh + j, v0);
@@ -195,14 +202,14 @@ IMER_FAST_ROW_CLONES void forward_rows_f32(const float* xp, const float* wp, con
       }
     }
     for (; j < vec_end; j += 8) {
-      const F8 v = load8(xr + j) / a;
+      const F8 v = multiply ? load8(xr + j) * inv_a : load8(xr + j) / a;
       store8(xh + j, v);
       s0 += v;
     }
     const F8 s = s0 + s1;
     float tail = 0.0f;
     for (int64_t j = vec_end; j < N; ++j) {
-      xh[j] = xr[j] / a;
+      xh[j] = multiply ? xr[j] * inv_a : xr[j] / a;
       tail += xh[j];
     }
     const float mu = (hsum(s) + tail) * inv_n;
@@ -242,7 +249,7 @@ void backward_rows(const scalar_t* __restrict__ gp, const scalar_t* __restrict__
                    int64_t N) {
   acc_t* __restrict__ xn = buf;
   acc_t* __restrict__ g = buf + N;
-  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(N);
+  const acc_t n = static_cast<acc_t>(N);
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* __restrict__ xr = xp + i * N;
     const scalar_t* __restrict__ gr = gp + i * N;
@@ -254,8 +261,9 @@ void backward_rows(const scalar_t* __restrict__ gp, const scalar_t* __restrict__
       } else {
         for (int64_t j = 0; j < N; ++j) g[j] = static_cast<acc_t>(gr[j]);
       }
-      const acc_t mean_g = lane_sum<acc_t>(N, [&](int64_t j) { return g[j]; }) * inv_n;
-      const acc_t mean_gxn = lane_sum<acc_t>(N, [&](int64_t j) { return g[j] * xn[j]; }) * inv_n;
+      // Means by division, not by a rounded 1 / N: a row of equal g then gets g - mean(g) == 0.
+      const acc_t mean_g = lane_sum<acc_t>(N, [&](int64_t j) { return g[j]; }) / n;
+      const acc_t mean_gxn = lane_sum<acc_t>(N, [&](int64_t j) { return g[j] * xn[j]; }) / n;
       const acc_t scale = rs / a;
       scalar_t* __restrict__ dxr = dxp + i * N;
       for (int64_t j = 0; j < N; ++j) dxr[j] = static_cast<scalar_t>(scale * (g[j] - mean_g - xn[j] * mean_gxn));
@@ -275,7 +283,8 @@ void backward_rows(const scalar_t* __restrict__ gp, const scalar_t* __restrict__
 }
 
 // Backward of float32 rows [begin, end) on eight-lane vectors, compiled per instruction set: xn is
-// rebuilt from x the way the forward built xh (x * (1 / a) where that reciprocal is a normal float),
+// rebuilt from x the way forward_rows_f32 built xh (x * (1 / a) where a and that reciprocal are normal
+// floats, else x / a; no fused multiply-add, see the pragma above),
 // dx is written when dxp is given, and grad_y * xn and grad_y are added to dw_row / db_row when given.
 // xn is a scratch row of N floats.
 IMER_FAST_ROW_CLONES void backward_rows_f32(const float* gp, const float* xp, const float* wp, const float* mean_p,
@@ -283,7 +292,7 @@ IMER_FAST_ROW_CLONES void backward_rows_f32(const float* gp, const float* xp, co
                                            float* db_row, float* xn, int64_t begin, int64_t end, int64_t N) {
   using namespace vec_rows;
   const int64_t vec_end = N - N % 8;
-  const float inv_n = 1.0f / static_cast<float>(N);
+  const float n = static_cast<float>(N);
   for (int64_t i = begin; i < end; ++i) {
     const float* xr = xp + i * N;
     const float* gr = gp + i * N;
@@ -315,7 +324,8 @@ IMER_FAST_ROW_CLONES void backward_rows_f32(const float* gp, const float* xp, co
       if (db_row != nullptr) store8(db_row + j, load8(db_row + j) + gy);
     }
     if (dxp == nullptr) continue;
-    const float mean_g = (hsum(sum_g) + tail_g) * inv_n, mean_gxn = (hsum(sum_gxn) + tail_gxn) * inv_n;
+    // Means by division, not by a rounded 1 / N: a row of equal g then gets g - mean(g) == 0.
+    const float mean_g = (hsum(sum_g) + tail_g) / n, mean_gxn = (hsum(sum_gxn) + tail_gxn) / n;
     const float scale = rs / a;
     float* dxr = dxp + i * N;
     int64_t j = 0;
@@ -438,7 +448,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stable_layer_norm_backward_cpu(
     acc_t* dwp = need_w ? dw_part.data_ptr<acc_t>() : nullptr;
     acc_t* dbp = need_b ? db_part.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-      std::vector<acc_t> buf(2 * N);  // scratch rows
+      std::vector<acc_t> buf(2 * N);  // scratch: xn, and g for the generic rows
       for (int64_t c = c_begin; c < c_end; ++c) {
         backward_rows_any<scalar_t, acc_t>(gp, xp, wp, mean_p, rstd_p, amax_p, dxp, need_w ? dwp + c * N : nullptr,
                                            need_b ? dbp + c * N : nullptr, buf.data(), c * chunk_rows,
