@@ -172,11 +172,15 @@ def test_channels_last_float32_vector_path_equals_contiguous_path():
     assert torch.equal(got, group_norm_film_silu(channels_last(x), 32, **kw))  # bitwise-repeatable
 
 
-@pytest.mark.parametrize("shape,groups", [((3, 256, 24), 32), ((2, 40, 7), 5), ((2, 12, 9), 3), ((1, 8, 1), 2)])
+@pytest.mark.parametrize("shape,groups", [((3, 256, 24), 32), ((2, 40, 7), 5), ((2, 12, 9), 3), ((1, 8, 1), 2),
+                                          ((2, 16, 48), 4), ((2, 24, 12), 8)])
 @pytest.mark.parametrize("silu", [True, False])
-def test_channels_last_float32_vector_backward_matches_float64_ref(shape, groups, silu):
-    """The float32 channels-last backward runs the vectorised rows (tail channels beyond a multiple of
-    8 included: C = 40, 12); its gradients match the float64 reference and repeat bitwise."""
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_float32_vector_backward_matches_float64_ref(shape, groups, silu, layout):
+    """The float32 backward runs vectorised rows in both layouts — channels-last over channels (tails beyond a
+    multiple of 8 included: C = 40, 12), channels-first over each channel's positions (S = 48, 24, 12 = 8 +
+    a tail, 7, 9, 1); its gradients match the float64 reference and repeat bitwise."""
+    arrange = channels_last if layout == "channels_last" else (lambda t: t.contiguous())
     for present in [OPTIONALS, ()]:
         x64, kw64 = make(shape, groups, present, dtype=torch.float64, requires_grad=True)
         grad = torch.randn(shape, dtype=torch.float64)
@@ -184,11 +188,11 @@ def test_channels_last_float32_vector_backward_matches_float64_ref(shape, groups
                                    [x64, *kw64.values()], grad)
         runs = []
         for _ in range(2):
-            xcl = channels_last(x64.detach().float()).requires_grad_()
+            x = arrange(x64.detach().float()).requires_grad_()
             kw = {k: v.detach().float().requires_grad_() for k, v in kw64.items()}
-            got = group_norm_film_silu(xcl, groups, apply_silu=silu, **kw)
-            runs.append(torch.autograd.grad(got, [xcl, *kw.values()], channels_last(grad.float())))
-        assert runs[0][0].stride() == xcl.stride()
+            got = group_norm_film_silu(x, groups, apply_silu=silu, **kw)
+            runs.append(torch.autograd.grad(got, [x, *kw.values()], arrange(grad.float())))
+        assert runs[0][0].stride() == x.stride()
         for g, w in zip(runs[0], want):
             torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=str(present))
         assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -249,5 +249,73 @@ IMER_FAST_ROW_CLONES inline void group_norm_backward_dx_row(const float* x, cons
   }
 }
 
+// Channels-first GroupNorm backward, first pass over one channel's row of n positions (the channel's
+// constants as scalars): xn = (x + centre) * rstd, a = xn * w + b, f = a * film + shift, gf = g * silu'(f)
+// (or g). Stores gf; returns {sum gf, sum gf * a, sum gf * xn}, lanes combined in a fixed order. Tail
+// positions use libm's exp.
+struct ChannelSums {
+  float gf, gfa, gfxn;
+};
+
+IMER_FAST_ROW_CLONES inline ChannelSums group_norm_backward_sums_channel(const float* x, const float* g,
+                                                                        float centre, float rstd, float w, float b,
+                                                                        float film, float shift, float* gf_out,
+                                                                        int64_t n, bool silu) {
+  const F8 one = F8{} + 1.0f;
+  F8 s_gf{}, s_gfa{}, s_gfxn{};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const F8 xn = (load8(x + i) + centre) * rstd;
+    const F8 a = xn * w + b;
+    F8 gf = load8(g + i);
+    if (silu) {
+      const F8 f = a * film + shift;
+      const F8 sg = one / (one + vexp(-f));
+      gf *= sg * (one + f * (one - sg));
+    }
+    store8(gf_out + i, gf);
+    s_gf += gf;
+    s_gfa += gf * a;
+    s_gfxn += gf * xn;
+  }
+  ChannelSums out{hsum(s_gf), hsum(s_gfa), hsum(s_gfxn)};
+  for (; i < n; ++i) {
+    const float xn = (x[i] + centre) * rstd, a = xn * w + b;
+    float gf = g[i];
+    if (silu) {
+      const float f = a * film + shift, sg = 1.0f / (1.0f + __builtin_expf(-f));
+      gf *= sg * (1.0f + f * (1.0f - sg));
+    }
+    gf_out[i] = gf;
+    out.gf += gf;
+    out.gfa += gf * a;
+    out.gfxn += gf * xn;
+  }
+  return out;
+}
+
+// Channels-first GroupNorm backward, second pass over one channel's row: d = rstd * (gf * k - mg - xn *
+// mgx), xn = (x + centre) * rstd; writes d and returns sum d.
+IMER_FAST_ROW_CLONES inline float group_norm_backward_dx_channel(const float* x, const float* gf, float centre,
+                                                                float rstd, float k, float mg, float mgx, float* out,
+                                                                int64_t n) {
+  F8 s_dx{};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const F8 xn = (load8(x + i) + centre) * rstd;
+    const F8 d = rstd * (load8(gf + i) * k - mg - xn * mgx);
+    store8(out + i, d);
+    s_dx += d;
+  }
+  float sum = hsum(s_dx);
+  for (; i < n; ++i) {
+    const float xn = (x[i] + centre) * rstd;
+    const float d = rstd * (gf[i] * k - mg - xn * mgx);
+    out[i] = d;
+    sum += d;
+  }
+  return sum;
+}
+
 }  // namespace vec_rows
 }  // namespace imer_fast
