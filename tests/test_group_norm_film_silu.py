@@ -177,9 +177,9 @@ def test_channels_last_float32_vector_path_equals_contiguous_path():
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_float32_vector_backward_matches_float64_ref(shape, groups, silu, layout):
-    """The float32 backward runs vectorised rows in both layouts — channels-last over channels (tails beyond a
-    multiple of 8 included: C = 40, 12), channels-first over each channel's positions (S = 48, 24, 12 = 8 +
-    a tail, 7, 9, 1); its gradients match the float64 reference and repeat bitwise."""
+    """The float32 backward runs vectorised rows of channels (tails beyond a multiple of 8 included: C = 40,
+    12), channels-first inputs on channels-last copies (S = 48, 24, 12, 9, 7; S = 1 stays on the scalar loop)
+    with dx returned in their layout; gradients match the float64 reference and repeat bitwise."""
     arrange = channels_last if layout == "channels_last" else (lambda t: t.contiguous())
     for present in [OPTIONALS, ()]:
         x64, kw64 = make(shape, groups, present, dtype=torch.float64, requires_grad=True)

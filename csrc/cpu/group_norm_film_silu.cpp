@@ -16,7 +16,8 @@
 // the CPU), whose y / dx come out channels-last too; other layouts are made contiguous first.
 //
 // Channels-first: one task per (b, g): the group is read once for the mean, once for the centred variance and once
-// for the output (it fits in L1/L2 for the U-Net shapes). Channels-last: one task per b, streaming
+// for the output (it fits in L1/L2 for the U-Net shapes); the float32 backward runs on channels-last copies.
+// Channels-last: one task per b, streaming
 // rows of C channels with per-channel accumulators. dweight / dbias are reduced per (b, c)
 // first and then over b in index order: bitwise-repeatable for any thread count, no atomics.
 #include <ATen/ATen.h>
@@ -223,57 +224,6 @@ inline void backward_sample_float(const Shape& sh, const float* x, const float* 
   }
 }
 
-// float32 backward over channels-first x on the vectorised channel rows of vec_rows.h, one task per
-// (b, g): the first pass stores gf (silu' needs an exp) and the channel sums, the second computes dx
-// from the group means. Partials are laid out as in the scalar loop of group_norm_film_silu_backward_cpu.
-inline void backward_channels_first_float(const Shape& sh, const ChannelParams<float, float>& p, const float* xp,
-                                          const float* gp, float* dxp, const float* mp, const float* rp, float* pp,
-                                          bool apply_silu) {
-  const int64_t plane = sh.B * sh.C, S = sh.S, n = sh.cpg * S;
-  at::parallel_for(0, sh.B * sh.G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> gf(n);
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / sh.G, c0 = (bg % sh.G) * sh.cpg;
-      const float mu = mp[bg], r = rp[bg];
-      float sum_g = 0, sum_gxn = 0;
-      for (int64_t c = c0; c < c0 + sh.cpg; ++c) {
-        const int64_t bc = b * sh.C + c;
-        const float wc = p.weight(c), film = p.film(b, c);
-        const vec_rows::ChannelSums sums = vec_rows::group_norm_backward_sums_channel(
-            xp + bc * S, gp + bc * S, p.in_bias(b, c) - mu, r, wc, p.bias(c), film, p.shift(b, c),
-            gf.data() + (c - c0) * S, S, apply_silu);
-        pp[0 * plane + bc] = film * sums.gfxn;  // sum ga * xn, ga = gf * film
-        pp[1 * plane + bc] = film * sums.gf;    // sum ga
-        pp[3 * plane + bc] = sums.gfa;
-        pp[4 * plane + bc] = sums.gf;
-        sum_g += wc * film * sums.gf;
-        sum_gxn += wc * film * sums.gfxn;
-      }
-      if (dxp == nullptr || n == 0) continue;
-      const float mean_g = sum_g / n, mean_gxn = sum_gxn / n;
-      for (int64_t c = c0; c < c0 + sh.cpg; ++c) {
-        const int64_t bc = b * sh.C + c;
-        pp[2 * plane + bc] = vec_rows::group_norm_backward_dx_channel(
-            xp + bc * S, gf.data() + (c - c0) * S, p.in_bias(b, c) - mu, r, p.film(b, c) * p.weight(c), mean_g,
-            mean_gxn, dxp + bc * S, S);
-      }
-    }
-  });
-}
-
-// The float32 channels-first backward where it applies (returns false for other types).
-template <typename scalar_t, typename opmath_t>
-bool backward_channels_first_vectorised(const Shape& sh, const ChannelParams<scalar_t, opmath_t>& p,
-                                        const scalar_t* xp, const scalar_t* gp, scalar_t* dxp, const opmath_t* mp,
-                                        const opmath_t* rp, opmath_t* pp, bool apply_silu) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    backward_channels_first_float(sh, p, xp, gp, dxp, mp, rp, pp, apply_silu);
-    return true;
-  } else {
-    return false;
-  }
-}
-
 // Backward over channels-last x and grad_y: one task per sample; per-channel partial sums in the
 // first pass, dx in the second (the group means of g and g * xn come from the partials). float32
 // runs backward_sample_float; other types the scalar loops below.
@@ -456,6 +406,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& rstd_in, int64_t num_groups, bool apply_silu, c10::List<bool> output_mask) {
   const Shape sh = shape_of(x_in, num_groups);
   const bool channels_last = is_channels_last(x_in);
+  // float32 channels-first with at least one vector of channels: the channels-last kernel on transposed
+  // copies. Its rows of C channels run on vectors; a channel's row of S positions pays a per-row cost
+  // that dominates at the U-Net's and ScoreNet's lengths (6 to 48): one thread, G32 [32, 256, 6]
+  // 2.81 -> 0.24 ms, G4 [32, 32, 48] 0.26 -> 0.22 ms, copies included (the scalar loop below: 13 ns per element).
+  if (!channels_last && x_in.scalar_type() == at::kFloat && sh.C >= 8 && sh.S > 1 && sh.B > 0) {
+    const auto transposed = [&](const at::Tensor& t) {
+      return t.reshape({sh.B, sh.C, sh.S}).transpose(1, 2).contiguous().transpose(1, 2);
+    };
+    auto grads = group_norm_film_silu_backward_cpu(transposed(grad_y_in), transposed(x_in), weight, bias,
+                                                   input_bias, scale, shift, mean_in, rstd_in, num_groups, apply_silu,
+                                                   output_mask);
+    at::Tensor& dx = std::get<0>(grads);
+    if (dx.numel() != 0) dx = dx.contiguous().view(x_in.sizes());
+    return grads;
+  }
   const at::Tensor x = channels_last ? x_in : x_in.contiguous();
   const at::Tensor gy = channels_last ? grad_y_in.transpose(1, 2).contiguous().transpose(1, 2) : grad_y_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
@@ -488,10 +453,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const int64_t plane = sh.B * sh.C;
     if (channels_last) {
       backward_channels_last<scalar_t, opmath_t>(sh, {w, bb, ib, sc, sf, sh.C}, xp, gp, dxp, mp, rp, pp, apply_silu);
-      return;
-    }
-    if (backward_channels_first_vectorised<scalar_t, opmath_t>(sh, {w, bb, ib, sc, sf, sh.C}, xp, gp, dxp, mp, rp, pp,
-                                                               apply_silu)) {
       return;
     }
     at::parallel_for(0, sh.B * sh.G, 1, [&](int64_t begin, int64_t end) {
