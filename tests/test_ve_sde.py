@@ -243,6 +243,15 @@ def test_init_x_replaces_the_random_start():
     torch.testing.assert_close(out, mean, rtol=1e-10, atol=1e-10)
 
 
+def test_device_given_with_an_index_matches_a_condition_on_that_device():
+    """torch.device("cpu", 0) (like torch.device("cuda") against a tensor on cuda:0) names the device a
+    condition reports differently; the sampler compares canonical devices (found in review, for CUDA)."""
+    condition = torch.randn(2, 32, 8, dtype=torch.float64)
+    run = functools.partial(euler_maruyama_sampler, Recorder(), SDE.marginal_prob_std, SDE.diffusion_coeff, 2, 3,
+                            condition=condition, seed=1)
+    assert torch.equal(run(device=torch.device("cpu", 0)), run(device="cpu"))
+
+
 def test_sampler_errors_name_the_argument():
     run = functools.partial(euler_maruyama_sampler, Recorder(), SDE.marginal_prob_std, SDE.diffusion_coeff)
     for steps in (0, 1, 2.5, True):

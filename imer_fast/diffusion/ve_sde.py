@@ -132,7 +132,9 @@ def _sampling_device_dtype(score_model, examples, device, dtype) -> Tuple[torch.
         device = like.device if like is not None else "cpu"
     if dtype is None:
         dtype = like.dtype if like is not None else torch.get_default_dtype()
-    return torch.device(device), dtype
+    # The device tensors report ("cuda" -> "cuda:0", "cpu:0" -> "cpu"), so that comparisons with the
+    # condition's device hold for every spelling of the same device.
+    return torch.empty(0, device=device).device, dtype
 
 
 @torch.no_grad()
