@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops._runtime import under_autocast
 from ..ops.attention import attention
 from ..ops.layer_norm import stable_layer_norm
 
@@ -129,6 +130,7 @@ class CondCrossAttention(nn.Module):
                 raise ValueError(f"{who}: context_mask is on {context_mask.device} but x is on {x.device}")
 
     def forward(self, x: Tensor, context: Tensor, context_mask: Optional[Tensor] = None) -> Tensor:
+        x, context = under_autocast(x, context)  # one dtype for the checks (float32 under autocast)
         self._check(x, context, context_mask)
         b, n, m = x.shape[0], x.shape[1], context.shape[1]
         h, d = self.heads, self.dim_head

@@ -3,6 +3,8 @@
 Each operator has a pure-torch ``<op>_ref`` twin, a C++ CPU kernel, a Triton GPU kernel, a fake
 implementation, autograd where it is differentiable, and one ``select_<op>_backend`` function.
 """
+import torch
+
 from ._runtime import triton_on_cpu
 from .attention import MASK_KINDS, attention, attention_ref, select_attention_backend
 from .counter_rng import counter_normal, counter_normal_ref, select_counter_normal_backend
@@ -27,6 +29,18 @@ from .timestep_embedding import (gaussian_fourier_embedding, select_timestep_emb
                                  sinusoidal_timestep_embedding, timestep_embedding_ref)
 from .winograd_conv import (fewest_rows_tile, select_winograd_conv1d_backend, winograd_conv1d, winograd_conv1d_ref,
                             winograd_weight)
+
+# Under torch.autocast every imer_fast operator computes in float32, as torch's normalisations do: its
+# float16 / bfloat16 / float32 inputs are cast (float64 stays) and autocast is off inside it, so its
+# kernels' own ATen calls (the GEMMs of the C++ MulT layer and graph convolution) keep float32 too. The
+# public functions cast first as well (_runtime.under_autocast), so their dtype checks see one dtype.
+_OPERATORS = ("add_scaled_noise", "attention", "attention_backward", "build_dialogue_graph", "counter_normal",
+              "diffusion_step", "group_norm_film_silu", "group_norm_film_silu_backward", "mult_layer",
+              "mult_layer_backward", "relational_csr", "rgcn_conv", "rgcn_conv_backward", "stable_layer_norm",
+              "stable_layer_norm_backward", "timestep_embedding", "ve_em_step", "winograd_conv1d")
+for _name in _OPERATORS:
+    for _device_type in ("cpu", "cuda"):
+        torch.library.register_autocast(f"imer_fast::{_name}", _device_type, torch.float32)
 
 __all__ = [
     "MASK_KINDS", "attention", "attention_ref", "select_attention_backend",

@@ -374,6 +374,7 @@ def attention(
     (so ``torch.manual_seed`` makes runs repeatable). ``max_seqlen_*`` (varlen only) are computed
     from ``cu_seqlens`` when omitted (one device-to-host copy).
     """
+    q, k, v, null_k, null_v = _runtime.under_autocast(q, k, v, null_k, null_v)
     _check_inputs(q, k, v, key_mask, null_k, null_v, cu_seqlens_q, cu_seqlens_k, mask, dropout_p, dropout_seed)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if dropout_p > 0.0 and dropout_seed is None:

@@ -198,7 +198,8 @@ def group_norm_film_silu(x: Tensor, num_groups: int, weight: Optional[Tensor] = 
     """``silu((GroupNorm(x + input_bias)·weight + bias)·(1 + scale) + shift)`` in one pass (module doc).
 
     x: [B, C, *spatial], any strides; weight / bias: [C]; input_bias / scale / shift: [B, C] or
-    [B, C, 1]. Returns a contiguous tensor of x's shape and dtype."""
+    [B, C, 1]. Returns a contiguous tensor of x's shape and dtype (float32 under autocast)."""
+    x, weight, bias, input_bias, scale, shift = _runtime.under_autocast(x, weight, bias, input_bias, scale, shift)
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
         got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"{_OP}x must be a floating tensor [B, C, *spatial]; got {got}")

@@ -202,7 +202,9 @@ def stable_layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional
                       stable: bool = True) -> Tensor:
     """LayerNorm over the last dimension of ``x``, first dividing each row by its (detached) maximum
     when ``stable`` (see module doc for the exact semantics and the release's quirks). ``weight`` and
-    ``bias`` have shape ``[x.shape[-1]]``. Returns a contiguous tensor of x's shape and dtype."""
+    ``bias`` have shape ``[x.shape[-1]]``. Returns a contiguous tensor of x's shape and dtype (float32 under
+    autocast)."""
+    x, weight, bias = _runtime.under_autocast(x, weight, bias)
     _check_inputs(x, weight, bias, eps, stable)
     if select_stable_layer_norm_backend(x).backend == "reference":
         return stable_layer_norm_ref(x, weight, bias, eps, stable)

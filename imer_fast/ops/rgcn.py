@@ -192,6 +192,7 @@ def rgcn_conv(
     """Relational graph convolution (see module doc). ``weight`` [R, Fin, Fout], ``root`` [Fin, Fout],
     ``bias`` [Fout], ``edge_weight`` [E] in the order of ``graph.edge_index``."""
     op = "imer_fast.rgcn_conv"
+    x, weight, root, bias, edge_weight = _runtime.under_autocast(x, weight, root, bias, edge_weight)
     _check_conv_inputs(op, x, graph, {"weight": weight, "root": root, "bias": bias, "edge_weight": edge_weight}, aggr)
     if weight.dim() != 3 or weight.shape[0] != graph.num_relations or weight.shape[1] != x.shape[1]:
         raise ValueError(f"{op}: weight must have shape [num_relations = {graph.num_relations}, in_channels = "
@@ -209,6 +210,8 @@ def graph_conv(
 ) -> Tensor:
     """PyG ``GraphConv`` (weights in ``nn.Linear`` layout [out, in]); edge types are ignored."""
     op = "imer_fast.graph_conv"
+    x, lin_rel_weight, lin_rel_bias, lin_root_weight, edge_weight = _runtime.under_autocast(
+        x, lin_rel_weight, lin_rel_bias, lin_root_weight, edge_weight)
     tensors = {"lin_rel_weight": lin_rel_weight, "lin_rel_bias": lin_rel_bias, "lin_root_weight": lin_root_weight,
                "edge_weight": edge_weight}
     _check_conv_inputs(op, x, graph, tensors, aggr)

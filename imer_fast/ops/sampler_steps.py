@@ -164,6 +164,7 @@ def ddim_step(x: Tensor, eps: Tensor, *, alpha_bar: float, alpha_bar_prev: float
     (clamped when ``clip_denoised``), σ = η·sqrt((1 − ᾱ_prev)/(1 − ᾱ_t)·(1 − ᾱ_t/ᾱ_prev)),
     x_prev = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev − σ²)·ε + σ·z."""
     op = "imer_fast.ddim_step: "
+    x, eps, noise = _runtime.under_autocast(x, eps, noise)
     for name, value in (("alpha_bar", alpha_bar), ("alpha_bar_prev", alpha_bar_prev)):
         if not 0.0 < value <= 1.0:
             raise ValueError(f"{op}{name} must be in (0, 1]; got {value!r}")
@@ -186,6 +187,7 @@ def ddpm_step(x: Tensor, eps: Tensor, *, sqrt_recip_alphas_cumprod: float, sqrt_
     x0 = a·x − b·ε (clamped when ``clip_denoised``), mean = c1·x0 + c2·x, x_{t−1} = mean +
     exp(½·log σ²)·z when ``add_noise`` (the release adds none at t = 0)."""
     op = "imer_fast.ddpm_step: "
+    x, eps, noise = _runtime.under_autocast(x, eps, noise)
     sigma = math.exp(0.5 * posterior_log_variance_clipped) if add_noise else 0.0
     _check(op, x, (("eps", eps),), noise, seed, offset, sigma != 0.0)
     args = (x, eps, float(sqrt_recip_alphas_cumprod), float(sqrt_recipm1_alphas_cumprod), bool(clip_denoised),
@@ -199,6 +201,7 @@ def ve_em_step(x: Tensor, score: Tensor, *, g: float, step_size: float, noise: O
     """One Euler–Maruyama step of the VE-SDE reverse process (IMDer ``Euler_Maruyama_sampler``):
     mean = x + g²·score·dt, x_next = mean + sqrt(dt)·g·z. Returns (x_next, mean)."""
     op = "imer_fast.ve_em_step: "
+    x, score, noise = _runtime.under_autocast(x, score, noise)
     if not step_size >= 0.0:
         raise ValueError(f"{op}step_size must be >= 0; got {step_size!r}")
     diffusion = math.sqrt(step_size) * g
@@ -211,6 +214,7 @@ def add_scaled_noise(x: Tensor, std: Union[float, Tensor], *, noise: Optional[Te
                      seed: Optional[Tensor] = None, offset: int = 0) -> Tensor:
     """x + std·z; ``std`` a float or a [B] tensor (B = x.shape[0]) broadcast over the other dims."""
     op = "imer_fast.add_scaled_noise: "
+    x, std, noise = _runtime.under_autocast(x, std, noise)
     _check(op, x, (), noise, seed, offset, True)
     if isinstance(std, Tensor):
         if std.dim() != 1 or x.dim() < 1 or std.shape[0] != x.shape[0]:

@@ -95,7 +95,8 @@ def winograd_weight(weight: Tensor, outputs_per_tile: int = 4) -> Tensor:
                          f"{outputs_per_tile!r}")
     _, G, _ = _matrices(outputs_per_tile, weight.dtype, weight.device)
     taps = weight.permute(2, 1, 0).reshape(3, -1)  # [3, C·Co]
-    return (G @ taps).view(G.shape[0], weight.shape[1], weight.shape[0])
+    with torch.autocast(weight.device.type, enabled=False):  # the weight's dtype also under autocast
+        return (G @ taps).view(G.shape[0], weight.shape[1], weight.shape[0])
 
 
 def fewest_rows_tile(length: int) -> int:
@@ -238,6 +239,7 @@ def winograd_conv1d(x: Tensor, weight_tf: Tensor, bias: Optional[Tensor] = None,
     """``F.conv1d(x, w, bias, padding=1) + residual`` for a 3-tap ``w`` given ``weight_tf =
     winograd_weight(w, n)`` (module doc); [B, Co, L] stored channels-last. The residual (a block's
     shortcut) is added in the output transform, in that order: the same floats as the separate add."""
+    x, weight_tf, bias, residual = _runtime.under_autocast(x, weight_tf, bias, residual)
     _check(x, weight_tf, bias, residual)
     if select_winograd_conv1d_backend(x).backend == "reference":
         return winograd_conv1d_ref(x, weight_tf, bias, residual)
