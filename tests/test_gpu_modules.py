@@ -30,9 +30,21 @@ from imer_fast.train.feddisc import FedDISCConfig, train_feddisc
 from imer_fast.train.trainer import TrainerConfig
 
 DEVICE = torch.device(os.environ.get("IMER_FAST_GPU_TEST_DEVICE", "cuda"))
+if DEVICE.type == "cuda" and DEVICE.index is None:
+    DEVICE = torch.device("cuda", 0)  # the device tensors report
 pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
 needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA device")
 SMALL_UNET = dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,), num_heads=2)
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """Comparisons at fp32 tolerances: no TF32 in cuDNN convolutions (on by default, ~5e-4 relative per
+    convolution) or cuBLAS products; the attention kernel then multiplies fp32 as tf32x3."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def randn(*shape, seed):
