@@ -89,15 +89,14 @@ def triton_on_cpu() -> Iterator[None]:
             _triton_on_cpu = False
 
 
-def under_autocast(*tensors: Optional[torch.Tensor], dtype: Optional[torch.dtype] = torch.float32) -> tuple:
-    """Inside ``torch.autocast`` on the tensors' device type, the float16 / bfloat16 / float32 ones cast to
-    ``dtype`` (None: the autocast dtype), so that an op that takes one dtype for all its inputs (bf16
-    activations, fp32 parameters under autocast) computes as torch's own ops of its kind do: float32 for
-    normalisations, graph convolutions and sampler updates, the autocast dtype for attention. Returns the
-    tensors unchanged outside autocast (float64 and non-floating tensors always)."""
+def under_autocast(*tensors: Optional[torch.Tensor]) -> tuple:
+    """Inside ``torch.autocast`` on the first tensor's device type, the float16 / bfloat16 / float32 tensors
+    cast to float32, so that an op that takes one dtype for all its inputs (bf16 activations, fp32
+    parameters under autocast) computes in float32, as torch's normalisations do and as the operators'
+    autocast registrations (ops/__init__.py) run them. Returns the tensors unchanged outside autocast
+    (float64 and non-floating tensors always)."""
     first = tensors[0] if tensors and isinstance(tensors[0], torch.Tensor) else None  # callers pass x first
     if first is None or first.device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(first.device.type):
         return tensors
-    target = torch.get_autocast_dtype(first.device.type) if dtype is None else dtype
     castable = (torch.float16, torch.bfloat16, torch.float32)
-    return tuple(t.to(target) if isinstance(t, torch.Tensor) and t.dtype in castable else t for t in tensors)
+    return tuple(t.float() if isinstance(t, torch.Tensor) and t.dtype in castable else t for t in tensors)
