@@ -38,9 +38,15 @@ _OPERATORS = ("add_scaled_noise", "attention", "attention_backward", "build_dial
               "diffusion_step", "group_norm_film_silu", "group_norm_film_silu_backward", "mult_layer",
               "mult_layer_backward", "relational_csr", "rgcn_conv", "rgcn_conv_backward", "stable_layer_norm",
               "stable_layer_norm_backward", "timestep_embedding", "ve_em_step", "winograd_conv1d")
-for _name in _OPERATORS:
-    for _device_type in ("cpu", "cuda"):
-        torch.library.register_autocast(f"imer_fast::{_name}", _device_type, torch.float32)
+
+
+def _register_autocast() -> None:
+    for name in _OPERATORS:
+        for device_type in ("cpu", "cuda"):
+            torch.library.register_autocast(f"imer_fast::{name}", device_type, torch.float32)
+
+
+_register_autocast()
 
 __all__ = [
     "MASK_KINDS", "attention", "attention_ref", "select_attention_backend",
