@@ -199,3 +199,20 @@ def test_corpus_with_two_modalities():
     assert set(batch.features) == {"text", "audio"}
     assert not batch.availability[..., 2].any()  # absent modality: never available
     assert batch.availability[batch.utterance_mask][:, :2].all()
+    assert batch.missing_fraction() == 0.0  # counted over the corpus's two modalities
+    for spec in ("gcnet:0.3", "gcnet:0.7", "imder:0.7"):
+        for batch in make_loader(two, "train", batch_size=2, missing=spec, seed=0):
+            avail = batch.availability[batch.utterance_mask]
+            assert avail[:, :2].any(dim=1).all(), spec  # no utterance left without an input
+            assert not avail[:, 2].any()
+    with pytest.raises(ValueError, match="keeps none of the corpus's modalities"):
+        make_loader(two, "train", batch_size=2, missing="fixed:v")
+
+
+def test_float_labels_are_not_truncated_into_classes():
+    d = Dialogue(id="d0", features={"text": np.zeros((3, 2), np.float32)}, labels=np.array([0.4, -1.6, 2.8]),
+                 speakers=np.zeros(3, np.int64))
+    with pytest.raises(ValueError, match=r"task: 'classification' needs integer labels; dialogue 'd0' has float32 labels"):
+        collate_dialogues([d], task="classification")
+    assert torch.equal(collate_dialogues([d], task="regression").labels, torch.tensor([[0.4, -1.6, 2.8]]))
+

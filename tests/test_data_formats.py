@@ -7,6 +7,7 @@ import pytest
 from imer_fast.data import (MMSADataset, assert_corpus_equal, corpus_differences, make_synthetic,
                             read_dialoguegcn, read_gcnet, read_mmsa, write_dialoguegcn,
                             write_gcnet, write_mmsa, write_synthetic)
+from imer_fast.data.formats.gcnet import load_utterance_feature
 from imer_fast.data.formats.mmsa import MMSASplit
 
 DIMS = {"text": 12, "audio": 6, "video": 9}
@@ -87,11 +88,14 @@ def test_gcnet_hand_built_shapes_and_pooling(tmp_path):
     np.save(folders["text"] / "dlgA_u1.npy", np.full(4, 2.0, np.float32))
     for u in utts + ["dlgA_u1"]:
         np.save(folders["audio"] / f"{u}.npy", np.full(3, 1.5, np.float32))
-    # video: per-utterance face folders (empty folder = no face -> zeros), and one plain file
-    (folders["video"] / "dlgB_000").mkdir()
-    np.save(folders["video"] / "dlgB_000" / "f0.npy", np.zeros(2, np.float32))
-    np.save(folders["video"] / "dlgB_000" / "f1.npy", np.array([[2.0, 4.0], [4.0, 8.0]]))
-    (folders["video"] / "dlgB_001").mkdir()
+    # video: per-utterance face folders holding both parties' faces (the speaker's are pooled; an
+    # empty folder or no face of the speaker -> zeros), and one plain file
+    (folders["video"] / "dlgB_000").mkdir()  # speaker M
+    np.save(folders["video"] / "dlgB_000" / "face_M_0.npy", np.zeros(2, np.float32))
+    np.save(folders["video"] / "dlgB_000" / "face_M_1.npy", np.array([[2.0, 4.0], [4.0, 8.0]]))
+    np.save(folders["video"] / "dlgB_000" / "face_F_0.npy", np.full(2, 100.0, np.float32))  # the listener
+    (folders["video"] / "dlgB_001").mkdir()  # speaker F: only the listener's face
+    np.save(folders["video"] / "dlgB_001" / "face_M_0.npy", np.full(2, 100.0, np.float32))
     np.save(folders["video"] / "dlgB_002.npy", np.array([1.0, -1.0], np.float32))
     np.save(folders["video"] / "dlgA_u1.npy", np.array([3.0, 3.0], np.float32))
 
@@ -103,8 +107,8 @@ def test_gcnet_hand_built_shapes_and_pooling(tmp_path):
     np.testing.assert_allclose(b.features["text"][0], seq.mean(axis=0), rtol=1e-6)
     np.testing.assert_array_equal(b.features["text"][1], np.ones(4))
     np.testing.assert_array_equal(b.features["text"][2], np.arange(4))
-    np.testing.assert_allclose(b.features["video"][0], [2.0, 4.0])  # mean of 3 face rows
-    np.testing.assert_array_equal(b.features["video"][1], [0.0, 0.0])  # empty face folder
+    np.testing.assert_allclose(b.features["video"][0], [2.0, 4.0])  # mean of the speaker's 3 face rows
+    np.testing.assert_array_equal(b.features["video"][1], [0.0, 0.0])  # no face of the speaker
     # speakers: sorted names -> F = 0, M = 1
     assert b.speakers.tolist() == [1, 0, 1]
     assert b.sentences == ["hello", "there", "friend"]
@@ -113,6 +117,22 @@ def test_gcnet_hand_built_shapes_and_pooling(tmp_path):
     assert c.split("valid") == []
     with pytest.raises(ValueError, match="split"):
         c.split("dev")
+
+
+def test_gcnet_face_folders_by_party(tmp_path):
+    folder = tmp_path / "video"
+    (folder / "u0").mkdir(parents=True)
+    np.save(folder / "u0" / "Ses01_F_0.npy", np.full(2, 10.0, np.float32))
+    np.save(folder / "u0" / "Ses01_M_0.npy", np.full(2, -10.0, np.float32))
+    np.testing.assert_array_equal(load_utterance_feature(folder, "u0", "video", speaker="F"), [10.0, 10.0])
+    np.testing.assert_array_equal(load_utterance_feature(folder, "u0", "video", speaker="M"), [-10.0, -10.0])
+    np.testing.assert_array_equal(load_utterance_feature(folder, "u0", "video", speaker=""), [0.0, 0.0])  # MOSI
+    (folder / "u1").mkdir()
+    np.save(folder / "u1" / "face0.npy", np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="face file 'face0.npy' names neither party"):
+        load_utterance_feature(folder, "u1", "video", speaker="F")
+    (folder / "u2").mkdir()
+    assert load_utterance_feature(folder, "u2", "video", speaker="F") is None  # no face at all
 
 
 def test_gcnet_speaker_map_and_seven_entries(tmp_path):
@@ -162,6 +182,18 @@ def test_gcnet_errors(tmp_path):
     obj[1]["dlgB"] = [0, 1]
     with pytest.raises(ValueError, match=r"videoLabels\['dlgB'\] has 2 entries; expected 3"):
         read_gcnet(_dump(obj, tmp_path / "bad3.pkl"), folders)
+    # malformed per-dialogue entries: a clear error naming the entry, never a raw TypeError
+    obj[1]["dlgB"] = 2
+    with pytest.raises(ValueError, match=r"videoLabels\['dlgB'\]: expected a list with one entry per utterance"):
+        read_gcnet(_dump(obj, tmp_path / "bad4.pkl"), folders)
+    obj[1]["dlgB"] = [0, 2, 1]
+    obj[3]["dlgB"] = 7
+    with pytest.raises(ValueError, match=r"videoSentence\['dlgB'\]: expected a list"):
+        read_gcnet(_dump(obj, tmp_path / "bad5.pkl"), folders)
+    obj[3]["dlgB"] = ["a", "b", "c"]
+    obj[2]["dlgB"] = ["M", None, "M"]
+    with pytest.raises(ValueError, match=r"videoSpeakers\['dlgB'\]: expected speaker names .* got NoneType"):
+        read_gcnet(_dump(obj, tmp_path / "bad6.pkl"), folders)
     with pytest.raises(FileNotFoundError, match="feature folder not found"):
         read_gcnet(label, {"text": tmp_path / "missing"})
     with pytest.raises(ValueError, match="modality"):
@@ -243,6 +275,10 @@ def test_dialoguegcn_errors(iemocap, mosi, tmp_path):
     bad[4] = {"d1": [np.ones(3)], "d2": [np.ones(3)]}
     with pytest.raises(ValueError, match=r"videoAudio\['d1'\]: expected shape \[2, D\]"):
         read_dialoguegcn(_dump(tuple(bad), tmp_path / "b3.pkl"))
+    bad = list(_hand_dialoguegcn(9))
+    bad[2] = dict(bad[2], d1=5)
+    with pytest.raises(ValueError, match=r"videoLabels\['d1'\]: expected a list with one entry per utterance"):
+        read_dialoguegcn(_dump(tuple(bad), tmp_path / "b4.pkl"))
     # the format has no validation split
     with pytest.raises(ValueError, match="no validation split"):
         write_dialoguegcn(mosi, tmp_path / "m.pkl")
@@ -336,6 +372,13 @@ def test_mmsa_hand_built_grouping_and_cleaning(tmp_path):
     bad = {"train": {k: v for k, v in split.items() if k != "vision"}}
     with pytest.raises(ValueError, match=r"lacks keys \['vision'\]"):
         read_mmsa(_dump(bad, tmp_path / "bad.pkl"))
+    # unreadable arrays name the split and the key
+    bad = {"train": dict(split, regression_labels=np.array(["x", "y", "z", "w"]))}
+    with pytest.raises(ValueError, match=r"split 'train': 'regression_labels': expected a numeric array"):
+        read_mmsa(_dump(bad, tmp_path / "bad2.pkl"))
+    bad = {"train": dict(split, audio=[np.zeros((3, 2)), np.zeros((2, 2)), np.zeros((3, 2)), np.zeros((3, 2))])}
+    with pytest.raises(ValueError, match=r"split 'train': 'audio': expected a numeric array"):
+        read_mmsa(_dump(bad, tmp_path / "bad3.pkl"))
     with pytest.raises(ValueError, match="label_key"):
         read_mmsa(path, label_key="labels")
 

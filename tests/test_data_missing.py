@@ -145,6 +145,58 @@ def test_all_patterns_and_evaluation():
     assert [n for n, _ in evaluate_patterns(["vt", "a"])] == ["tv", "a"]
 
 
+# ----------------------------------------------------------------- corpora with fewer modalities
+TEXT_AUDIO = np.array([True, True, False])
+
+
+@FAST
+@given(n=st.integers(100, 600), rate=st.floats(0.0, 0.7), seed=st.integers(0, 1000),
+       present=st.sampled_from([(True, True, False), (True, False, True), (False, True, True)]))
+def test_gcnet_draws_over_the_corpus_modalities(n, rate, seed, present):
+    present = np.array(present)
+    mask = GCNetMissing(rate).sample(n, np.random.default_rng(seed), present=present)
+    assert not mask[:, ~present].any()  # an absent modality is never available
+    assert mask.any(axis=1).all()  # every utterance keeps one of the corpus's modalities
+    # the rate is counted over the two modalities and capped at 1/2 (one of two kept)
+    assert abs(missing_fraction(mask[:, present]) - min(rate, 0.5)) <= 0.005
+
+
+def test_three_modality_masks_are_unchanged_by_present():
+    for protocol in (GCNetMissing(0.4), GCNetMissing(0.4, mode="retry"), NoMissing(), fixed("tv")):
+        a = protocol.sample(50, np.random.default_rng(3))
+        b = protocol.sample(50, np.random.default_rng(3), present=np.ones(3, dtype=bool))
+        assert np.array_equal(a, b)
+
+
+def test_one_modality_corpus_is_always_complete():
+    mask = GCNetMissing(0.6).sample(20, np.random.default_rng(0), present=np.array([False, True, False]))
+    assert mask[:, 1].all() and not mask[:, [0, 2]].any()
+
+
+def test_imder_drops_at_most_all_but_one_present_modality():
+    protocol = IMDerMissing(0.7)  # drops two modalities in every batch
+    for b in range(10):
+        mask = protocol.sample(4, np.random.default_rng(b), batch_index=b, num_batches=10, present=TEXT_AUDIO)
+        assert (mask[:, :2].sum(axis=1) == 1).all() and not mask[:, 2].any()
+    one = IMDerMissing(0.4)
+    rows = {pattern_name(one.sample(1, np.random.default_rng(b), batch_index=b, num_batches=10,
+                                    present=TEXT_AUDIO)[0]) for b in range(10)}
+    assert rows <= {"t", "a", "ta"} and rows & {"t", "a"}
+
+
+def test_fixed_pattern_outside_the_corpus_is_refused():
+    assert fixed("tv").sample(2, present=TEXT_AUDIO).tolist() == [[True, False, False]] * 2
+    with pytest.raises(ValueError, match=r"'fixed:v' keeps none of the corpus's modalities \['text', 'audio'\]"):
+        fixed("v").sample(2, present=TEXT_AUDIO)
+    with pytest.raises(ValueError, match="present: expected 3 booleans"):
+        fixed("t").sample(2, present=[1, 0, 0])
+
+
+def test_patterns_of_a_two_modality_corpus():
+    assert all_patterns(TEXT_AUDIO) == ["t", "a", "ta"]
+    assert [n for n, _ in evaluate_patterns(present=TEXT_AUDIO)] == ["t", "a", "ta"]
+
+
 # ----------------------------------------------------------------- factory
 def test_make_protocol():
     assert isinstance(make_protocol("none"), NoMissing) and isinstance(make_protocol(None), NoMissing)

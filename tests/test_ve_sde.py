@@ -168,6 +168,21 @@ def test_sampler_equals_the_reference_under_the_same_torch_seed(dtype, with_cond
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+def test_sampler_takes_the_release_positional_arguments():
+    ours, _ = models(seed=2)
+    _, cond = data(seed=4)
+    torch.manual_seed(5)
+    want = euler_maruyama_sampler(ours, SDE.marginal_prob_std, SDE.diffusion_coeff, batch_size=2, num_steps=3,
+                                  condition=cond, device="cpu")
+    torch.manual_seed(5)
+    # the release's order: (score_model, marginal_prob_std, diffusion_coeff, batch_size, num_steps, device,
+    # condition, eps)
+    got = euler_maruyama_sampler(ours, SDE.marginal_prob_std, SDE.diffusion_coeff, 2, 3, "cpu", cond, 1e-3)
+    assert torch.equal(got, want)
+    torch.manual_seed(5)
+    assert euler_maruyama_sampler(ours, SDE.marginal_prob_std, SDE.diffusion_coeff, num_steps=2).shape[0] == 64
+
+
 def test_sampler_with_a_generator_matches_the_global_stream_and_leaves_it_alone():
     ours, _ = models(seed=3)
     torch.manual_seed(7)

@@ -15,7 +15,7 @@ Quick start::
 """
 from .batching import (CLASSIFICATION_PAD_LABEL, REGRESSION_PAD_LABEL, DialogueBatch,
                        DialogueDataset, DialogueItem, PackedBatch, collate_dialogues, make_loader,
-                       make_rng)
+                       make_rng, present_modalities)
 from .corpus import (MODALITIES, MODALITY_CODES, SPLIT_NAMES, Corpus, Dialogue,
                      assert_corpus_equal, canonical_modality, corpus_differences)
 from .formats import (MMSADataset, MMSASplit, read_dialoguegcn, read_gcnet, read_mmsa,
@@ -42,7 +42,7 @@ __all__ = [
     "pattern_name", "pattern_mask", "missing_fraction",
     # batching
     "DialogueItem", "DialogueBatch", "PackedBatch", "DialogueDataset", "collate_dialogues",
-    "make_loader", "make_rng", "CLASSIFICATION_PAD_LABEL", "REGRESSION_PAD_LABEL",
+    "make_loader", "make_rng", "present_modalities", "CLASSIFICATION_PAD_LABEL", "REGRESSION_PAD_LABEL",
     # metrics
     "accuracy", "unweighted_accuracy", "f1_score", "confusion_matrix", "classification_report",
     "acc2", "f1_binary", "acc_k", "mae", "pearson", "regression_report",

@@ -191,11 +191,12 @@ class DialogueBatch:
         return _map_tensors(self, lambda t: t.pin_memory())
 
     def missing_fraction(self) -> float:
-        """Fraction of unavailable (utterance, modality) entries over real utterances."""
+        """Fraction of unavailable (utterance, modality) entries over real utterances and the batch's modalities."""
         n = self.num_utterances
         if n == 0:
             return 0.0
-        avail = self.availability[self.utterance_mask]
+        columns = [MODALITIES.index(m) for m in MODALITIES if m in self.features]
+        avail = self.availability[self.utterance_mask][:, columns]
         return float(1.0 - avail.float().mean().item())
 
     def packed(self) -> PackedBatch:
@@ -263,6 +264,10 @@ def collate_dialogues(items: Sequence[Union[DialogueItem, Dialogue]], *,
         task = inferred
     elif task not in ("classification", "regression"):
         raise ValueError(f"task: expected 'classification' or 'regression', got {task!r}")
+    elif task == "classification" and inferred == "regression":
+        bad = next(it for it in items if it.labels.dtype.kind not in "iub")
+        raise ValueError(f"task: 'classification' needs integer labels; dialogue {bad.id!r} has "
+                         f"{bad.labels.dtype} labels (regression targets would be truncated)")
     protocol = make_protocol(missing) if missing is not None else None
     need = [i for i, it in enumerate(items) if it.availability is None]
     if need:
@@ -272,8 +277,8 @@ def collate_dialogues(items: Sequence[Union[DialogueItem, Dialogue]], *,
         else:
             if rng is None:
                 rng = make_rng(0, "collate", int(batch_index or 0))
-            avail = np.asarray(protocol.sample(total, rng, batch_index=batch_index,
-                                               num_batches=num_batches), dtype=bool)
+            avail = np.asarray(protocol.sample(total, rng, batch_index=batch_index, num_batches=num_batches,
+                                               present=present_modalities(dims)), dtype=bool)
         start = 0
         for i in need:
             n = items[i].length
@@ -283,6 +288,11 @@ def collate_dialogues(items: Sequence[Union[DialogueItem, Dialogue]], *,
     if pad_length is not None:
         length = max(length, int(pad_length))
     return _build(items, dims, task, length)
+
+
+def present_modalities(feature_dims) -> np.ndarray:
+    """bool ``[3]`` in MODALITIES order: which modalities ``feature_dims`` (a corpus's or a batch's) has."""
+    return np.array([m in feature_dims for m in MODALITIES], dtype=bool)
 
 
 def _as_item(x) -> DialogueItem:
@@ -305,7 +315,7 @@ def _build(items: List[DialogueItem], dims: Dict[str, int], task: str, length: i
         labels = np.full((b, length), CLASSIFICATION_PAD_LABEL, dtype=np.int64)
     else:
         labels = np.full((b, length), REGRESSION_PAD_LABEL, dtype=np.float32)
-    present = np.array([m in dims for m in MODALITIES], dtype=bool)
+    present = present_modalities(dims)
     for i, it in enumerate(items):
         n = it.length
         for m in dims:
@@ -365,7 +375,8 @@ class DialogueDataset(Dataset):
             return
         total = sum(d.length for d in self.dialogues)
         rng = make_rng(self.seed, self.epoch, "availability", self.split)
-        avail = np.asarray(self.protocol.sample(total, rng), dtype=bool)
+        avail = np.asarray(self.protocol.sample(total, rng, present=present_modalities(self.corpus.feature_dims)),
+                           dtype=bool)
         out, start = [], 0
         for d in self.dialogues:
             out.append(avail[start:start + d.length])

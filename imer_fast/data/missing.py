@@ -7,10 +7,14 @@ the unavailable entries of the model input and keeps the unmasked features as gr
 
 Common interface::
 
-    protocol.sample(num_utterances, rng, batch_index=None, num_batches=None) -> bool [N, 3]
+    protocol.sample(num_utterances, rng, batch_index=None, num_batches=None, present=None) -> bool [N, 3]
 
 ``rng`` is a ``numpy.random.Generator``; utterance-level protocols (:attr:`level` ``"utterance"``)
-ignore the batch arguments, batch-level ones (``"batch"``) require them.
+ignore the batch arguments, batch-level ones (``"batch"``) require them. ``present`` (bool ``[3]``,
+default all) names the modalities the corpus has: masks are drawn over those only, so a text + audio
+corpus gets GCNet's two-modality masks (every utterance keeps text or audio, the rate is counted over
+the two) rather than three-modality masks with video cut away afterwards, which could leave an
+utterance nothing. An absent modality is never available.
 
 Protocols
 ---------
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -111,8 +115,9 @@ class MissingProtocol(ABC):
 
     @abstractmethod
     def sample(self, num_utterances: int, rng: np.random.Generator,
-               batch_index: Optional[int] = None, num_batches: Optional[int] = None) -> np.ndarray:
-        """Availability ``bool [num_utterances, 3]`` (MODALITIES order)."""
+               batch_index: Optional[int] = None, num_batches: Optional[int] = None,
+               present: Optional[Sequence[bool]] = None) -> np.ndarray:
+        """Availability ``bool [num_utterances, 3]`` (MODALITIES order) over the ``present`` modalities."""
 
     @property
     @abstractmethod
@@ -136,12 +141,25 @@ class MissingProtocol(ABC):
                              f"{num_utterances!r}")
         return int(num_utterances)
 
+    @staticmethod
+    def _present(present) -> np.ndarray:
+        """The corpus's modalities as bool ``[3]`` (all three when ``present`` is None)."""
+        if present is None:
+            return np.ones(NUM_MODALITIES, dtype=bool)
+        mask = np.asarray(present)
+        if mask.shape != (NUM_MODALITIES,) or mask.dtype != bool:
+            raise ValueError(f"present: expected {NUM_MODALITIES} booleans in {MODALITIES} order, got "
+                             f"{present!r}")
+        if not mask.any():
+            raise ValueError(f"present: the corpus must have at least one of {MODALITIES}, got none")
+        return mask
+
 
 class NoMissing(MissingProtocol):
     """Every modality of every utterance is available."""
 
-    def sample(self, num_utterances, rng, batch_index=None, num_batches=None):
-        return np.ones((self._check_n(num_utterances), NUM_MODALITIES), dtype=bool)
+    def sample(self, num_utterances, rng, batch_index=None, num_batches=None, present=None):
+        return np.tile(self._present(present), (self._check_n(num_utterances), 1))
 
     @property
     def spec(self) -> str:
@@ -166,6 +184,10 @@ class GCNetMissing(MissingProtocol):
     * ``mode="retry"``: CPM-Net's own scheme — add ones independently with the probability that
       gives the target rate and redraw until the fraction is within 0.005 of it (at most 1,000
       draws, then the ``"exact"`` draw is used; tiny ``N`` cannot reach the tolerance).
+
+    On a corpus with ``v < 3`` modalities (``present``) the masks are drawn over those ``v``, as
+    GCNet's ``view_num`` does: ``3`` above reads ``v``, and the rate is capped at ``1 - 1/v`` (1/2 for
+    two modalities; a one-modality corpus is always complete).
 
     GCNet draws a host mask and a guest mask for every (padded) position and then picks the row of
     the speaking party; since each row is an independent draw from the same distribution, drawing
@@ -192,11 +214,17 @@ class GCNetMissing(MissingProtocol):
     def spec(self) -> str:
         return f"gcnet:{self.rate:g}" + ("" if self.mode == "exact" else ":retry")
 
-    def sample(self, num_utterances, rng, batch_index=None, num_batches=None):
+    def sample(self, num_utterances, rng, batch_index=None, num_batches=None, present=None):
         n = self._check_n(num_utterances)
-        v = NUM_MODALITIES
-        keep = 1.0 - self.rate
-        if self.rate == 0.0:
+        columns = np.flatnonzero(self._present(present))
+        out = np.zeros((n, NUM_MODALITIES), dtype=bool)
+        out[:, columns] = self._sample_over(n, len(columns), rng)
+        return out
+
+    def _sample_over(self, n: int, v: int, rng) -> np.ndarray:
+        """Masks ``[n, v]`` over the corpus's ``v`` modalities (the rate is capped at ``1 - 1/v``)."""
+        keep = 1.0 - min(self.rate, 1.0 - 1.0 / v)
+        if keep >= 1.0:
             return np.ones((n, v), dtype=bool)
         base = np.zeros((n, v), dtype=bool)
         if n == 0:
@@ -209,7 +237,7 @@ class GCNetMissing(MissingProtocol):
             for _ in range(1000):
                 extra = (rng.random((n, v)) < p) & ~base
                 mat = base | extra
-                if abs(missing_fraction(mat) - self.rate) < self.tolerance:
+                if abs(missing_fraction(mat) - (1.0 - keep)) < self.tolerance:
                     return mat
         free = np.flatnonzero(~base.reshape(-1))
         add = int(round(keep * v * n)) - n
@@ -228,7 +256,8 @@ class IMDerMissing(MissingProtocol):
     batch), the next ``ceil(IMDER_MISS_ONE[i] * num_batches)`` drop one (chosen uniformly per
     batch), and the rest are complete. Every utterance of a batch shares its pattern. The missing
     fraction ``(2 miss_2 + miss_1) / 3`` equals ``MR`` up to 0.6; ``MR = 0.7`` drops two modalities
-    in every batch, i.e. 2/3 (the most possible while keeping one).
+    in every batch, i.e. 2/3 (the most possible while keeping one). On a corpus with ``v < 3``
+    modalities (``present``) a batch drops at most ``v - 1`` of them.
 
     Differences from the release, on purpose:
 
@@ -290,8 +319,9 @@ class IMDerMissing(MissingProtocol):
         out[n2:n2 + n1] = 1
         return out
 
-    def sample(self, num_utterances, rng, batch_index=None, num_batches=None):
+    def sample(self, num_utterances, rng, batch_index=None, num_batches=None, present=None):
         n = self._check_n(num_utterances)
+        columns = np.flatnonzero(self._present(present))
         if batch_index is None or num_batches is None:
             raise ValueError(f"IMDer missing protocol is batch-level: batch_index and num_batches "
                              f"are required, got batch_index={batch_index!r}, "
@@ -299,13 +329,15 @@ class IMDerMissing(MissingProtocol):
         if not 0 <= int(batch_index) < int(num_batches):
             raise ValueError(f"batch_index: expected 0 <= batch_index < num_batches={num_batches}, "
                              f"got {batch_index}")
-        dropped = int(self.schedule(int(num_batches))[int(batch_index)])
-        row = np.ones(NUM_MODALITIES, dtype=bool)
-        if dropped == 2:
+        # a corpus with v < 3 modalities drops at most v - 1 of them
+        dropped = min(int(self.schedule(int(num_batches))[int(batch_index)]), len(columns) - 1)
+        row = np.zeros(NUM_MODALITIES, dtype=bool)
+        row[columns] = True
+        if dropped == len(columns) - 1 and dropped > 0:
             row[:] = False
-            row[rng.integers(0, NUM_MODALITIES)] = True
+            row[columns[rng.integers(0, len(columns))]] = True
         elif dropped == 1:
-            row[rng.integers(0, NUM_MODALITIES)] = False
+            row[columns[rng.integers(0, len(columns))]] = False
         return np.tile(row, (n, 1))
 
 
@@ -314,7 +346,9 @@ class FixedAvailability(MissingProtocol):
 
     ``FixedAvailability("tv")``, ``FixedAvailability({"text", "video"})`` and
     ``FixedAvailability("text+video")`` are equal; at least one modality is required. FedDISC's
-    IEMOCAP clients are ``{l, v}``, ``{l, a}`` and ``{v, a}``; ``l`` is accepted for text.
+    IEMOCAP clients are ``{l, v}``, ``{l, a}`` and ``{v, a}``; ``l`` is accepted for text. On a
+    corpus that lacks some of the pattern's modalities only the others are available; a pattern
+    that keeps none of the corpus's modalities is an error.
     """
 
     def __init__(self, pattern):
@@ -332,8 +366,12 @@ class FixedAvailability(MissingProtocol):
     def spec(self) -> str:
         return f"fixed:{self.name}"
 
-    def sample(self, num_utterances, rng=None, batch_index=None, num_batches=None):
-        return np.tile(self.mask, (self._check_n(num_utterances), 1))
+    def sample(self, num_utterances, rng=None, batch_index=None, num_batches=None, present=None):
+        mask = self.mask & self._present(present)
+        if not mask.any():
+            corpus = [m for m, p in zip(MODALITIES, self._present(present)) if p]
+            raise ValueError(f"pattern: {self.spec!r} keeps none of the corpus's modalities {corpus}")
+        return np.tile(mask, (self._check_n(num_utterances), 1))
 
 
 def fixed(pattern) -> FixedAvailability:
@@ -351,25 +389,28 @@ def imder(rate: float, release_counting: bool = False) -> IMDerMissing:
     return IMDerMissing(rate, release_counting=release_counting)
 
 
-def all_patterns() -> List[str]:
-    """The 7 non-empty availability patterns: ``["t", "a", "v", "ta", "tv", "av", "tav"]``."""
+def all_patterns(present: Optional[Sequence[bool]] = None) -> List[str]:
+    """The non-empty availability patterns: ``["t", "a", "v", "ta", "tv", "av", "tav"]``, or those made
+    of the ``present`` modalities only (bool ``[3]``: e.g. ``["t", "a", "ta"]`` for a text + audio corpus)."""
+    columns = [int(c) for c in np.flatnonzero(MissingProtocol._present(present))]
     out = []
-    for k in range(1, NUM_MODALITIES + 1):
-        for bits in _combinations(NUM_MODALITIES, k):
+    for k in range(1, len(columns) + 1):
+        for bits in _combinations(columns, k):
             out.append("".join(_CODE_ORDER[b] for b in bits))
     return out
 
 
-def _combinations(n: int, k: int):
+def _combinations(columns: List[int], k: int):
     from itertools import combinations
 
-    return combinations(range(n), k)
+    return combinations(columns, k)
 
 
-def evaluate_patterns(patterns: Optional[Iterable[str]] = None
+def evaluate_patterns(patterns: Optional[Iterable[str]] = None, present: Optional[Sequence[bool]] = None
                       ) -> Iterator[Tuple[str, FixedAvailability]]:
-    """Yield ``(pattern_name, FixedAvailability)`` for every pattern (default: all seven)."""
-    for p in (all_patterns() if patterns is None else patterns):
+    """Yield ``(pattern_name, FixedAvailability)`` for every pattern (default: all patterns of the
+    ``present`` modalities, i.e. all seven for a three-modality corpus)."""
+    for p in (all_patterns(present) if patterns is None else patterns):
         proto = FixedAvailability(p)
         yield proto.name, proto
 

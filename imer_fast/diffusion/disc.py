@@ -24,8 +24,9 @@ Conditioning (one vector per utterance and target modality, embedded by the U-Ne
   itself says in the modalities it has (the release conditions on labels only, so its samples carry
   the class but none of the utterance's content).
 
-With speakers, context and observed modalities off (the defaults) the condition is exactly the
-release's, and so is every parameter shape.
+With speakers, context and observed modalities off (the defaults) the condition is the release's
+label-free part (its pseudo-label probabilities, without the ground-truth one-hot labels it mixes in;
+see below), and every parameter shape is the release's.
 
 Scaling: the release min–max scales latents with per-dataset constants typed into its config. Here
 ``latent_min`` / ``latent_max`` are buffers (saved in the state_dict) set by :meth:`fit_scaling` from

@@ -139,14 +139,15 @@ def _sampling_device_dtype(score_model, examples, device, dtype) -> Tuple[torch.
 
 @torch.no_grad()
 def euler_maruyama_sampler(score_model: Callable[..., Tensor], marginal_prob_std: TimeFn, diffusion_coeff: TimeFn,
-                           batch_size: int, num_steps: int = 100, *, condition: Optional[Tensor] = None,
-                           eps: float = 1e-3, device=None, dtype: Optional[torch.dtype] = None,
+                           batch_size: int = 64, num_steps: int = 100, device=None,
+                           condition: Optional[Tensor] = None, eps: float = 1e-3, *, dtype: Optional[torch.dtype] = None,
                            init_x: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
                            seed=None) -> Tensor:
     """Euler–Maruyama sampling of the reverse VE-SDE (the release's ``Euler_Maruyama_sampler``; module doc).
 
-    Returns the last step's mean, [batch_size, 32, 48] (or init_x's shape). ``device`` / ``dtype``
-    default to the score model's parameters'."""
+    The release's positional arguments and defaults, except that ``device`` defaults to the score
+    model's (the release's default is ``'cuda'``). Returns the last step's mean, [batch_size, 32, 48]
+    (or init_x's shape). ``dtype`` defaults to the score model's parameters'."""
     name = "euler_maruyama_sampler"
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{name}: batch_size must be a positive int; got {batch_size!r}")

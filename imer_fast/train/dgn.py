@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data import Corpus, classification_report, evaluate_patterns, make_loader
+from ..data import Corpus, classification_report, evaluate_patterns, make_loader, present_modalities
 from ..io import atomic_torch_save, atomic_write_json
 from ..nn import DialogueGraphNetwork
 
@@ -124,8 +124,8 @@ def train_dgn(corpus: Corpus, config: DGNConfig) -> Dict:
             atomic_write_json(out_dir / "metrics.json", result)
     result["test"] = history[-1]["test"] if history else evaluate_dgn(model, corpus, "test", config.missing, config)
     if config.eval_patterns:
-        result["patterns"] = {name: evaluate_dgn(model, corpus, "test", protocol, config)
-                              for name, protocol in evaluate_patterns()}
+        patterns = evaluate_patterns(present=present_modalities(corpus.feature_dims))
+        result["patterns"] = {name: evaluate_dgn(model, corpus, "test", protocol, config) for name, protocol in patterns}
     if out_dir:
         atomic_write_json(out_dir / "metrics.json", result)
         atomic_torch_save(out_dir / "model.pt", {"model": "dgn", "state_dict": model.state_dict(),

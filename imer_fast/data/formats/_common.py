@@ -51,6 +51,31 @@ def to_str(value) -> str:
     return str(value)
 
 
+def per_utterance(value, what: str, length: Optional[int] = None) -> list:
+    """A per-dialogue entry of a label pickle (one item per utterance) as a list; ``what`` names it in
+    the error when it is not a sequence (a scalar, a string, None) or, with ``length``, has another length."""
+    if isinstance(value, (str, bytes, Mapping)) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        raise ValueError(f"{what}: expected a list with one entry per utterance, got {type(value).__name__} "
+                         f"{value!r:.60}")
+    try:
+        items = list(value)
+    except TypeError as exc:
+        raise ValueError(f"{what}: expected a list with one entry per utterance, got {type(value).__name__} "
+                         f"{value!r:.60}") from exc
+    if length is not None and len(items) != length:
+        raise ValueError(f"{what} has {len(items)} entries; expected {length} (one per utterance in videoIDs)")
+    return items
+
+
+def numeric_array(value, dtype, what: str) -> np.ndarray:
+    """``np.asarray(value, dtype)`` whose failure (strings, ragged rows) names ``what``."""
+    try:
+        return np.array(value, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: expected a numeric array, got {type(value).__name__} that numpy cannot read "
+                         f"as {np.dtype(dtype).name} ({exc})") from exc
+
+
 def ordered_ids(ids, what: str) -> List[str]:
     """Split ids as a list: sets (no order) are sorted, sequences keep their order."""
     if ids is None:

@@ -42,9 +42,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..corpus import MODALITIES, Corpus, Dialogue
-from ._common import (PathLike, load_sequence_pickle, check_speaker_names, default_speaker_names, dump_pickle,
-                      infer_labels, infer_num_classes, ordered_ids, speaker_table,
-                      to_str)
+from ._common import (PathLike, check_speaker_names, default_speaker_names, dump_pickle, infer_labels,
+                      infer_num_classes, load_sequence_pickle, ordered_ids, per_utterance, speaker_table, to_str)
 
 __all__ = ["read_dialoguegcn", "write_dialoguegcn", "DIALOGUEGCN_FIELDS_9",
            "DIALOGUEGCN_FIELDS_12", "DIALOGUEGCN_DIMS"]
@@ -163,18 +162,16 @@ def read_dialoguegcn(path: PathLike, name: Optional[str] = None, *,
                                  f"videoIDs")
     utts, raw_labels, raw_speakers = {}, {}, {}
     for did, key in raw_by_str.items():
-        names = [to_str(u) for u in video_ids[key]]
+        names = [to_str(u) for u in per_utterance(video_ids[key], f"{what}: videoIDs[{did!r}]")]
         if not names:
             raise ValueError(f"{what}: dialogue {did!r} has no utterances in videoIDs")
         for fname in ("videoLabels", "videoSpeakers"):
             if key not in entries[fname]:
                 raise ValueError(f"{what}: dialogue {did!r} is missing from {fname}")
-            if len(entries[fname][key]) != len(names):
-                raise ValueError(f"{what}: {fname}[{did!r}] has {len(entries[fname][key])} entries; "
-                                 f"expected {len(names)} (one per utterance in videoIDs)")
         utts[did] = names
-        raw_labels[did] = list(entries["videoLabels"][key])
-        raw_speakers[did] = list(entries["videoSpeakers"][key])
+        raw_labels[did] = per_utterance(entries["videoLabels"][key], f"{what}: videoLabels[{did!r}]", len(names))
+        raw_speakers[did] = per_utterance(entries["videoSpeakers"][key], f"{what}: videoSpeakers[{did!r}]",
+                                          len(names))
     labels, task = infer_labels(raw_labels, task, what)
     num_classes = infer_num_classes(labels, task, num_classes)
     speakers = _speaker_indices(raw_speakers, speaker_map, what)

@@ -26,7 +26,9 @@ Reading conventions
   mean-pooled over time (GCNet does the same). Some feature sets store a *folder*
   ``<utterance name>/`` of per-frame/face ``.npy`` files instead of a file; then all rows of all
   files in it are mean-pooled, and an empty folder (no face detected) gives a zero vector, as in
-  the release.
+  the release. IEMOCAP's face folders hold both parties' faces: an utterance of speaker ``'F'``
+  pools the files whose name contains an F, one of ``'M'`` the others, and gets zeros when its
+  speaker has none (the release's reading; see :func:`load_utterance_feature`).
 * Split collections that are sets are read in sorted order; lists keep their order. Dialogues of
   ``videoIDs`` listed in no split are kept in :attr:`Corpus.dialogues` but belong to no split.
 * A dialogue whose transcripts are all empty strings gets ``sentences=None``.
@@ -48,9 +50,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 
 from ..corpus import MODALITIES, Corpus, Dialogue, canonical_modality
-from ._common import (PathLike, load_sequence_pickle, check_speaker_names, default_speaker_names, dump_pickle,
-                      infer_labels, infer_num_classes, ordered_ids, speaker_table,
-                      to_str)
+from ._common import (PathLike, check_speaker_names, default_speaker_names, dump_pickle, infer_labels,
+                      infer_num_classes, load_sequence_pickle, ordered_ids, per_utterance, speaker_table, to_str)
 
 __all__ = ["read_gcnet", "write_gcnet", "load_utterance_feature", "GCNET_DEFAULT_DIMS",
            "GCNET_LABEL_FIELDS_6", "GCNET_LABEL_FIELDS_7"]
@@ -85,13 +86,29 @@ def _pool(arr: np.ndarray, utt: str, folder: Path, modality: str) -> np.ndarray:
                      f"shape [D], [1, D] or [T, D], got {arr.shape}")
 
 
-def load_utterance_feature(folder: PathLike, utterance: str, modality: str = "?"
-                           ) -> Optional[np.ndarray]:
+def _face_party(file_name: str, sub: Path, utterance: str, modality: str) -> str:
+    """The IEMOCAP party ('F' or 'M') a face file belongs to: 'F' when its name contains an F, else 'M'
+    (the release's rule, which asserts that one of the two letters is there)."""
+    if "F" in file_name:
+        return "F"
+    if "M" in file_name:
+        return "M"
+    raise ValueError(f"feature of utterance {utterance!r} in folder {str(sub)!r} ({modality}): face file "
+                     f"{file_name!r} names neither party; IEMOCAP face files contain 'F' or 'M'")
+
+
+def load_utterance_feature(folder: PathLike, utterance: str, modality: str = "?",
+                           speaker: Optional[str] = None) -> Optional[np.ndarray]:
     """Load and pool the feature of one utterance from a GCNet feature folder.
 
     Returns a ``float32 [D]`` vector, or ``None`` for an empty per-utterance face folder (the
     caller substitutes zeros). Raises ``FileNotFoundError`` naming the utterance and the folder
     when neither ``<utterance>.npy`` nor a folder ``<utterance>/`` exists.
+
+    An IEMOCAP face folder holds the faces of both parties of the dyad. With ``speaker`` ``'F'`` or
+    ``'M'`` (IEMOCAP's speaker names) only that party's faces are pooled — a file belongs to F when
+    its name contains an F, otherwise to M, as the release reads them — and an utterance whose
+    speaker has no face gives zeros; with any other speaker (MOSI's ``''``, or None) every face is pooled.
     """
     folder = Path(folder)
     path = folder / f"{utterance}.npy"
@@ -99,7 +116,7 @@ def load_utterance_feature(folder: PathLike, utterance: str, modality: str = "?"
         return _pool(np.load(path, allow_pickle=False), utterance, folder, modality)
     sub = folder / utterance
     if sub.is_dir():
-        rows = []
+        rows, dims = [], set()
         for f in sorted(sub.glob("*.npy")):
             x = np.asarray(np.load(f, allow_pickle=False), dtype=np.float64)
             while x.ndim > 2 and x.shape[0] == 1:
@@ -110,13 +127,16 @@ def load_utterance_feature(folder: PathLike, utterance: str, modality: str = "?"
                 raise ValueError(f"feature of utterance {utterance!r} in folder {str(sub)!r} "
                                  f"({modality}): expected [D] or [T, D] per file, got {x.shape} in "
                                  f"{f.name!r}")
-            rows.append(x)
-        if not rows:
+            dims.add(x.shape[1])
+            if speaker not in ("F", "M") or _face_party(f.name, sub, utterance, modality) == speaker:
+                rows.append(x)
+        if not dims:
             return None
-        dims = {r.shape[1] for r in rows}
         if len(dims) != 1:
             raise ValueError(f"feature of utterance {utterance!r} in folder {str(sub)!r} "
                              f"({modality}): dims inconsistent across files: {sorted(dims)}")
+        if not rows:
+            return np.zeros(dims.pop(), np.float32)
         return np.concatenate(rows, axis=0).mean(axis=0).astype(np.float32)
     raise FileNotFoundError(
         f"missing feature file for utterance {utterance!r} ({modality}): expected "
@@ -189,18 +209,19 @@ def read_gcnet(label_path: PathLike, feature_dirs: Mapping[str, PathLike], name:
     raw_speakers: Dict[str, List] = {}
     for did in dialogue_ids:
         key = raw_by_str[did]
-        names = [to_str(u) for u in video_ids[key]]
+        names = [to_str(u) for u in per_utterance(video_ids[key], f"{what}: videoIDs[{did!r}]")]
         if not names:
             raise ValueError(f"{what}: dialogue {did!r} has no utterances in videoIDs")
         for fname, entry in (("videoLabels", video_labels), ("videoSpeakers", video_speakers)):
             if key not in entry:
                 raise ValueError(f"{what}: dialogue {did!r} is missing from {fname}")
-            if len(entry[key]) != len(names):
-                raise ValueError(f"{what}: {fname}[{did!r}] has {len(entry[key])} entries; expected "
-                                 f"{len(names)} (one per utterance in videoIDs)")
         utts[did] = names
-        raw_labels[did] = list(video_labels[key])
-        raw_speakers[did] = list(video_speakers[key])
+        raw_labels[did] = per_utterance(video_labels[key], f"{what}: videoLabels[{did!r}]", len(names))
+        raw_speakers[did] = per_utterance(video_speakers[key], f"{what}: videoSpeakers[{did!r}]", len(names))
+        for s in raw_speakers[did]:
+            if not isinstance(s, (str, bytes, int, np.integer)) or isinstance(s, bool):
+                raise ValueError(f"{what}: videoSpeakers[{did!r}]: expected speaker names (str) or indices "
+                                 f"(int), got {type(s).__name__} {s!r}")
     labels, task = infer_labels(raw_labels, task, what)
     num_classes = infer_num_classes(labels, task, num_classes)
 
@@ -224,8 +245,8 @@ def read_gcnet(label_path: PathLike, feature_dirs: Mapping[str, PathLike], name:
         feats: Dict[str, List[Optional[np.ndarray]]] = {}
         for m, folder in dirs.items():
             rows: List[Optional[np.ndarray]] = []
-            for u in utts[did]:
-                vec = load_utterance_feature(folder, u, m)
+            for u, spk in zip(utts[did], raw_speakers[did]):
+                vec = load_utterance_feature(folder, u, m, speaker=to_str(spk))
                 if vec is not None:
                     if m not in dims:
                         dims[m] = int(vec.shape[0])
@@ -238,10 +259,8 @@ def read_gcnet(label_path: PathLike, feature_dirs: Mapping[str, PathLike], name:
             feats[m] = rows
         sentences = None
         if key in video_sentences:
-            sents = [to_str(s) for s in video_sentences[key]]
-            if len(sents) != len(utts[did]):
-                raise ValueError(f"{what}: videoSentence[{did!r}] has {len(sents)} entries; "
-                                 f"expected {len(utts[did])}")
+            sents = [to_str(s) for s in per_utterance(video_sentences[key], f"{what}: videoSentence[{did!r}]",
+                                                      len(utts[did]))]
             sentences = None if all(s == "" for s in sents) else sents
         pending[did] = (feats, sentences)
     for m in dirs:

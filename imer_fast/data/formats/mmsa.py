@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 
 from ..corpus import MODALITIES, SPLIT_NAMES, Corpus, Dialogue
-from ._common import PathLike, dump_pickle, load_pickle, to_str
+from ._common import PathLike, dump_pickle, load_pickle, numeric_array, to_str
 
 __all__ = ["MMSASplit", "MMSADataset", "read_mmsa", "write_mmsa", "MMSA_DIMS", "MMSA_KEY"]
 
@@ -329,12 +329,13 @@ def read_mmsa(path: PathLike, name: Optional[str] = None, *,
         if missing:
             raise ValueError(f"{what}: split {sname!r} lacks keys {missing}; expected {required} "
                              f"(got {sorted(sp)})")
-        labels = np.asarray(sp[label_key]).reshape(-1)
+        label_dtype = np.float32 if label_key == "regression_labels" else np.int64
+        labels = numeric_array(sp[label_key], label_dtype, f"{what}: split {sname!r}: {label_key!r}").reshape(-1)
         n = labels.shape[0]
-        labels = labels.astype(np.float32 if label_key == "regression_labels" else np.int64)
         feats = {}
         for m, key in MMSA_KEY.items():
-            x = np.array(sp[key], dtype=np.float32)  # copy: -inf cleaning must not touch `data`
+            # numeric_array copies: the -inf cleaning below must not touch `data`
+            x = numeric_array(sp[key], np.float32, f"{what}: split {sname!r}: {key!r}")
             if x.ndim != 3 or x.shape[0] != n:
                 raise ValueError(f"{what}: split {sname!r}: {key!r}: expected shape [N={n}, T, D], "
                                  f"got {x.shape}")
@@ -347,7 +348,7 @@ def read_mmsa(path: PathLike, name: Optional[str] = None, *,
             feats[m] = x
         text_bert = None
         if "text_bert" in sp:
-            text_bert = np.asarray(sp["text_bert"], dtype=np.float32)
+            text_bert = numeric_array(sp["text_bert"], np.float32, f"{what}: split {sname!r}: 'text_bert'")
             if text_bert.ndim != 3 or text_bert.shape[:2] != (n, 3):
                 raise ValueError(f"{what}: split {sname!r}: 'text_bert': expected shape [N={n}, 3, "
                                  f"T], got {text_bert.shape}")
