@@ -17,6 +17,8 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = Fa
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600; give it the mode a plain open() would (or the file's old one)
+        os.fchmod(fd, _target_mode(path))
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()
@@ -27,6 +29,15 @@ def atomic_write(path: PathLike, write: Callable[[Any], None], binary: bool = Fa
             os.unlink(tmp)
         raise
     return path
+
+
+def _target_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> Path:

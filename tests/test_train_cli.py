@@ -55,3 +55,15 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write_json(path, {"bad": object()})  # not JSON-serialisable: fails mid-write
     assert json.loads(path.read_text()) == {"ok": 1}
     assert os.listdir(tmp_path) == ["metrics.json"]  # no temporary file left behind
+
+
+def test_atomic_write_gives_the_mode_a_plain_open_would_and_keeps_an_existing_one(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write_json(tmp_path / "new.json", {})
+        assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+        path.chmod(0o640)
+        atomic_write_json(path, {"again": 1})
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)

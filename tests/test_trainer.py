@@ -93,6 +93,120 @@ def test_early_stopping_restores_the_best_epoch():
     assert torch.equal(model.a.weight, snapshots[1])
 
 
+def test_resume_does_not_reopen_a_stage_that_stopped_early(tmp_path, monkeypatch):
+    import imer_fast.train.trainer as trainer_module
+
+    def stages(model):
+        out = make_stages(model, epochs=6)[:2]
+        values = iter([1.0, 2.0, 2.0] + [0.5] * 100)  # a1: best at epoch 1, stops after epoch 3 (patience 2)
+        out[0].validate = lambda: {"loss": next(values)}
+        return out
+
+    torch.manual_seed(0)
+    model = Toy()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    full = Trainer(model, stages(model), TrainerConfig(progress=False, lr=1e-2, patience=2)).run()
+    # the process dies while writing the checkpoint that moves on to b1 (the 4th write)
+    real, writes = trainer_module.atomic_torch_save, []
+
+    def dies_on_the_fourth_write(path, obj):
+        writes.append(path)
+        if len(writes) == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return real(path, obj)
+
+    monkeypatch.setattr(trainer_module, "atomic_torch_save", dies_on_the_fourth_write)
+    crashed = Toy()
+    crashed.load_state_dict(init)
+    cfg = TrainerConfig(progress=False, lr=1e-2, patience=2, out_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(crashed, stages(crashed), cfg).run()
+    monkeypatch.setattr(trainer_module, "atomic_torch_save", real)
+    resumed = Toy()
+    cfg.resume = True
+    history = Trainer(resumed, stages(resumed), cfg).run()
+    assert [(e["stage"], e["epoch"]) for e in history] == [(e["stage"], e["epoch"]) for e in full]
+    assert [(e["stage"], e["epoch"]) for e in history][:4] == [("a1", 1), ("a1", 2), ("a1", 3), ("b1", 1)]
+
+
+def test_extra_state_such_as_a_runs_skip_count_survives_a_resume(tmp_path):
+    from imer_fast.train.run import SystemRun
+
+    class Config:  # what SystemRun reads
+        trainer = TrainerConfig()
+
+    def run_with(model, crash_in=None):
+        counting = SystemRun(model, None, Config())
+        stages = make_stages(model, crash_in=crash_in)
+        for stage in stages:
+            step = stage.train_step
+
+            def counted(idx, epoch, step=step):
+                counting.skipped_utterances += 1  # e.g. all-missing utterances left out of a batch
+                return step(idx, epoch)
+            stage.train_step = counted
+        return counting, stages
+
+    torch.manual_seed(0)
+    model = Toy()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    full, stages = run_with(model)
+    Trainer(model, stages, TrainerConfig(progress=False), extra_state=full.state).run()
+    crashed = Toy()
+    crashed.load_state_dict(init)
+    counting, stages = run_with(crashed, crash_in=("b1", 1))
+    cfg = TrainerConfig(progress=False, out_dir=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(crashed, stages, cfg, extra_state=counting.state).run()
+    resumed = Toy()
+    counting, stages = run_with(resumed)  # a fresh process
+    cfg.resume = True
+    Trainer(resumed, stages, cfg, extra_state=counting.state).run()
+    assert counting.skipped_utterances == full.skipped_utterances == 9 * 4  # 9 epochs of 4 batches
+
+
+def test_plateau_schedule_follows_a_lower_is_better_monitor_without_a_loss():
+    torch.manual_seed(0)
+    model = Toy()
+    stage = make_stages(model, epochs=6)[0]
+    improving = iter([1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    stage.validate = lambda: {"mae": next(improving)}
+    stage.monitor, stage.mode = "mae", "min"
+    history = Trainer(model, [stage], TrainerConfig(progress=False, lr=1e-2, lr_patience=1, patience=99)).run()
+    assert [e["lr"] for e in history] == [1e-2] * 6  # never cut while the metric improves
+    worsening = iter([1.0, 0.9, 0.8, 0.7, 0.6, 0.5])  # an accuracy falling: mode "max"
+    stage = make_stages(model, epochs=6)[0]
+    stage.validate = lambda: {"acc": next(worsening)}
+    stage.monitor, stage.mode = "acc", "max"
+    history = Trainer(model, [stage], TrainerConfig(progress=False, lr=1e-2, lr_patience=1, patience=99)).run()
+    assert history[-1]["lr"] < 1e-2
+
+
+@pytest.mark.parametrize("field, value", [("patience", 0), ("patience", -1), ("lr_patience", -1), ("patience", 1.5)])
+def test_patience_out_of_range_is_refused(field, value):
+    model = Toy()
+    with pytest.raises(ValueError, match=f"Trainer: {field} must be an int"):
+        Trainer(model, make_stages(model), TrainerConfig(progress=False, **{field: value}))
+
+
+def test_resume_from_an_unusable_checkpoint_names_it(tmp_path):
+    model = Toy()
+    stages = make_stages(model, epochs=1)
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match="cannot resume from .*checkpoint.pt: it is not a readable checkpoint"):
+        Trainer(model, stages, TrainerConfig(progress=False, out_dir=str(tmp_path), resume=True)).run()
+    torch.save({"a.weight": torch.zeros(1)}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="not a trainer checkpoint"):
+        Trainer(model, stages, TrainerConfig(progress=False, out_dir=str(tmp_path), resume=True)).run()
+    Trainer(model, stages, TrainerConfig(progress=False, out_dir=str(tmp_path))).run()
+    wider = Toy()
+    wider.a = nn.Linear(4, 8)
+    wider.b = nn.Linear(8, 1)
+    with pytest.raises(ValueError, match="does not fit this model .*size mismatch for a.weight"):
+        Trainer(wider, make_stages(wider, epochs=1), TrainerConfig(progress=False, out_dir=str(tmp_path),
+                                                                   resume=True)).run()
+
+
 def test_resume_refuses_a_checkpoint_of_another_schedule(tmp_path):
     model = Toy()
     Trainer(model, make_stages(model, epochs=1)[:1], TrainerConfig(progress=False, out_dir=str(tmp_path))).run()

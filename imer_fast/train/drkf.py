@@ -375,7 +375,7 @@ def train_drkf(corpus: Corpus, config: DRKFConfig, baseline: bool = True) -> Dic
         model = build_model(corpus, config, recovery).to(trainer_cfg.device)
         run = DRKFRun(model, corpus, config)
         start = time.perf_counter()
-        history = Trainer(model, run.stages(), trainer_cfg).run()
+        history = Trainer(model, run.stages(), trainer_cfg, extra_state=run.state).run()
         seconds = time.perf_counter() - start
         start = time.perf_counter()
         evaluation = run.evaluate_all("test")

@@ -28,8 +28,17 @@ class SystemRun:
     def __init__(self, model, corpus, config):
         self.model, self.corpus, self.config = model, corpus, config
         self.device = config.trainer.device
-        self.skipped_utterances = 0
+        # the Trainer checkpoints this dict (its extra_state), so the count survives a resume
+        self.state = {"skipped_utterances": 0}
         self._batch_index = 0
+
+    @property
+    def skipped_utterances(self) -> int:
+        return self.state["skipped_utterances"]
+
+    @skipped_utterances.setter
+    def skipped_utterances(self, value: int) -> None:
+        self.state["skipped_utterances"] = value
 
     def loader(self, split: str, epoch: int = 0, missing=None, shuffle: bool = False, seed: Optional[int] = None):
         cfg = self.config

@@ -92,6 +92,11 @@ class Trainer:
             raise ValueError(f"Trainer: stage names must be unique; got {names}")
         if config.clip_mode not in ("norm", "value"):
             raise ValueError(f"Trainer: clip_mode must be 'norm' or 'value'; got {config.clip_mode!r}")
+        for name, least in (("patience", 1), ("lr_patience", 0)):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"Trainer: {name} must be an int >= {least} (epochs without validation "
+                                 f"improvement); got {value!r}")
         self.model, self.stages, self.config = model, stages, config
         self.out_dir = Path(config.out_dir) if config.out_dir else None
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
@@ -145,7 +150,9 @@ class Trainer:
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
                 "position": self.position, "history": self.history, "extra": self.extra_state,
                 "stages": [s.name for s in self.stages],
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                        # dropout and sampling noise on a GPU draw from its own generators
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}}
 
     def _save(self) -> None:
         if self.out_dir is None:
@@ -157,11 +164,23 @@ class Trainer:
         path = self.out_dir / CHECKPOINT if self.out_dir else None
         if path is None or not path.exists():
             raise FileNotFoundError(f"Trainer: resume=True but there is no checkpoint at {path}")
-        state = torch.load(path, map_location=self.config.device, weights_only=False)
+        try:
+            state = torch.load(path, map_location=self.config.device, weights_only=False)
+        except Exception as exc:  # truncated, empty or not a torch file: say which file and why
+            raise ValueError(f"Trainer: cannot resume from {path}: it is not a readable checkpoint "
+                             f"({type(exc).__name__}: {exc})") from exc
+        if not isinstance(state, dict) or "position" not in state:
+            raise ValueError(f"Trainer: cannot resume from {path}: it is not a trainer checkpoint (expected the "
+                             f"dict train writes, with 'model', 'position', 'stages'; got {type(state).__name__})")
         if state.get("stages") != [s.name for s in self.stages]:
             raise ValueError(f"Trainer: the checkpoint at {path} was written by a different schedule "
                              f"{state.get('stages')}; this run's is {[s.name for s in self.stages]}")
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # another preset or feature width under the same schedule
+            first = str(exc).strip().splitlines()
+            raise ValueError(f"Trainer: the checkpoint at {path} does not fit this model (another preset, feature "
+                             f"width or number of classes?): {' '.join(line.strip() for line in first[:3])}") from exc
         self.position, self.history = state["position"], state["history"]
         self.extra_state.update(state.get("extra", {}))
         for stage in self.stages:
@@ -173,6 +192,8 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -190,7 +211,8 @@ class Trainer:
                 if stage.before is not None:
                     stage.before()
                 self.position.update(epoch=0, best=None, best_value=None, bad_epochs=0, started=True)
-            stop = self.position["epoch"] >= stage.epochs or not stage.parameters
+            stop = (self.position["epoch"] >= stage.epochs or self.position["bad_epochs"] >= cfg.patience
+                    or not stage.parameters)  # a resumed stage may already have stopped early
             while not stop:
                 self._run_epoch(stage)
                 stop = (self.position["epoch"] >= stage.epochs
@@ -238,9 +260,9 @@ class Trainer:
         if stage.monitor not in val:
             raise KeyError(f"Trainer: stage {stage.name!r} monitors {stage.monitor!r} but validate() returned "
                            f"{sorted(val)}")
-        for group in groups:
-            self.schedulers[group].step(val.get("loss", -val[stage.monitor]))
         value = val[stage.monitor] if stage.mode == "min" else -val[stage.monitor]
+        for group in groups:  # the schedulers minimise: the validation loss, else the monitor made lower-is-better
+            self.schedulers[group].step(val.get("loss", value))
         best = self.position["best_value"]
         if best is None or value < best - 1e-6:
             self.position.update(best_value=value, bad_epochs=0,
