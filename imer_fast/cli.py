@@ -49,11 +49,17 @@ def load_corpus(args):
     if args.data == "gcnet":
         if not args.label_path or not args.feature_dir:
             raise SystemExit("--data gcnet needs --label-path and one --feature-dir MODALITY=PATH per modality")
-        return data.read_gcnet(args.label_path, _feature_dirs(args.feature_dir), num_classes=args.num_classes)
+        try:
+            return data.read_gcnet(args.label_path, _feature_dirs(args.feature_dir), num_classes=args.num_classes)
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"--data gcnet: {err}")
     if args.data == "dialoguegcn":
         if not args.path:
             raise SystemExit("--data dialoguegcn needs --path to IEMOCAP_features.pkl")
-        return data.read_dialoguegcn(args.path, num_classes=args.num_classes)
+        try:
+            return data.read_dialoguegcn(args.path, num_classes=args.num_classes)
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"--data dialoguegcn: {err}")
     raise SystemExit(f"--data: expected synthetic-<name>, gcnet or dialoguegcn; got {args.data!r}")
 
 
@@ -85,14 +91,20 @@ def _add_train(sub):
     p.add_argument("--missing", default=None,
                    help="missing-modality protocol: none, gcnet:RATE, imder:RATE or fixed:PATTERN (e.g. fixed:ta)")
     p.add_argument("--missing-rate", type=float, default=0.3, help="shorthand for --missing gcnet:RATE")
-    p.add_argument("--batch-size", type=int, default=None, help="dialogues per batch (default: feddisc 8, dgn 16)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: feddisc 5e-4, dgn 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=None, help="default: feddisc 0.01 (AdamW), dgn 1e-5")
-    p.add_argument("--window-past", type=int, default=None, help="dialogue-graph past window (default: feddisc 6, dgn 2)")
-    p.add_argument("--window-future", type=int, default=None, help="future window (default: feddisc 6, dgn 2)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="dialogues per batch (default: feddisc 8, rohydr 8, drkf 4, dgn 16)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: feddisc 5e-4, rohydr 5e-4, drkf 1e-4, dgn 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="default: feddisc, rohydr, drkf 0.01 (AdamW); dgn 1e-5")
+    p.add_argument("--window-past", type=int, default=None,
+                   help="feddisc, dgn: dialogue-graph past window (default: feddisc 6, dgn 2)")
+    p.add_argument("--window-future", type=int, default=None,
+                   help="feddisc, dgn: future window (default: feddisc 6, dgn 2)")
     p.add_argument("--no-pattern-eval", action="store_true", help="skip the per-availability-pattern evaluation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the weights, the missing-modality masks, the batch order and the samplers")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
     p.add_argument("--epochs", type=int, default=20, help="dgn, rohydr: training epochs; drkf: epochs of its main stage")
     c = p.add_argument_group("recovery systems (feddisc, rohydr, drkf)")
@@ -108,7 +120,8 @@ def _add_train(sub):
                    help="feddisc, drkf: recovered latent = mean of this many samples")
     c.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
     c.add_argument("--clip-mode", choices=("norm", "value"), default="norm", help="FedDISC release: value")
-    c.add_argument("--patience", type=int, default=10, help="early stopping on the validation loss, per stage")
+    c.add_argument("--patience", type=int, default=10,
+                   help="early stopping: epochs (>= 1) without validation improvement before a stage ends")
     c.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     c.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     c.add_argument("--eval-rates", default="0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7",
@@ -125,7 +138,7 @@ def _add_train(sub):
                         "(default 20); rohydr (ours): recovery alone before the joint training (default 0, as the "
                         "release)")
     f.add_argument("--classifier-epochs", type=int, default=20, help="MulT classifier + prompts (per AFA cycle)")
-    f.add_argument("--afa-cycles", type=int, default=2)
+    f.add_argument("--afa-cycles", type=int, default=2, help="--schedule afa: generator/classifier cycles")
     add_feddisc_model_args(f)
     r = p.add_argument_group("rohydr")
     r.add_argument("--generator", choices=("dit", "score"), default="dit",
@@ -140,7 +153,7 @@ def _add_train(sub):
     k.add_argument("--max-pairs", type=int, default=64, help="ordered pairs per batch for the discrimination head")
     d = p.add_argument_group("dgn")
     d.add_argument("--hidden", type=int, default=100, help="GCNet hidden size (graph hidden = hidden // 2)")
-    d.add_argument("--dropout", type=float, default=0.2)
+    d.add_argument("--dropout", type=float, default=0.2, help="GCNet dropout")
     d.add_argument("--no-time-attn", action="store_true", help="disable the matching attention")
     d.add_argument("--recon-weight", type=float, default=1.0, help="weight of the reconstruction loss (0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
@@ -199,6 +212,7 @@ def _pick(value, default):
 
 
 def cmd_train(args) -> int:
+    args.device = _device(args.device)
     missing = _missing(args)
     if args.recovery == "token" and args.model != "drkf":
         raise SystemExit("--recovery token: only DRKF has a learned missing token")
@@ -214,6 +228,7 @@ def cmd_train(args) -> int:
         return _train_drkf(args, corpus, missing)
     from .train import DGNConfig, train_dgn
 
+    _refuse_trainer_flags_for_dgn(args)
     config = DGNConfig(
         epochs=args.epochs, batch_size=_pick(args.batch_size, 16), lr=_pick(args.lr, 1e-3),
         weight_decay=_pick(args.weight_decay, 1e-5), hidden=args.hidden, window_past=_pick(args.window_past, 2),
@@ -221,7 +236,10 @@ def cmd_train(args) -> int:
         recon_weight=args.recon_weight, missing=missing, seed=args.seed, device=args.device, out_dir=args.out,
         progress=not args.quiet, eval_patterns=not args.no_pattern_eval,
     )
-    result = train_dgn(corpus, config)
+    try:
+        result = train_dgn(corpus, config)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"imer-fast train: {err}")
     t = result["test"]
     print(f"\ntest ({missing}): WA {t['WA']:.4f}  UA {t['UA']:.4f}  WF1 {t['F1_weighted']:.4f}")
     if "patterns" in result:
@@ -230,6 +248,33 @@ def cmd_train(args) -> int:
             print(f"  {name:>4}: WA {m['WA']:.4f}  UA {m['UA']:.4f}  WF1 {m['F1_weighted']:.4f}")
     print(f"metrics written to {args.out}/metrics.json")
     return 0
+
+
+# The recovery systems' trainer flags and their defaults: train_dgn has its own plain loop (no validation
+# split, no checkpoints to resume), so a changed value would be silently ignored there.
+_TRAINER_FLAGS = {"resume": False, "amp": False, "patience": 10, "grad_clip": 1.0, "clip_mode": "norm",
+                  "preset": "release", "layers": "fused"}
+
+
+def _refuse_trainer_flags_for_dgn(args) -> None:
+    changed = [name for name, default in _TRAINER_FLAGS.items() if getattr(args, name) != default]
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise SystemExit(f"{flags}: not used by --model dgn (a plain training loop that evaluates the test split "
+                         f"every epoch, without checkpoints to resume); these options are for feddisc, rohydr "
+                         f"and drkf")
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise SystemExit(f"--device: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {text}: this torch build sees no CUDA device; use --device cpu")
+    return text
 
 
 def _eval_rates(text: str):
@@ -334,10 +379,8 @@ def _load_checkpoint(args):
         raise SystemExit(f"--checkpoint: {err}")
 
 
-def cmd_eval(args) -> int:
-    from .train.report import short
-
-    found, model, config = _load_checkpoint(args)
+def _corpus_for(args, found, model, config):
+    """The --data corpus, refused unless the checkpoint's model can read it (widths, task, classes, split)."""
     corpus = load_corpus(args)
     try:
         found.check_corpus(corpus, config)
@@ -346,10 +389,30 @@ def cmd_eval(args) -> int:
     if any(corpus.feature_dims.get(m) != width for m, width in model.feature_dims.items()):
         raise SystemExit(f"--data: feature widths {dict(corpus.feature_dims)} do not match the checkpoint's "
                          f"{dict(model.feature_dims)}")
+    task = getattr(model, "task", "classification")
+    if corpus.task != task:
+        raise SystemExit(f"--data: {corpus.name!r} is a {corpus.task} corpus; the checkpoint's model does {task}")
+    classes = getattr(model, "num_classes", getattr(model, "num_outputs", None))
+    if task == "classification" and classes is not None and corpus.num_classes > classes:
+        raise SystemExit(f"--data: the labels of {corpus.name!r} lie in [0, {corpus.num_classes}); the checkpoint "
+                         f"has {classes} classes")
+    if args.split not in ("train", "valid", "test") or not corpus.split(args.split):
+        raise SystemExit(f"--split: {corpus.name!r} has no dialogues in split {args.split!r}; its splits: "
+                         f"{ {k: len(v) for k, v in corpus.splits.items()} }")
+    return corpus
+
+
+def cmd_eval(args) -> int:
+    from .train.report import short
+
+    args.device = _device(args.device)
+    found, model, config = _load_checkpoint(args)
+    corpus = _corpus_for(args, found, model, config)
     config.trainer.device, config.batch_size = args.device, args.batch_size
     run = found.run(model, corpus, config)
     if args.missing is None:
         config.eval_rates = _eval_rates(args.eval_rates)
+        config.eval_patterns = True  # whatever the training run chose: eval reports every pattern
         result = run.evaluate_all(args.split)
     else:
         result = {args.missing: run.evaluate(args.split, _missing(args))}
@@ -370,8 +433,9 @@ def cmd_recover(args) -> int:
     from .data import make_loader
     from .io import atomic_write
 
+    args.device = _device(args.device)
     found, model, config = _load_checkpoint(args)
-    corpus = load_corpus(args)
+    corpus = _corpus_for(args, found, model, config)
     missing = _missing(args)
     ids, positions, availability, recovered = [], [], [], {}
     with torch.no_grad():
@@ -397,7 +461,10 @@ def cmd_synthesize(args) -> int:
     from .data import write_synthetic
 
     formats = tuple(f for f in args.formats.split(",") if f)
-    paths = write_synthetic(args.name, args.out, seed=args.seed, formats=formats, scale=args.scale)
+    try:
+        paths = write_synthetic(args.name, args.out, seed=args.seed, formats=formats, scale=args.scale)
+    except ValueError as err:
+        raise SystemExit(f"imer-fast synthesize: {err}")
     print(json.dumps(paths, indent=2, default=str))
     return 0
 
@@ -407,7 +474,7 @@ def cmd_backends(args) -> int:
 
     from . import backends, ops  # noqa: F401
 
-    device = torch.device(args.device)
+    device = torch.device(_device(args.device))
     x = torch.zeros(1, 1, device=device)
     lengths = torch.zeros(1, dtype=torch.long, device=device)
     for op, probe in (("build_dialogue_graph", lengths), ("relational_csr", torch.zeros(2, 0, dtype=torch.long,
@@ -428,32 +495,34 @@ def main(argv: Optional[List[str]] = None) -> int:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--checkpoint", required=True, help="model.pt written by imer-fast train --model feddisc|rohydr|drkf")
     _add_data(e)
-    e.add_argument("--split", default="test")
+    e.add_argument("--split", default="test", help="train, valid or test")
     e.add_argument("--missing", default=None, help="one protocol (default: every pattern and --eval-rates)")
-    e.add_argument("--eval-rates", default="0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    e.add_argument("--eval-rates", default="0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7",
+                   help="GCNet missing rates evaluated when --missing is not given (comma-separated)")
+    e.add_argument("--batch-size", type=int, default=8, help="dialogues per batch")
+    e.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
     e.add_argument("--out", default=None, help="write the metrics as JSON here")
     r = sub.add_parser("recover", help="write recovered latents of a dataset (observed where present, generated "
                                        "where missing) to an .npz", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--checkpoint", required=True, help="model.pt written by imer-fast train --model feddisc|rohydr|drkf")
     _add_data(r)
-    r.add_argument("--split", default="test")
+    r.add_argument("--split", default="test", help="train, valid or test")
     r.add_argument("--missing", default=None, help="protocol deciding what is missing (e.g. fixed:ta)")
     r.add_argument("--missing-rate", type=float, default=0.3, help="shorthand for --missing gcnet:RATE")
-    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--batch-size", type=int, default=8, help="dialogues per batch")
     r.add_argument("--seed", type=int, default=0, help="mask and sampler seed")
-    r.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    r.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
     r.add_argument("--out", required=True, help="output .npz: latent_<modality> (feddisc/rohydr: latents [N, C, L]; drkf: "
                                                 "tokens [N, T, W]), dialogue_id, position, availability [N, 3]")
-    s = sub.add_parser("synthesize", help="write a synthetic corpus in the GCNet, DialogueGCN and MMSA formats")
-    s.add_argument("--name", default="iemocap6")
-    s.add_argument("--out", required=True)
-    s.add_argument("--formats", default="gcnet,dialoguegcn,mmsa")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--scale", type=float, default=1.0)
+    s = sub.add_parser("synthesize", help="write a synthetic corpus in the GCNet, DialogueGCN and MMSA formats",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("--name", default="iemocap6", help="iemocap6, iemocap4, mosi or mosei")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--formats", default="gcnet,dialoguegcn,mmsa", help="comma-separated formats to write")
+    s.add_argument("--seed", type=int, default=0, help="generator seed")
+    s.add_argument("--scale", type=float, default=1.0, help="fraction of the real corpus's dialogues")
     b = sub.add_parser("backends", help="show which backend each op selects and why")
-    b.add_argument("--device", default="cpu")
+    b.add_argument("--device", default="cpu", help="torch device whose backends to show")
     args = parser.parse_args(argv)
     commands = {"train": cmd_train, "eval": cmd_eval, "recover": cmd_recover, "synthesize": cmd_synthesize,
                 "backends": cmd_backends}

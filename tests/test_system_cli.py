@@ -39,6 +39,27 @@ def test_train_eval_recover(tmp_path, capsys, model, data, extra, metric):
 
     with pytest.raises(SystemExit, match="do not match the checkpoint"):
         main(["eval", "--checkpoint", ckpt, *data[:-1], "12"])
+    with pytest.raises(SystemExit, match="do not match the checkpoint"):  # recover checks its data like eval
+        main(["recover", "--checkpoint", ckpt, *data[:-1], "12", "--out", str(tmp_path / "r2.npz")])
+    # data the model cannot score: another task, or more classes than it has
+    other = DRKF_DATA[:1] + ["synthetic-iemocap6"] + DRKF_DATA[2:] if model == "drkf" else \
+        ["--data", "synthetic-iemocap4"] + ROHYDR_DATA[2:]
+    refusal = "lie in \\[0, 6\\); the checkpoint has 4 classes" if model == "drkf" else \
+        "classification corpus; the checkpoint's model does regression"
+    with pytest.raises(SystemExit, match=refusal):
+        main(["eval", "--checkpoint", ckpt, *other, "--missing", "fixed:a"])
+    with pytest.raises(SystemExit, match="--split: .* no dialogues in split 'dev'"):
+        main(["eval", "--checkpoint", ckpt, *data, "--split", "dev"])
+    # the trainer's resume checkpoint next to model.pt, and a folder
+    with pytest.raises(SystemExit, match="the trainer's resume checkpoint; pass the model.pt"):
+        main(["eval", "--checkpoint", str(out / model / "checkpoint.pt"), *data])
+    with pytest.raises(SystemExit, match="is a folder"):
+        main(["eval", "--checkpoint", str(out / model), *data])
+    # eval reports every pattern, even of a model trained with --no-pattern-eval, and keeps rates apart
+    assert main(["eval", "--checkpoint", ckpt, *data, "--eval-rates", "0.05,0.1,0.15",
+                 "--out", str(tmp_path / "all.json")]) == 0
+    evaluation = json.loads((tmp_path / "all.json").read_text())
+    assert {"pattern:ta", "rate:0.05", "rate:0.1", "rate:0.15"} <= set(evaluation)
 
 
 def test_token_recovery_is_drkf_only(tmp_path):
@@ -52,3 +73,21 @@ def test_eval_refuses_a_file_that_is_not_a_system_checkpoint(tmp_path):
     torch.save({"model": "dgn", "state_dict": {}}, tmp_path / "dgn.pt")
     with pytest.raises(SystemExit, match="not a checkpoint written by imer-fast train"):
         main(["eval", "--checkpoint", str(tmp_path / "dgn.pt"), *DRKF_DATA])
+
+
+def test_dgn_refuses_the_recovery_systems_trainer_flags(tmp_path):
+    for flags in (["--resume"], ["--patience", "3"], ["--amp"]):
+        with pytest.raises(SystemExit, match=f"{flags[0]}: not used by --model dgn"):
+            main(["train", "--model", "dgn", *DRKF_DATA, *flags, "--out", str(tmp_path), "--quiet"])
+
+
+def test_bad_cli_input_gets_a_message_naming_the_option(tmp_path):
+    with pytest.raises(SystemExit, match="--data dialoguegcn: .*file not found"):
+        main(["train", "--model", "dgn", "--data", "dialoguegcn", "--path", str(tmp_path / "none.pkl")])
+    with pytest.raises(SystemExit, match="imer-fast train: train_dgn: the corpus must be a classification corpus"):
+        main(["train", "--model", "dgn", *ROHYDR_DATA, "--epochs", "1", "--out", str(tmp_path), "--quiet"])
+    with pytest.raises(SystemExit, match="imer-fast synthesize: name: unknown synthetic dataset 'nope'"):
+        main(["synthesize", "--name", "nope", "--out", str(tmp_path / "s")])
+    with pytest.raises(SystemExit, match="--device"):
+        main(["train", "--model", "dgn", *DRKF_DATA, "--device", "nonsense", "--out", str(tmp_path)])
+

@@ -38,6 +38,7 @@ from ..data.corpus import MODALITIES
 from ..io import atomic_torch_save, atomic_write_json
 from ..models.dialogue_context import DialogueLayout
 from ..models.drkf import DRKF, RELEASE_LOSS_WEIGHTS, Tokens, ordered_pairs, pair_targets
+from .report import rate_key
 from .run import SystemRun, read_model_checkpoint
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
@@ -343,7 +344,7 @@ class DRKFRun(SystemRun):
             for name in self.patterns():
                 out[f"pattern:{name}"] = self.evaluate(split, f"fixed:{name}")
         for rate in self.config.eval_rates:
-            out[f"rate:{rate:.1f}"] = self.evaluate(split, f"gcnet:{rate}")
+            out[rate_key(rate)] = self.evaluate(split, f"gcnet:{rate}")
         return out
 
 

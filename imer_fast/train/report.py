@@ -9,6 +9,12 @@ from ..io import atomic_write
 PATTERN_ORDER = ("t", "a", "v", "ta", "tv", "av", "tav")
 
 
+def rate_key(rate: float) -> str:
+    """The evaluation key of a GCNet missing rate: ``rate:0.3`` (one decimal, as the rates of the papers),
+    ``rate:0.25`` when a rate needs more, so that no two rates share a key."""
+    return f"rate:{rate:.1f}" if round(rate, 1) == rate else f"rate:{rate:g}"
+
+
 def default_metrics(systems: Dict[str, Dict[str, Dict[str, float]]]) -> Tuple[str, ...]:
     """WA and weighted F1 for classification results; MAE and Acc-2 (non-0) for regression (MOSI/MOSEI)."""
     regression = any("MAE" in m for evaluation in systems.values() for m in evaluation.values())
@@ -56,7 +62,7 @@ def plot_results(systems: Dict[str, Dict[str, Dict[str, float]]], path, metric: 
                  width=width, label=name)
         left.set_xticks([i + width * (len(systems) - 1) / 2 for i in range(len(patterns))], patterns)
         rates = sorted(float(c.split(":")[1]) for c in evaluation if c.startswith("rate:"))
-        right.plot(rates, [evaluation[f"rate:{r:.1f}"][metric] for r in rates], marker="o", label=name)
+        right.plot(rates, [evaluation[rate_key(r)][metric] for r in rates], marker="o", label=name)
     left.set_xlabel("available modalities (t text, a audio, v video)")
     right.set_xlabel("missing rate (GCNet protocol)")
     for ax in (left, right):

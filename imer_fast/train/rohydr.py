@@ -39,6 +39,7 @@ from torch import Tensor
 from ..data import MODALITIES, Corpus, classification_report, evaluate_patterns, regression_report
 from ..io import atomic_torch_save, atomic_write_json
 from ..models.rohydr import RECOVERY_MODULE_PREFIXES, RoHyDR
+from .report import rate_key
 from .run import SystemRun, read_model_checkpoint
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
@@ -360,7 +361,7 @@ class RoHyDRRun(SystemRun):
             for name, protocol in evaluate_patterns():
                 out[f"pattern:{name}"] = self.evaluate(split, protocol)
         for rate in self.config.eval_rates:
-            out[f"rate:{rate:.1f}"] = self.evaluate(split, f"gcnet:{rate}")
+            out[rate_key(rate)] = self.evaluate(split, f"gcnet:{rate}")
         return out
 
 

@@ -46,9 +46,20 @@ def system(name: str) -> System:
 
 def checkpoint_system(path) -> str:
     """Which system wrote ``path`` (a ``model.pt`` of ``imer-fast train``)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder; pass the model.pt that imer-fast train wrote in it") from None
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # not a torch file (JSON, truncated, ...)
+        raise ValueError(f"{path} is not a checkpoint written by imer-fast train: torch.load failed "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, dict) and "position" in state and "stages" in state:
+        raise ValueError(f"{path} is the trainer's resume checkpoint; pass the model.pt written next to it")
     name = state.get("model") if isinstance(state, dict) else None
-    if name not in FACTORIES:
-        raise ValueError(f"{path} is not a checkpoint written by imer-fast train (its 'model' entry is {name!r}; "
+    if not isinstance(name, str) or name not in FACTORIES:
+        shown = repr(name) if name is None or isinstance(name, str) else f"a {type(name).__name__}"
+        raise ValueError(f"{path} is not a checkpoint written by imer-fast train (its 'model' entry is {shown}; "
                          f"expected one of {sorted(FACTORIES)})")
     return name
