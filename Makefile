@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) -m imer_fast train --model feddisc --data synthetic-iemocap6 --scale 0.3 --feature-dim 64 --modality-noise 0.3 \
 		--preset small --missing gcnet:0.5 --extractor-epochs 10 --generator-epochs 12 --classifier-epochs 5 \
 		--batch-size 4 --lr 1e-3 --condition-observed --recovery-samples 3 --generator-batch-size 32 \
-		--eval-rates 0.0,0.3,0.5,0.7 --out runs/demo
+		--eval-rates 0.0,0.3,0.5,0.7 --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -106,6 +106,8 @@ def _add_train(sub):
                    help="seed of the weights, the missing-modality masks, the batch order and the samplers")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds an earlier one (default: refused)")
     p.add_argument("--epochs", type=int, default=20, help="dgn, rohydr: training epochs; drkf: epochs of its main stage")
     c = p.add_argument_group("recovery systems (feddisc, rohydr, drkf)")
     c.add_argument("--preset", choices=("release", "small"), default="release",
@@ -218,6 +220,7 @@ def cmd_train(args) -> int:
         raise SystemExit("--recovery token: only DRKF has a learned missing token")
     corpus = load_corpus(args)
     args.out = args.out or f"runs/{args.model}"
+    _refuse_to_overwrite_a_run(args)
     print(f"training {args.model} on {corpus.name} ({len(corpus.split('train'))} train / "
           f"{len(corpus.split('test'))} test dialogues), missing={missing}", flush=True)
     if args.model == "feddisc":
@@ -263,6 +266,21 @@ def _refuse_trainer_flags_for_dgn(args) -> None:
         raise SystemExit(f"{flags}: not used by --model dgn (a plain training loop that evaluates the test split "
                          f"every epoch, without checkpoints to resume); these options are for feddisc, rohydr "
                          f"and drkf")
+
+
+_RUN_FILES = ("checkpoint.pt", "model.pt", "metrics.json", "results.json")
+
+
+def _refuse_to_overwrite_a_run(args) -> None:
+    """A new run into the folder of an earlier one would replace its checkpoints after one epoch."""
+    from pathlib import Path
+
+    if args.resume or args.overwrite:
+        return
+    found = [p for name in _RUN_FILES for p in Path(args.out).glob(f"**/{name}")]
+    if found:
+        raise SystemExit(f"--out {args.out}: holds an earlier run ({found[0]}); pass --resume to continue it, "
+                         f"--overwrite to replace it, or another --out")
 
 
 def _device(text: str) -> str:

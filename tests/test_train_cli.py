@@ -26,6 +26,16 @@ def test_cli_train_writes_metrics_and_checkpoint(tmp_path, capsys):
     checkpoint = torch.load(out / "model.pt", weights_only=False)
     assert checkpoint["model"] == "dgn" and "smax_fc.weight" in checkpoint["state_dict"]
 
+    # a second run into the same folder would replace this one: refused unless asked for
+    before = (out / "model.pt").read_bytes()
+    again = ["train", "--model", "dgn", "--data", "synthetic-iemocap6", "--scale", "0.15", "--feature-dim", "16",
+             "--epochs", "1", "--batch-size", "4", "--hidden", "16", "--quiet", "--no-pattern-eval", "--out", str(out)]
+    with pytest.raises(SystemExit, match="holds an earlier run .*--resume to continue it, --overwrite to replace it"):
+        main(again)
+    assert (out / "model.pt").read_bytes() == before
+    assert main(again + ["--overwrite"]) == 0
+    assert len(json.loads((out / "metrics.json").read_text())["history"]) == 1
+
 
 def test_training_learns_beyond_chance():
     corpus = make_synthetic("iemocap6", seed=0, scale=0.5, feature_dims=32)
