@@ -207,6 +207,19 @@ def test_resume_from_an_unusable_checkpoint_names_it(tmp_path):
                                                                    resume=True)).run()
 
 
+def test_resume_refuses_other_settings(tmp_path):
+    model = Toy()
+    settings = {"seed": 0, "missing": "gcnet:0.3", "trainer": {"lr": 1e-3}}
+    Trainer(model, make_stages(model, epochs=1), TrainerConfig(progress=False, out_dir=str(tmp_path)),
+            settings=settings).run()
+    other = dict(settings, missing="gcnet:0.5")
+    with pytest.raises(ValueError, match=r"other settings \(missing: 'gcnet:0.3' -> 'gcnet:0.5'\)"):
+        Trainer(model, make_stages(model, epochs=1), TrainerConfig(progress=False, out_dir=str(tmp_path),
+                                                                   resume=True), settings=other).run()
+    Trainer(model, make_stages(model, epochs=1), TrainerConfig(progress=False, out_dir=str(tmp_path), resume=True),
+            settings=dict(settings)).run()  # the same settings resume
+
+
 def test_resume_refuses_a_checkpoint_of_another_schedule(tmp_path):
     model = Toy()
     Trainer(model, make_stages(model, epochs=1)[:1], TrainerConfig(progress=False, out_dir=str(tmp_path))).run()

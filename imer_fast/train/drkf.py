@@ -39,7 +39,7 @@ from ..io import atomic_torch_save, atomic_write_json
 from ..models.dialogue_context import DialogueLayout
 from ..models.drkf import DRKF, RELEASE_LOSS_WEIGHTS, Tokens, ordered_pairs, pair_targets
 from .report import rate_key
-from .run import SystemRun, read_model_checkpoint
+from .run import SystemRun, read_model_checkpoint, run_settings
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 PRESETS = {
@@ -376,7 +376,8 @@ def train_drkf(corpus: Corpus, config: DRKFConfig, baseline: bool = True) -> Dic
         model = build_model(corpus, config, recovery).to(trainer_cfg.device)
         run = DRKFRun(model, corpus, config)
         start = time.perf_counter()
-        history = Trainer(model, run.stages(), trainer_cfg, extra_state=run.state).run()
+        history = Trainer(model, run.stages(), trainer_cfg, extra_state=run.state,
+                          settings=run_settings(_config_dict(config), corpus)).run()
         seconds = time.perf_counter() - start
         start = time.perf_counter()
         evaluation = run.evaluate_all("test")

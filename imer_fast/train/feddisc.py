@@ -37,7 +37,7 @@ from ..data import Corpus, classification_report, evaluate_patterns
 from ..io import atomic_torch_save, atomic_write_json
 from ..models import FedDISC
 from .report import rate_key
-from .run import SystemRun, read_model_checkpoint
+from .run import SystemRun, read_model_checkpoint, run_settings
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 SCHEDULES = ("release", "afa")
@@ -384,7 +384,8 @@ def train_feddisc(corpus: Corpus, config: FedDISCConfig, baseline: bool = True) 
         model = build_model(corpus, config, recovery).to(trainer_cfg.device)
         run = FedDISCRun(model, corpus, config)
         start = time.perf_counter()
-        history = Trainer(model, run.stages(), trainer_cfg, extra_state=run.state).run()
+        history = Trainer(model, run.stages(), trainer_cfg, extra_state=run.state,
+                          settings=run_settings(_config_dict(config), corpus)).run()
         seconds = time.perf_counter() - start
         start = time.perf_counter()
         evaluation = run.evaluate_all("test")

@@ -21,6 +21,21 @@ def read_model_checkpoint(path, model: str, title: str, device: str = "cpu") -> 
     return state, {**fields, "layers": "fused"}, trainer
 
 
+# Config fields that do not change what a run trains: a resume may change them.
+_FREE_ON_RESUME = {"eval_rates", "eval_patterns"}
+_FREE_TRAINER_ON_RESUME = {"resume", "progress", "out_dir", "device"}
+
+
+def run_settings(config_dict: Dict, corpus) -> Dict:
+    """What defines a run for the Trainer's resume check: the system's config (less evaluation and
+    bookkeeping fields) and the corpus it trains on."""
+    settings = {k: v for k, v in config_dict.items() if k not in _FREE_ON_RESUME}
+    settings["trainer"] = {k: v for k, v in config_dict["trainer"].items() if k not in _FREE_TRAINER_ON_RESUME}
+    settings["corpus"] = {"name": corpus.name, "feature_dims": dict(corpus.feature_dims),
+                          "splits": {k: len(v) for k, v in corpus.splits.items()}}
+    return settings
+
+
 class SystemRun:
     """Loaders of one model on one corpus under the config's ``batch_size``, ``missing`` protocol and
     ``trainer.seed``; counts the all-missing utterances its subclass leaves out of the losses."""

@@ -86,7 +86,10 @@ class TrainerConfig:
 
 class Trainer:
     def __init__(self, model: nn.Module, stages: List[Stage], config: TrainerConfig,
-                 extra_state: Optional[Dict] = None):
+                 extra_state: Optional[Dict] = None, settings: Optional[Dict] = None):
+        """``extra_state``: a dict of the caller's that is checkpointed and restored in place on resume.
+        ``settings``: what defines the run (model config, data); a resume whose settings differ from the
+        checkpoint's is refused, naming the differences, instead of mixing two runs."""
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"Trainer: stage names must be unique; got {names}")
@@ -103,6 +106,7 @@ class Trainer:
         self.schedulers: Dict[str, torch.optim.lr_scheduler.ReduceLROnPlateau] = {}
         self.history: List[Dict] = []
         self.extra_state = extra_state if extra_state is not None else {}
+        self.settings = _jsonable(settings) if settings is not None else None
         self.position = {"stage": 0, "epoch": 0, "best": None, "best_value": None, "bad_epochs": 0,
                          "started": False}
 
@@ -149,7 +153,7 @@ class Trainer:
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
                 "position": self.position, "history": self.history, "extra": self.extra_state,
-                "stages": [s.name for s in self.stages],
+                "stages": [s.name for s in self.stages], "settings": self.settings,
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
                         # dropout and sampling noise on a GPU draw from its own generators
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}}
@@ -175,6 +179,12 @@ class Trainer:
         if state.get("stages") != [s.name for s in self.stages]:
             raise ValueError(f"Trainer: the checkpoint at {path} was written by a different schedule "
                              f"{state.get('stages')}; this run's is {[s.name for s in self.stages]}")
+        saved = state.get("settings")
+        if self.settings is not None and saved is not None and saved != self.settings:
+            changed = [f"{key}: {saved.get(key)!r} -> {self.settings.get(key)!r}"
+                       for key in sorted(set(saved) | set(self.settings)) if saved.get(key) != self.settings.get(key)]
+            raise ValueError(f"Trainer: cannot resume from {path}: the run was started with other settings "
+                             f"({'; '.join(changed)}); resume with the same ones, or start a new run")
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:  # another preset or feature width under the same schedule
