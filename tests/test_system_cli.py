@@ -91,3 +91,34 @@ def test_bad_cli_input_gets_a_message_naming_the_option(tmp_path):
     with pytest.raises(SystemExit, match="--device"):
         main(["train", "--model", "dgn", *DRKF_DATA, "--device", "nonsense", "--out", str(tmp_path)])
 
+
+
+def test_a_crashed_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    import torch
+
+    import imer_fast.train.trainer as trainer_module
+
+    args = ["train", "--model", "drkf", *DRKF_DATA, "--preset", "small", "--eval-rates", "0.0", "--batch-size", "4",
+            "--quiet", "--no-pattern-eval", "--no-baseline", "--epochs", "2", "--generator-epochs", "1",
+            "--finetune-epochs", "2", "--missing", "gcnet:0.7", "--patience", "99"]
+    assert main(args + ["--out", str(tmp_path / "full")]) == 0
+    real = trainer_module.Trainer._run_epoch
+
+    def crash_in_the_second_finetune_epoch(self, stage):
+        if stage.name == "finetune" and self.position["epoch"] == 1:
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, stage)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_run_epoch", crash_in_the_second_finetune_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--out", str(tmp_path / "crash")])
+    monkeypatch.setattr(trainer_module.Trainer, "_run_epoch", real)
+    with pytest.raises(SystemExit, match=r"other settings \(trainer.seed: 0 -> 1\)"):  # not another run's continuation
+        main(args + ["--out", str(tmp_path / "crash"), "--resume", "--seed", "1"])
+    assert main(args + ["--out", str(tmp_path / "crash"), "--resume"]) == 0
+    full, resumed = (torch.load(tmp_path / run / "drkf" / "model.pt", weights_only=False)["state_dict"]
+                     for run in ("full", "crash"))
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    counts = [json.loads((tmp_path / run / "results.json").read_text())["systems"]["drkf"]
+              ["skipped_all_missing_utterances"] for run in ("full", "crash")]
+    assert counts[0] == counts[1] > 0

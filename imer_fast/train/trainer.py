@@ -181,8 +181,9 @@ class Trainer:
                              f"{state.get('stages')}; this run's is {[s.name for s in self.stages]}")
         saved = state.get("settings")
         if self.settings is not None and saved is not None and saved != self.settings:
-            changed = [f"{key}: {saved.get(key)!r} -> {self.settings.get(key)!r}"
-                       for key in sorted(set(saved) | set(self.settings)) if saved.get(key) != self.settings.get(key)]
+            old, new = _flat(saved), _flat(self.settings)
+            changed = [f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+                       for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
             raise ValueError(f"Trainer: cannot resume from {path}: the run was started with other settings "
                              f"({'; '.join(changed)}); resume with the same ones, or start a new run")
         try:
@@ -324,6 +325,17 @@ def with_validation(corpus: Corpus, fraction: float = 0.1, seed: int = 0) -> Cor
     splits["train"] = [i for i in train if i not in held]
     splits["valid"] = [i for i in train if i in held]
     return replace(corpus, splits=splits)
+
+
+def _flat(settings: Dict, prefix: str = "") -> Dict:
+    """Nested settings as {"trainer.seed": 0, ...}, so that a difference names its field."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _jsonable(obj):
