@@ -233,6 +233,9 @@ def test_resume_after_an_interruption_ends_in_the_same_state_bit_for_bit(simulat
     assert saved["rounds_done"] == 1 and len(saved["history"]) == 1
     with pytest.raises(ValueError, match="other settings"):
         run_simulation(corpus, tiny_config(out_dir=str(tmp_path), resume=True, seed=1))
+    other = make_synthetic("iemocap6", seed=5, scale=0.05, feature_dims=12)  # same widths, other dialogues
+    with pytest.raises(ValueError, match="written on another corpus"):
+        run_simulation(other, tiny_config(out_dir=str(tmp_path), resume=True))
     resumed = Recorder()
     results = run_simulation(corpus, tiny_config(out_dir=str(tmp_path), resume=True), resumed.hooks())
     assert set(resumed.ends) == {2}                 # round 1 was not trained again
@@ -288,3 +291,16 @@ def test_cli_help_and_a_tiny_run(tmp_path, capsys):
                            ta.dgn.state_dict()[next(iter(ta.dgn.state_dict()))])   # each trained alone
     with pytest.raises(SystemExit, match="clients"):
         run_federated(parser.parse_args(["federated", "--clients", "tx", "--out", str(out)]))
+
+
+def test_settings_that_would_fail_after_rounds_of_training_are_refused_up_front():
+    with pytest.raises(ValueError, match=r"no client holds \['audio'\]"):
+        tiny_config(clients=("t", "tv"))
+    for field, value in (("generator_batch_size", 0), ("batch_size", 0), ("sampling_steps", 0),
+                         ("sampling_steps", 201)):
+        with pytest.raises(ValueError, match=f"FedDISC: {field} must be an int"):
+            FedDISCConfig(preset="small", **{field: value})
+    parser, _ = federated_parser()
+    with pytest.raises(SystemExit, match="--device"):
+        run_federated(parser.parse_args(["federated", "--device", "nonsense", "--out", "unused"]))
+

@@ -113,16 +113,17 @@ def _patterns(text: str, flag: str) -> Optional[Tuple[str, ...]]:
 
 
 def _config(args):
-    from ..cli import _eval_rates, _pick, _trainer_config, feddisc_model_kwargs
+    from ..cli import _device, _eval_rates, _pick, _trainer_config, feddisc_model_kwargs
     from ..train.feddisc import FedDISCConfig
     from .simulation import FederatedConfig
 
-    trainer = _trainer_config(args, 5e-4, 0.01)
-    feddisc = FedDISCConfig(preset=args.preset, batch_size=args.batch_size, sampling_steps=args.sampling_steps,
-                            window_past=args.window_past, window_future=args.window_future, layers=args.layers,
-                            trainer=trainer, **feddisc_model_kwargs(args))
+    args.device = _device(args.device)
     rounds = args.rounds
     try:
+        trainer = _trainer_config(args, 5e-4, 0.01)
+        feddisc = FedDISCConfig(preset=args.preset, batch_size=args.batch_size, sampling_steps=args.sampling_steps,
+                                window_past=args.window_past, window_future=args.window_future, layers=args.layers,
+                                trainer=trainer, **feddisc_model_kwargs(args))
         return FederatedConfig(
             clients=_patterns(args.clients, "--clients"), schedule=args.schedule,
             extractor_rounds=_pick(args.extractor_rounds, rounds), recovery_rounds=_pick(args.recovery_rounds, rounds),

@@ -37,6 +37,7 @@ from ..data.missing import pattern_mask
 from ..diffusion.disc import pooled_scaling
 from ..io import atomic_torch_save, atomic_write_json
 from ..train.feddisc import FedDISCConfig, FedDISCRun, build_model, num_task_classes
+from ..train.run import corpus_identity
 from ..train.trainer import Trainer, with_validation
 from .aggregation import AggregationResult, ClientUpdate, aggregate, feddisc_partition
 from .schedule import AlternatingFrozenSchedule, SequentialSchedule
@@ -371,7 +372,7 @@ class RoundServer:
         atomic_torch_save(self.out_dir / CHECKPOINT, {"format": FORMAT, "round": round_number,
                                                       "total_rounds": self.schedule.total_rounds,
                                                       "config": config_dict(self.config), "states": states,
-                                                      "history": history})
+                                                      "corpus": corpus_identity(self.corpus), "history": history})
         atomic_write_json(self.out_dir / METRICS, {"config": config_dict(self.config), "rounds_done": round_number,
                                                    "history": history})
 
@@ -379,9 +380,19 @@ class RoundServer:
         """``(rounds done, history, states)`` from ``out_dir``'s checkpoint, which must have been written
         with the same training settings."""
         path = self.out_dir / CHECKPOINT
-        saved = torch.load(path, map_location=self.device, weights_only=False)
+        try:
+            saved = torch.load(path, map_location=self.device, weights_only=False)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # truncated, empty or not a torch file
+            raise ValueError(f"federated simulation: cannot resume from {path}: it is not a readable checkpoint "
+                             f"({type(exc).__name__}: {exc})") from exc
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise ValueError(f"federated simulation: {path} is not a federated simulation checkpoint")
+        mine = corpus_identity(self.corpus)
+        if saved.get("corpus", mine) != mine:
+            raise ValueError(f"federated simulation: the checkpoint at {path} was written on another corpus "
+                             f"({saved['corpus']}); this run's is {mine}; resume needs the same data")
         mine, theirs = training_fields(config_dict(self.config)), training_fields(saved["config"])
         if mine != theirs:
             diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))

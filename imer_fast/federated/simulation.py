@@ -121,6 +121,12 @@ class FederatedConfig:
             raise ValueError(f"FederatedConfig: clients must be a non-empty list of availability patterns such as "
                              f"['tv', 'ta', 'av']; got {self.clients!r}")
         self.clients = tuple(_canonical_pattern(p, "clients") for p in self.clients)
+        held = {m for p in self.clients for m, available in zip(MODALITIES, pattern_mask(p)) if available}
+        unheld = [m for m in MODALITIES if m not in held]
+        if unheld:
+            raise ValueError(f"FederatedConfig: no client holds {unheld} (clients {list(self.clients)}): their "
+                             f"generators would never train, and their recovery would sample from untrained "
+                             f"weights; give every modality to at least one client")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"FederatedConfig: schedule must be one of {SCHEDULES}; got {self.schedule!r}")
         for name in ("local_epochs", "min_replies"):

@@ -84,6 +84,23 @@ class FedDISCConfig:
     warm_start_classifier: bool = True     # classifier starts from the trained pseudo-label MulT head
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
+    def __post_init__(self):
+        # Checked here rather than where they are first used: a federated run would otherwise fail (or,
+        # on Flower, drop every client) only after rounds of training.
+        if self.preset not in PRESETS:
+            raise ValueError(f"FedDISC: preset must be one of {sorted(PRESETS)}; got {self.preset!r}")
+        for name, least in (("batch_size", 1), ("generator_batch_size", 1), ("recovery_samples", 1),
+                            ("afa_cycles", 1), ("extractor_epochs", 0), ("generator_epochs", 0),
+                            ("classifier_epochs", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"FedDISC: {name} must be an int >= {least}; got {value!r}")
+        timesteps = PRESETS[self.preset]["timesteps"]
+        steps = self.sampling_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= timesteps):
+            raise ValueError(f"FedDISC: sampling_steps must be an int in [1, {timesteps}] (the {self.preset} "
+                             f"preset's diffusion steps); got {steps!r}")
+
 
 def task_labels(corpus: Corpus, labels: Tensor) -> Tensor:
     """Class targets: the labels of a classification corpus; for a regression corpus the release's

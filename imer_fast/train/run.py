@@ -31,9 +31,21 @@ def run_settings(config_dict: Dict, corpus) -> Dict:
     bookkeeping fields) and the corpus it trains on."""
     settings = {k: v for k, v in config_dict.items() if k not in _FREE_ON_RESUME}
     settings["trainer"] = {k: v for k, v in config_dict["trainer"].items() if k not in _FREE_TRAINER_ON_RESUME}
-    settings["corpus"] = {"name": corpus.name, "feature_dims": dict(corpus.feature_dims),
-                          "splits": {k: len(v) for k, v in corpus.splits.items()}}
+    settings["corpus"] = corpus_identity(corpus)
     return settings
+
+
+def corpus_identity(corpus) -> Dict:
+    """What tells two corpora apart for a resume check: name, feature widths, and per split its
+    dialogue count and a digest of its dialogue ids and lengths (another --scale or --data-seed)."""
+    import hashlib
+
+    def digest(ids) -> str:
+        text = ";".join(f"{i}:{corpus.dialogues[i].length}" for i in ids)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    return {"name": corpus.name, "feature_dims": dict(corpus.feature_dims),
+            "splits": {k: f"{len(v)} dialogues, {digest(v)}" for k, v in sorted(corpus.splits.items())}}
 
 
 class SystemRun:
