@@ -54,6 +54,15 @@ def test_classification_masks_padding_logits_and_weights():
         assert fn(P, Y, sample_weight=w) == pytest.approx(fn(P[dup], Y[dup]))
     for avg in ("weighted", "macro"):
         assert f1_score(P, Y, avg, sample_weight=w) == pytest.approx(f1_score(P[dup], Y[dup], avg))
+    # a per-dialogue [B] mask (or weight) for [B, L] labels is refused even when B == L, where numpy
+    # would align it with the utterance axis; [B, 1] broadcasts as meant
+    square = np.zeros((3, 3), dtype=np.int64)
+    with pytest.raises(ValueError, match=r"mask: expected a shape broadcastable to \(3, 3\), got \(3,\)"):
+        accuracy(square, square, mask=np.array([True, False, True]))
+    with pytest.raises(ValueError, match="sample_weight: expected a shape broadcastable"):
+        accuracy(square, square, sample_weight=np.array([1.0, 2.0, 3.0]))
+    per_dialogue = np.array([[True], [False], [True]])
+    assert accuracy(np.eye(3, dtype=np.int64), np.zeros((3, 3), np.int64), mask=per_dialogue) == pytest.approx(4 / 6)
 
 
 def test_classification_label_sets_and_empty():

@@ -20,7 +20,8 @@ Regression (CMU-MOSI / CMU-MOSEI; MMSA's definitions):
 Inputs may be numpy arrays, lists or (CPU/GPU) torch tensors of any matching shape, e.g. padded
 ``[B, L]`` labels with ``[B, L]`` predictions or ``[B, L, C]`` logits (classification predictions
 with one more dimension than the labels are arg-maxed). ``mask`` (True = keep) and
-``sample_weight`` broadcast to the label shape. Classification labels ``< 0`` (the ``-100``
+``sample_weight`` broadcast to the label shape from the same number of dimensions (a scalar weight
+too): a ``[B]`` mask for ``[B, L]`` labels is an error, not aligned with the last axis. Classification labels ``< 0`` (the ``-100``
 padding of :class:`~imer_fast.data.batching.DialogueBatch`) are always ignored. Metrics of an empty
 selection are NaN.
 """
@@ -60,6 +61,8 @@ def _select(preds, labels, mask, sample_weight, classification: bool
     if mask is not None:
         m = _np(mask).astype(bool)
         try:
+            if m.ndim != y.ndim:  # numpy would align a [B] mask with the last axis of [B, L] labels when B == L
+                raise ValueError
             keep &= np.broadcast_to(m, y.shape)
         except ValueError as exc:
             raise ValueError(f"mask: expected a shape broadcastable to {y.shape}, got {m.shape}") from exc
@@ -69,6 +72,8 @@ def _select(preds, labels, mask, sample_weight, classification: bool
     if sample_weight is not None:
         sw = _np(sample_weight).astype(np.float64)
         try:
+            if sw.ndim not in (0, y.ndim):  # as for the mask: no silent alignment with the wrong axis
+                raise ValueError
             w = np.broadcast_to(sw, y.shape).astype(np.float64)
         except ValueError as exc:
             raise ValueError(f"sample_weight: expected a shape broadcastable to {y.shape}, got "
