@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imer_fast.data import MODALITIES, make_synthetic
-from imer_fast.federated import (CLASSIFIER, EXTRACTOR, GENERATOR_GROUPS, AggregationError, AlternatingFrozenSchedule,
-                                 ClientUpdate, Partition, PartitionRule, RoundPlan, SequentialSchedule, aggregate,
-                                 feddisc_partition, generator_group)
+from imer_fast.federated import (CLASSIFIER, EXTRACTOR, EXTRACTOR_GROUPS, GENERATOR_GROUPS, AggregationError,
+                                 AlternatingFrozenSchedule, ClientUpdate, Partition, PartitionRule, RoundPlan,
+                                 SequentialSchedule, aggregate, feddisc_partition, generator_group, projection_group)
 from imer_fast.train.feddisc import FedDISCConfig, build_model
 
 # The release protocol: client 0 lacks audio, client 1 video, client 2 text.
@@ -45,14 +45,16 @@ def release_updates():
 # ---- hand-computed means ---------------------------------------------------------------------
 
 
-def test_generators_average_over_their_holders_and_the_rest_over_all():
+def test_generators_and_projections_average_over_their_holders_and_the_rest_over_all():
     result = aggregate(tiny_global(), release_updates(), feddisc_partition())
     s = result.state
     assert torch.equal(s[TEXT_GEN], torch.tensor([15.0, 16.0]))    # c0, c1 hold text
     assert torch.equal(s[AUDIO_GEN], torch.tensor([30.0, 31.0]))   # c1, c2 hold audio
     assert torch.equal(s[VIDEO_GEN], torch.tensor([25.0, 26.0]))   # c0, c2 hold video
-    for key in ("recovery.proj_l.weight", "classifier.w"):
-        assert torch.equal(s[key], torch.tensor([70 / 3, 70 / 3 + 1], dtype=torch.float32)), key
+    # the text projection: c2 (video + audio) never trains it, so its copy stays out of the mean
+    assert torch.equal(s["recovery.proj_l.weight"], torch.tensor([15.0, 16.0]))
+    assert result.report.groups[projection_group("text")].contributors == ("c0", "c1")
+    assert torch.equal(s["classifier.w"], torch.tensor([70 / 3, 70 / 3 + 1], dtype=torch.float32))
     assert torch.equal(s["dgn.w"], torch.tensor([[70 / 3], [70 / 3 + 1]], dtype=torch.float32))
     assert bool(s["recovery.scaling_fitted"])
     report = result.report
@@ -295,7 +297,7 @@ def test_the_partition_classifies_every_key_of_a_real_model_as_its_stages_do(fed
     names = {id(p): n for n, p in feddisc_model.named_parameters()}
     stage_groups = feddisc_model.parameter_groups()   # what the trainer freezes and trains together
     assert {group_of_parameter[names[id(p)]] for p in stage_groups["recovery"]} == set(GENERATOR_GROUPS)
-    assert {group_of_parameter[names[id(p)]] for p in stage_groups["extractor"]} == {EXTRACTOR}
+    assert {group_of_parameter[names[id(p)]] for p in stage_groups["extractor"]} == set(EXTRACTOR_GROUPS)
     assert {group_of_parameter[names[id(p)]] for p in stage_groups["classifier"]} == {CLASSIFIER}
     assert sum(len(v) for v in stage_groups.values()) == len(group_of_parameter)
     for m in MODALITIES:   # each generator group holds exactly one U-Net
@@ -323,7 +325,11 @@ def test_three_release_clients_aggregate_a_real_model(feddisc_model):
         keys = sorted(k for k in global_state if k.startswith(prefix + "."))
         for key in (keys[0], keys[len(keys) // 2], keys[-1]):
             assert torch.equal(state[key], mean(key, holders[m])), key
-    shared = [k for k in global_state if k.startswith(("dgn.", "pseudo.", "classifier.", "recovery.proj_"))]
+    projection_keys = {"text": "recovery.proj_l.", "audio": "recovery.proj_a.", "video": "recovery.proj_v."}
+    for m, prefix in projection_keys.items():
+        for key in (k for k in global_state if k.startswith(prefix)):
+            assert torch.equal(state[key], mean(key, holders[m])), key
+    shared = [k for k in global_state if k.startswith(("dgn.", "pseudo.", "classifier."))]
     for key in shared[::max(1, len(shared) // 7)]:
         assert torch.equal(state[key], mean(key, list(RELEASE_CLIENTS))), key
     for i, m in enumerate(MODALITIES):
@@ -430,7 +436,7 @@ def test_aggregate_matches_a_reference_on_random_rounds(round_):
 
 # ---- schedules ---------------------------------------------------------------------------------
 
-EXTRACT, RECOVER, CLASSIFY = (RoundPlan("extractor", frozenset({EXTRACTOR})),
+EXTRACT, RECOVER, CLASSIFY = (RoundPlan("extractor", frozenset(EXTRACTOR_GROUPS)),
                               RoundPlan("recovery", frozenset(GENERATOR_GROUPS)),
                               RoundPlan("classifier", frozenset({CLASSIFIER})))
 

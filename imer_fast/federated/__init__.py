@@ -7,9 +7,9 @@ the Flower ServerApp / ClientApp (:mod:`.flower`, needs the ``fed`` extra).
 :mod:`.flower` is imported only on first use of one of its names here (``Settings``,
 ``FedDISCStrategy``, ``make_server_app``, ``make_client_app``, ``run_server``), so that this package
 works without ``flwr``."""
-from .aggregation import (CLASSIFIER, COMBINES, EXTRACTOR, GENERATOR_GROUPS, ON_INVALID, AggregationError,
-                          AggregationReport, AggregationResult, ClientUpdate, GroupReport, Partition, PartitionRule,
-                          aggregate, feddisc_partition, generator_group)
+from .aggregation import (CLASSIFIER, COMBINES, EXTRACTOR, EXTRACTOR_GROUPS, GENERATOR_GROUPS, ON_INVALID,
+                          AggregationError, AggregationReport, AggregationResult, ClientUpdate, GroupReport, Partition,
+                          PartitionRule, aggregate, feddisc_partition, generator_group, projection_group)
 from .rounds import RoundServer
 from .schedule import PHASES, AlternatingFrozenSchedule, RoundPlan, SequentialSchedule
 from .simulation import (DEFAULT_CLIENTS, FederatedConfig, SimulatedClient, SimulationHooks, make_clients,
@@ -36,6 +36,7 @@ __all__ = [
     "ClientUpdate",
     "DEFAULT_CLIENTS",
     "EXTRACTOR",
+    "EXTRACTOR_GROUPS",
     "FederatedConfig",
     "GENERATOR_GROUPS",
     "GroupReport",
@@ -51,6 +52,7 @@ __all__ = [
     "aggregate",
     "feddisc_partition",
     "generator_group",
+    "projection_group",
     "make_clients",
     "make_schedule",
     "run_simulation",

@@ -10,8 +10,15 @@ it:
 - ``generator:text`` / ``generator:audio`` / ``generator:video``: the DISC-Diffusion generator of a
   modality (``recovery.score_l_va`` / ``score_a_lv`` / ``score_v_la``), averaged only over the
   clients that hold that modality;
-- ``extractor`` (``recovery.proj_*``, ``dgn``, ``pseudo``) and ``classifier`` (``classifier``),
-  averaged over every client.
+- ``extractor:text`` / ``extractor:audio`` / ``extractor:video``: a modality's projection to the
+  latent (``recovery.proj_l`` / ``proj_a`` / ``proj_v``), trained in the extractor rounds and averaged
+  over the holders of the modality only (the release averages them over every client, so the
+  untouched copies of the clients that lack a modality cut each update of its projection to 2/3 with
+  the release's three clients);
+- ``extractor`` (``dgn``, ``pseudo``) and ``classifier`` (``classifier``), averaged over every client.
+  The DGN's first layer reads the concatenated modalities, so its input columns of a modality a client
+  lacks see zero inputs there and are averaged over every client too (a known dilution of those
+  columns; a column-wise rule would need the layer's layout in the partition).
 
 Broadcast: :func:`aggregate` returns the *complete* global state, and every client loads all of it,
 generators of the modalities it lacks included (they condition the recovery of its missing
@@ -36,6 +43,7 @@ __all__ = [
     "CLASSIFIER",
     "COMBINES",
     "EXTRACTOR",
+    "EXTRACTOR_GROUPS",
     "GENERATOR_GROUPS",
     "GroupReport",
     "ON_INVALID",
@@ -44,6 +52,7 @@ __all__ = [
     "aggregate",
     "feddisc_partition",
     "generator_group",
+    "projection_group",
 ]
 
 EXTRACTOR = "extractor"
@@ -63,6 +72,17 @@ def generator_group(modality: str) -> str:
 
 GENERATOR_GROUPS = tuple(generator_group(m) for m in MODALITIES)
 """The generator groups in :data:`~imer_fast.data.corpus.MODALITIES` order."""
+
+
+def projection_group(modality: str) -> str:
+    """Name of the parameter group of ``modality``'s projection (``"extractor:text"`` …)."""
+    if modality not in MODALITIES:
+        raise ValueError(f"projection_group: modality must be one of {MODALITIES}; got {modality!r}")
+    return f"{EXTRACTOR}:{modality}"
+
+
+EXTRACTOR_GROUPS = (EXTRACTOR,) + tuple(projection_group(m) for m in MODALITIES)
+"""What the extractor rounds train: the shared group and the three projection groups."""
 
 
 class AggregationError(ValueError):
@@ -190,7 +210,7 @@ def feddisc_partition() -> Partition:
     passes them through.
     """
     rules = [PartitionRule(f"recovery.{GENERATOR_NAMES[m]}", generator_group(m)) for m in MODALITIES]
-    rules += [PartitionRule(f"recovery.{PROJECTION_NAMES[m]}", EXTRACTOR) for m in MODALITIES]
+    rules += [PartitionRule(f"recovery.{PROJECTION_NAMES[m]}", projection_group(m)) for m in MODALITIES]
     rules += [PartitionRule("dgn", EXTRACTOR), PartitionRule("pseudo", EXTRACTOR),
               PartitionRule("classifier", CLASSIFIER),
               PartitionRule("recovery.latent_min", GENERATOR_GROUPS, rowwise=True, combine="min"),
@@ -198,7 +218,9 @@ def feddisc_partition() -> Partition:
               PartitionRule("recovery.scaling_fitted", GENERATOR_GROUPS, combine="all"),
               PartitionRule("recovery.latent_mean", GENERATOR_GROUPS, rowwise=True, combine="mean"),
               PartitionRule("recovery.latent_std", GENERATOR_GROUPS, rowwise=True, combine="mean")]
-    return Partition(tuple(rules), {generator_group(m): m for m in MODALITIES})
+    entitlement = {generator_group(m): m for m in MODALITIES}
+    entitlement.update({projection_group(m): m for m in MODALITIES})
+    return Partition(tuple(rules), entitlement)
 
 
 # ---- updates and results ----------------------------------------------------------------------

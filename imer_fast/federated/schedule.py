@@ -2,7 +2,8 @@
 
 A schedule is a fixed sequence of phases, each lasting a number of rounds:
 
-- ``"extractor"``: the projections and the pseudo-labeller (group ``extractor``);
+- ``"extractor"``: the projections (groups ``extractor:text`` / ``audio`` / ``video``) and the
+  pseudo-labeller (group ``extractor``);
 - ``"recovery"``: the three generators (``generator:text`` / ``audio`` / ``video``), classifier frozen;
 - ``"classifier"``: the classifier, recovery frozen.
 
@@ -16,11 +17,11 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import FrozenSet, Tuple
 
-from .aggregation import CLASSIFIER, EXTRACTOR, GENERATOR_GROUPS
+from .aggregation import CLASSIFIER, EXTRACTOR_GROUPS, GENERATOR_GROUPS
 
 __all__ = ["PHASES", "AlternatingFrozenSchedule", "RoundPlan", "SequentialSchedule"]
 
-PHASE_GROUPS = {"extractor": frozenset({EXTRACTOR}), "recovery": frozenset(GENERATOR_GROUPS),
+PHASE_GROUPS = {"extractor": frozenset(EXTRACTOR_GROUPS), "recovery": frozenset(GENERATOR_GROUPS),
                 "classifier": frozenset({CLASSIFIER})}
 PHASES = tuple(PHASE_GROUPS)
 
