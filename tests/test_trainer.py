@@ -182,10 +182,11 @@ def test_plateau_schedule_follows_a_lower_is_better_monitor_without_a_loss():
     assert history[-1]["lr"] < 1e-2
 
 
-@pytest.mark.parametrize("field, value", [("patience", 0), ("patience", -1), ("lr_patience", -1), ("patience", 1.5)])
-def test_patience_out_of_range_is_refused(field, value):
+@pytest.mark.parametrize("field, value", [("patience", 0), ("patience", -1), ("lr_patience", -1), ("patience", 1.5),
+                                          ("grad_clip", -1.0), ("grad_clip", float("nan"))])
+def test_trainer_settings_out_of_range_are_refused(field, value):
     model = Toy()
-    with pytest.raises(ValueError, match=f"Trainer: {field} must be an int"):
+    with pytest.raises(ValueError, match=f"Trainer: {field} must be an? (int|number)"):
         Trainer(model, make_stages(model), TrainerConfig(progress=False, **{field: value}))
 
 

@@ -95,6 +95,9 @@ class Trainer:
             raise ValueError(f"Trainer: stage names must be unique; got {names}")
         if config.clip_mode not in ("norm", "value"):
             raise ValueError(f"Trainer: clip_mode must be 'norm' or 'value'; got {config.clip_mode!r}")
+        if isinstance(config.grad_clip, bool) or not isinstance(config.grad_clip, (int, float)) or \
+                not config.grad_clip >= 0:
+            raise ValueError(f"Trainer: grad_clip must be a number >= 0 (0 disables clipping); got {config.grad_clip!r}")
         for name, least in (("patience", 1), ("lr_patience", 0)):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
