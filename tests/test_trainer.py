@@ -321,6 +321,22 @@ def test_update_mode_rejects_an_unknown_group():
     stage.train_step = lambda idx, epoch, update: (update("c", model(idx.float()[:, None].repeat(1, 4)).sum()), 1)
     with pytest.raises(KeyError, match="no optimiser group 'c'"):
         Trainer(model, [stage], TrainerConfig(progress=False)).run()
+    stage.train_step = lambda idx, epoch, update: (update(("a", "c"), model(idx.float()[:, None].repeat(1, 4)).sum()),
+                                                   1)
+    with pytest.raises(KeyError, match="no optimiser group 'c'"):
+        Trainer(model, [stage], TrainerConfig(progress=False)).run()
+
+
+def test_update_of_several_groups_steps_each_from_one_backward():
+    model = Toy()
+    stage = make_update_stage(model, [], epochs=1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stage.train_step = lambda idx, epoch, update: (
+        update(("a", "b"), ((model(idx.float()[:, None].repeat(1, 4)) - 1) ** 2).mean()), 1)
+    Trainer(model, [stage], TrainerConfig(progress=False, lr=1e-2)).run()
+    after = model.state_dict()
+    assert not torch.equal(before["a.weight"], after["a.weight"]) and not torch.equal(before["b.weight"],
+                                                                                        after["b.weight"])
 
 
 def test_variant_config_resumes_only_variants_that_began(tmp_path):

@@ -46,7 +46,8 @@ class Stage:
     give ``updates`` (optimiser group -> its parameters; their union is trainable, ``parameters``
     should be that union) and the trainer calls ``train_step(batch, epoch, update)``, where
     ``update(group, loss)`` zero-grads, backpropagates, clips and steps that group's optimiser
-    (learning rate ``group_lr.get(group, config.lr)``); train_step then returns (loss to log or None,
+    (learning rate ``group_lr.get(group, config.lr)``; a tuple of groups: one backward, each group
+    clipped and stepped by its own optimiser); train_step then returns (loss to log or None,
     utterances) and the trainer runs no backward itself.
     """
     name: str
@@ -124,20 +125,25 @@ class Trainer:
                 self.optimizers[group], mode="min", factor=self.config.lr_factor, patience=self.config.lr_patience)
         return self.optimizers[group]
 
-    def _step(self, stage: Stage, group: str, loss: Tensor, epoch: int) -> None:
+    def _step(self, stage: Stage, groups: Tuple[str, ...], loss: Tensor, epoch: int) -> None:
+        """One backward of ``loss``, then each group's clipping and optimiser step (several groups: one
+        loss trains them all, each with its own optimiser state, like one optimiser over their union)."""
         if not torch.isfinite(loss):
             raise FloatingPointError(f"Trainer: non-finite loss {loss.item()} in stage {stage.name!r} (group "
-                                     f"{group!r}), epoch {epoch + 1}; the checkpoint of the previous epoch is kept")
-        optimizer = self._optimizer(stage, group)
-        optimizer.zero_grad(set_to_none=True)
+                                     f"{', '.join(groups)}), epoch {epoch + 1}; the checkpoint of the previous "
+                                     f"epoch is kept")
+        optimizers = [self._optimizer(stage, group) for group in groups]
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.config.grad_clip > 0:
-            params = [p for p in stage.optimiser_groups()[group] if p.grad is not None]
-            if self.config.clip_mode == "norm":
-                torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
-            else:
-                torch.nn.utils.clip_grad_value_(params, self.config.grad_clip)
-        optimizer.step()
+        for group, optimizer in zip(groups, optimizers):
+            if self.config.grad_clip > 0:
+                params = [p for p in stage.optimiser_groups()[group] if p.grad is not None]
+                if self.config.clip_mode == "norm":
+                    torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
+                else:
+                    torch.nn.utils.clip_grad_value_(params, self.config.grad_clip)
+            optimizer.step()
 
     def _freeze_all_but(self, stage: Stage) -> None:
         trainable = {id(p) for params in stage.optimiser_groups().values() for p in params}
@@ -250,10 +256,13 @@ class Trainer:
         bar = tqdm(stage.batches(epoch), desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
                    disable=not cfg.progress, leave=False)
 
-        def update(group: str, loss: Tensor) -> None:
-            if group not in groups:
-                raise KeyError(f"Trainer: stage {stage.name!r} has no optimiser group {group!r}; it has {groups}")
-            self._step(stage, group, loss, epoch)
+        def update(group, loss: Tensor) -> None:
+            asked = (group,) if isinstance(group, str) else tuple(group)
+            unknown = [g for g in asked if g not in groups]
+            if unknown or not asked:
+                raise KeyError(f"Trainer: stage {stage.name!r} has no optimiser group "
+                               f"{', '.join(map(repr, unknown)) if unknown else repr(group)}; it has {groups}")
+            self._step(stage, asked, loss, epoch)
 
         for batch in bar:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
@@ -265,7 +274,7 @@ class Trainer:
                 skipped_batches += 1
                 continue
             if stage.updates is None:
-                self._step(stage, stage.group, loss, epoch)
+                self._step(stage, (stage.group,), loss, epoch)
             total, count = total + float(loss.detach()) * n, count + n
             bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
         with torch.no_grad():
