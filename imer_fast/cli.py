@@ -368,7 +368,7 @@ def _train_and_report(args, corpus, title: str, train) -> int:
 
     try:
         result = train()
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:  # FloatingPointError: a non-finite loss
         raise SystemExit(f"imer-fast train: {err}")
     systems = {name: r["evaluation"] for name, r in result["systems"].items()}
     shown = " and ".join(short(m) for m in default_metrics(systems))
