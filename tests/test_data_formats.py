@@ -264,6 +264,22 @@ def test_dialoguegcn_hand_built(tmp_path):
         read_dialoguegcn(path12, text_feature="roberta5")
 
 
+def test_dialoguegcn_meld_layout(tmp_path):
+    eye = np.eye(9).tolist()
+    meld = ({"0": ["0_0", "0_1"]}, {"0": [eye[0], eye[3]]}, {"0": [0, 6]}, {"0": [np.ones(600)] * 2},
+            {"0": [np.full(300, 2.0)] * 2}, {"0": [np.full(342, 3.0)] * 2}, {"0": ["hi", "yo"]}, ["0"], [],
+            {"0": [1, 2]})  # MMGCN's MELD_features_raw1.pkl: the 9 fields + sentiment labels (not read)
+    c = read_dialoguegcn(_dump(meld, tmp_path / "MELD_features_raw1.pkl"), num_classes=7)
+    assert c.feature_dims == {"text": 600, "audio": 300, "video": 342} and c.num_classes == 7
+    d = c.dialogues["0"]
+    assert d.speakers.tolist() == [0, 3] and d.labels.tolist() == [0, 6] and d.sentences == ["hi", "yo"]
+    assert np.all(d.features["audio"] == 2.0) and c.splits == {"train": ["0"], "test": []}
+    # DialogueGCN's own MELD pickle (9 entries, no visual, sentiment last) is refused, not misread
+    dialoguegcn_meld = meld[:5] + ({"0": ["hi", "yo"]}, ["0"], [], {"0": [1, 2]})
+    with pytest.raises(ValueError, match="entry 'videoSentence' must be a dict keyed by dialogue id, got list"):
+        read_dialoguegcn(_dump(dialoguegcn_meld, tmp_path / "MELD_features_raw.pkl"))
+
+
 def test_dialoguegcn_errors(iemocap, mosi, tmp_path):
     bad = list(_hand_dialoguegcn(9))
     with pytest.raises(ValueError, match=r"9 entries .* 12 entries .* length 8"):

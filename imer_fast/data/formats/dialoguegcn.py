@@ -1,10 +1,14 @@
-"""DialogueGCN / MMGCN ``IEMOCAP_features.pkl`` format.
+"""DialogueGCN / MMGCN ``IEMOCAP_features.pkl`` (and MMGCN's MELD) format.
 
 The pickle holds a tuple (or list) of
 
 * 9 entries ``videoIDs, videoSpeakers, videoLabels, videoText, videoAudio, videoVisual,
   videoSentence, trainVid, testVid`` (the original DialogueGCN release: text 100-d, audio 1,582-d,
-  visual 342-d), or
+  visual 342-d),
+* 10 entries: the 9 above plus ``videoSentiment`` (MMGCN / MM-DFN's ``MELD_features_raw1.pkl``: text
+  600-d, audio 300-d, visual 342-d, one-hot speakers of 9 roles, 7 emotions; the sentiment labels are not
+  read). DialogueGCN's own ``MELD_features_raw.pkl`` orders its 9 entries differently (no visual, labels
+  of sentiment last) and is refused with an error naming the entry that is not a dict, or
 * 12 entries ``videoIDs, videoSpeakers, videoLabels, roberta1, roberta2, roberta3, roberta4,
   videoAudio, videoVisual, videoSentence, trainVid, testVid`` (the RoBERTa variant: four 1,024-d
   text feature sets, e.g. from different RoBERTa layers).
@@ -45,11 +49,14 @@ from ..corpus import MODALITIES, Corpus, Dialogue
 from ._common import (PathLike, check_speaker_names, default_speaker_names, dump_pickle, infer_labels,
                       infer_num_classes, load_sequence_pickle, ordered_ids, per_utterance, speaker_table, to_str)
 
-__all__ = ["read_dialoguegcn", "write_dialoguegcn", "DIALOGUEGCN_FIELDS_9",
+__all__ = ["read_dialoguegcn", "write_dialoguegcn", "DIALOGUEGCN_FIELDS_9", "DIALOGUEGCN_FIELDS_10",
            "DIALOGUEGCN_FIELDS_12", "DIALOGUEGCN_DIMS"]
 
 DIALOGUEGCN_FIELDS_9 = ("videoIDs", "videoSpeakers", "videoLabels", "videoText", "videoAudio",
                         "videoVisual", "videoSentence", "trainVid", "testVid")
+DIALOGUEGCN_FIELDS_10 = DIALOGUEGCN_FIELDS_9 + ("videoSentiment",)
+"""MMGCN / MM-DFN's ``MELD_features_raw1.pkl``: the 9 fields (text 600-d, audio 300-d, visual 342-d, 9-way
+one-hot speakers, 7 emotion classes) plus per-utterance sentiment labels, which are not read."""
 DIALOGUEGCN_FIELDS_12 = ("videoIDs", "videoSpeakers", "videoLabels", "roberta1", "roberta2",
                          "roberta3", "roberta4", "videoAudio", "videoVisual", "videoSentence",
                          "trainVid", "testVid")
@@ -115,7 +122,7 @@ def read_dialoguegcn(path: PathLike, name: Optional[str] = None, *,
                      num_classes: Optional[int] = None,
                      label_names: Optional[Sequence[str]] = None,
                      speaker_map: Optional[Mapping[str, int]] = None) -> Corpus:
-    """Read a DialogueGCN/MMGCN features pickle (9- or 12-entry variant).
+    """Read a DialogueGCN/MMGCN features pickle (9-, 10- (MELD) or 12-entry variant).
 
     Args:
         path: the pickle.
@@ -127,14 +134,15 @@ def read_dialoguegcn(path: PathLike, name: Optional[str] = None, *,
     """
     path = Path(path)
     what = f"DialogueGCN pickle {str(path)!r}"
-    obj = load_sequence_pickle(path, what, {9: list(DIALOGUEGCN_FIELDS_9), 12: list(DIALOGUEGCN_FIELDS_12)})
-    fields = DIALOGUEGCN_FIELDS_9 if len(obj) == 9 else DIALOGUEGCN_FIELDS_12
+    obj = load_sequence_pickle(path, what, {9: list(DIALOGUEGCN_FIELDS_9), 10: f"{list(DIALOGUEGCN_FIELDS_10)} (MELD)",
+                                            12: list(DIALOGUEGCN_FIELDS_12)})
+    fields = {9: DIALOGUEGCN_FIELDS_9, 10: DIALOGUEGCN_FIELDS_10, 12: DIALOGUEGCN_FIELDS_12}[len(obj)]
     entries = dict(zip(fields, obj))
-    for fname in fields[:-2]:
+    for fname in fields[:fields.index("trainVid")]:
         if not isinstance(entries[fname], Mapping):
             raise ValueError(f"{what}: entry {fname!r} must be a dict keyed by dialogue id, got "
                              f"{type(entries[fname]).__name__}")
-    if len(obj) == 9:
+    if len(obj) in (9, 10):
         if text_feature not in (None, "text", "videoText"):
             raise ValueError(f"text_feature: the 9-entry variant has a single text feature set; "
                              f"expected None or 'text', got {text_feature!r}")
