@@ -56,10 +56,13 @@ def one_epoch(run: RoHyDRRun, stage: str, device):
         return
     optimisers = {g: adamw(ps, lr=1e-5, weight_decay=0.01) for g, ps in model.parameter_groups().items()}
 
-    def update(group, loss):
-        optimisers[group].zero_grad(set_to_none=True)
+    def update(group, loss):  # the Trainer's update(): one group, or several stepped from one backward
+        groups = (group,) if isinstance(group, str) else group
+        for g in groups:
+            optimisers[g].zero_grad(set_to_none=True)
         loss.backward()
-        optimisers[group].step()
+        for g in groups:
+            optimisers[g].step()
 
     model.train()
     with model.layers.context():
