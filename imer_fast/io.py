@@ -48,3 +48,19 @@ def atomic_torch_save(path: PathLike, obj: Any) -> Path:
     import torch
 
     return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
+def load_torch_file(path: PathLike, map_location, what: str):
+    """``torch.load`` of a file this library wrote; anything unreadable (empty, truncated, another format)
+    is a ValueError naming ``what`` and the file. A missing file stays a FileNotFoundError, a folder says so."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what}: {path} is a folder, not a file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # unpickling and zip errors have many types
+        raise ValueError(f"{what}: {path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from exc

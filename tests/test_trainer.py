@@ -194,7 +194,7 @@ def test_resume_from_an_unusable_checkpoint_names_it(tmp_path):
     model = Toy()
     stages = make_stages(model, epochs=1)
     (tmp_path / "checkpoint.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match="cannot resume from .*checkpoint.pt: it is not a readable checkpoint"):
+    with pytest.raises(ValueError, match="Trainer: cannot resume: .*checkpoint.pt is not a readable checkpoint"):
         Trainer(model, stages, TrainerConfig(progress=False, out_dir=str(tmp_path), resume=True)).run()
     torch.save({"a.weight": torch.zeros(1)}, tmp_path / "checkpoint.pt")
     with pytest.raises(ValueError, match="not a trainer checkpoint"):

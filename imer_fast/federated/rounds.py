@@ -35,7 +35,7 @@ from ..data import Corpus, evaluate_patterns
 from ..data.corpus import MODALITIES
 from ..data.missing import pattern_mask
 from ..diffusion.disc import pooled_scaling
-from ..io import atomic_torch_save, atomic_write_json
+from ..io import atomic_torch_save, atomic_write_json, load_torch_file
 from ..train.feddisc import FedDISCConfig, FedDISCRun, build_model, num_task_classes
 from ..train.run import corpus_identity
 from ..train.trainer import Trainer, with_validation
@@ -380,13 +380,7 @@ class RoundServer:
         """``(rounds done, history, states)`` from ``out_dir``'s checkpoint, which must have been written
         with the same training settings."""
         path = self.out_dir / CHECKPOINT
-        try:
-            saved = torch.load(path, map_location=self.device, weights_only=False)
-        except FileNotFoundError:
-            raise
-        except Exception as exc:  # truncated, empty or not a torch file
-            raise ValueError(f"federated simulation: cannot resume from {path}: it is not a readable checkpoint "
-                             f"({type(exc).__name__}: {exc})") from exc
+        saved = load_torch_file(path, self.device, "federated simulation: cannot resume")
         if not isinstance(saved, dict) or saved.get("format") != FORMAT:
             raise ValueError(f"federated simulation: {path} is not a federated simulation checkpoint")
         mine = corpus_identity(self.corpus)

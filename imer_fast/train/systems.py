@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
+from ..io import load_torch_file
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,7 @@ def system(name: str) -> System:
 
 def checkpoint_system(path) -> str:
     """Which system wrote ``path`` (a ``model.pt`` of ``imer-fast train``)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except IsADirectoryError:
-        raise ValueError(f"{path} is a folder; pass the model.pt that imer-fast train wrote in it") from None
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # not a torch file (JSON, truncated, ...)
-        raise ValueError(f"{path} is not a checkpoint written by imer-fast train: torch.load failed "
-                         f"({type(exc).__name__}: {exc})") from exc
+    state = load_torch_file(path, "cpu", "pass the model.pt written by imer-fast train")
     if isinstance(state, dict) and "position" in state and "stages" in state:
         raise ValueError(f"{path} is the trainer's resume checkpoint; pass the model.pt written next to it")
     name = state.get("model") if isinstance(state, dict) else None

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..data import Corpus
-from ..io import atomic_torch_save, atomic_write_json
+from ..io import atomic_torch_save, atomic_write_json, load_torch_file
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -177,11 +177,7 @@ class Trainer:
         path = self.out_dir / CHECKPOINT if self.out_dir else None
         if path is None or not path.exists():
             raise FileNotFoundError(f"Trainer: resume=True but there is no checkpoint at {path}")
-        try:
-            state = torch.load(path, map_location=self.config.device, weights_only=False)
-        except Exception as exc:  # truncated, empty or not a torch file: say which file and why
-            raise ValueError(f"Trainer: cannot resume from {path}: it is not a readable checkpoint "
-                             f"({type(exc).__name__}: {exc})") from exc
+        state = load_torch_file(path, self.config.device, "Trainer: cannot resume")
         if not isinstance(state, dict) or "position" not in state:
             raise ValueError(f"Trainer: cannot resume from {path}: it is not a trainer checkpoint (expected the "
                              f"dict train writes, with 'model', 'position', 'stages'; got {type(state).__name__})")
