@@ -267,23 +267,28 @@ class GaussianDiffusion:
 
     # ---- DDIM -----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     @reuse_transformed_weights()
     def ddim_sample(self, model: Denoiser, y: Tensor, seq_len: int, batch_size: int = 8, channels: int = 32,
                     ddim_timesteps: int = 50, ddim_discr_method: str = "quad", ddim_eta: float = 0.0,
                     clip_denoised: bool = True, *, noise: Optional[Tensor] = None,
-                    generator: Optional[torch.Generator] = None, seed: Optional[int] = None) -> Tensor:
-        """DDIM sampling over the release's timestep sequence (eta = 0: deterministic given x_T)."""
+                    generator: Optional[torch.Generator] = None, seed: Optional[int] = None,
+                    differentiable: bool = False) -> Tensor:
+        """DDIM sampling over the release's timestep sequence (eta = 0: deterministic given x_T).
+
+        Runs without gradient, as the release's, unless ``differentiable``: then the result carries the
+        graph of every denoiser call and step, so a loss on it trains the denoiser (and whatever built
+        ``y``) through the sampler, as RoHyDR's DiT release does; memory grows with the step count."""
         seq, prev = ddim_timestep_sequence(self.timesteps, ddim_timesteps, ddim_discr_method)
         if ddim_eta < 0:
             raise ValueError(f"ddim_eta must be >= 0; got {ddim_eta}")
-        sampler = _NoiseSource(self, model, y, (batch_size, channels, seq_len), noise, generator, seed)
-        x = sampler.start()
-        for i in reversed(range(ddim_timesteps)):
-            eps = model(x, sampler.timestep(int(seq[i])), y)
-            x = ddim_step(x, eps, alpha_bar=_f32(self.alphas_cumprod[seq[i]]),
-                          alpha_bar_prev=_f32(self.alphas_cumprod[prev[i]]), eta=float(ddim_eta),
-                          clip_denoised=clip_denoised, **sampler.step_noise(ddim_timesteps - i))
+        with torch.set_grad_enabled(bool(differentiable)):
+            sampler = _NoiseSource(self, model, y, (batch_size, channels, seq_len), noise, generator, seed)
+            x = sampler.start()
+            for i in reversed(range(ddim_timesteps)):
+                eps = model(x, sampler.timestep(int(seq[i])), y)
+                x = ddim_step(x, eps, alpha_bar=_f32(self.alphas_cumprod[seq[i]]),
+                              alpha_bar_prev=_f32(self.alphas_cumprod[prev[i]]), eta=float(ddim_eta),
+                              clip_denoised=clip_denoised, **sampler.step_noise(ddim_timesteps - i))
         return x
 
     # ---- DPM-Solver++(2M) -----------------------------------------------------------------------

@@ -15,8 +15,10 @@ Operators (their CPU kernels are ``csrc/cpu/sampler_steps.cpp``, Triton ``kernel
 (:mod:`imer_fast.ops.counter_rng`), so no host RNG work is needed per step; no noise is drawn where
 its coefficient is 0. Coefficients are Python floats, computed by the caller from the float64
 schedule (they become constants of a captured CUDA graph; only the seed changes between replays).
-Math is in the input precision (float32 for half types). These are inference-only updates: calling
-them on tensors that require grad, with grad mode on, is an error rather than a silent detach.
+Math is in the input precision (float32 for half types). Each op is differentiable in its tensor inputs
+(x, eps / score, the noise tensor, a per-row std), so a sampler loop can be backpropagated through
+(RoHyDR's DiT release trains its generators through 50 DDIM steps); the backward is a few elementwise
+torch ops, since in such a loop it is dwarfed by the denoiser's own backward.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from torch import Tensor
 
 from .. import backends
 from . import _runtime
-from .counter_rng import check_seed, counter_normal_ref
+from .counter_rng import check_seed, counter_normal, counter_normal_ref
 
 _runtime.require_cpp()
 
@@ -95,6 +97,87 @@ def _add_scaled_noise_fake(x, std, std_scalar, noise, seed, offset):
     return x.new_empty(x.shape)
 
 
+# ---- autograd -----------------------------------------------------------------------------------
+
+
+def _noise_of(x: Tensor, noise: Optional[Tensor], seed: Optional[Tensor], offset: int) -> Tensor:
+    """The z the forward added, in the compute dtype: the noise tensor, or the counter draw (recomputed)."""
+    if noise is not None:
+        return noise.to(_compute(x.dtype))
+    return counter_normal(seed, offset, x.shape, dtype=_compute(x.dtype), device=x.device)
+
+
+def _diffusion_step_setup(ctx, inputs, output):
+    x, eps, p, q, clip, r, s, u, sigma, noise, seed, offset = inputs
+    ctx.save_for_backward(x if clip else None, eps if clip else None)
+    ctx.coefs, ctx.clip, ctx.sigma = (p, q, r, s, u), clip, sigma
+    ctx.dtypes = (x.dtype, eps.dtype, None if noise is None else noise.dtype)
+
+
+def _diffusion_step_backward(ctx, grad):
+    p, q, r, s, u = ctx.coefs
+    g = grad.to(_compute(grad.dtype))
+    if ctx.clip:  # clamp passes the gradient where p·x − q·ε lies in [−1, 1] (torch.clamp's rule)
+        x, eps = ctx.saved_tensors
+        x0 = p * x.to(g.dtype) - q * eps.to(g.dtype)
+        g_x0 = torch.where((x0 >= -1.0) & (x0 <= 1.0), r * g, torch.zeros_like(g))
+    else:
+        g_x0 = r * g
+    x_dtype, eps_dtype, noise_dtype = ctx.dtypes
+    grad_x = (p * g_x0 + s * g).to(x_dtype) if ctx.needs_input_grad[0] else None
+    grad_eps = (u * g - q * g_x0).to(eps_dtype) if ctx.needs_input_grad[1] else None
+    grad_noise = (ctx.sigma * g).to(noise_dtype) if ctx.needs_input_grad[9] and ctx.sigma != 0.0 else None
+    return (grad_x, grad_eps) + (None,) * 7 + (grad_noise, None, None)
+
+
+def _ve_em_step_setup(ctx, inputs, output):
+    x, score, drift, diffusion, noise, seed, offset = inputs
+    ctx.drift, ctx.diffusion = drift, diffusion
+    ctx.dtypes = (x.dtype, score.dtype, None if noise is None else noise.dtype)
+
+
+def _ve_em_step_backward(ctx, grad_next, grad_mean):
+    # next = mean + diffusion·z and mean = x + drift·score: x and score reach both outputs.
+    parts = [g.to(_compute(g.dtype)) for g in (grad_next, grad_mean) if g is not None]
+    if not parts:
+        return (None,) * 7
+    g = parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    x_dtype, score_dtype, noise_dtype = ctx.dtypes
+    grad_x = g.to(x_dtype) if ctx.needs_input_grad[0] else None
+    grad_score = (ctx.drift * g).to(score_dtype) if ctx.needs_input_grad[1] else None
+    grad_noise = None
+    if ctx.needs_input_grad[4] and grad_next is not None and ctx.diffusion != 0.0:
+        grad_noise = (ctx.diffusion * grad_next.to(_compute(grad_next.dtype))).to(noise_dtype)
+    return grad_x, grad_score, None, None, grad_noise, None, None
+
+
+def _add_scaled_noise_setup(ctx, inputs, output):
+    x, std, std_scalar, noise, seed, offset = inputs
+    needs_z = ctx.needs_input_grad[1] and std is not None
+    ctx.save_for_backward(x if needs_z else None, std, noise, seed)
+    ctx.std_scalar, ctx.offset = std_scalar, offset
+
+
+def _add_scaled_noise_backward(ctx, grad):
+    x, std, noise, seed = ctx.saved_tensors
+    g = grad.to(_compute(grad.dtype))
+    grad_x = grad if ctx.needs_input_grad[0] else None
+    grad_std = grad_noise = None
+    if ctx.needs_input_grad[1] and std is not None:  # d/d std_b of std_b·z: the row sum of g·z
+        grad_std = (g * _noise_of(x, noise, seed, ctx.offset)).flatten(1).sum(1).to(std.dtype)
+    if ctx.needs_input_grad[3] and noise is not None:
+        scale = ctx.std_scalar if std is None else std.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
+        grad_noise = (scale * g).to(noise.dtype)
+    return grad_x, grad_std, None, grad_noise, None, None
+
+
+torch.library.register_autograd("imer_fast::diffusion_step", _diffusion_step_backward,
+                                setup_context=_diffusion_step_setup)
+torch.library.register_autograd("imer_fast::ve_em_step", _ve_em_step_backward, setup_context=_ve_em_step_setup)
+torch.library.register_autograd("imer_fast::add_scaled_noise", _add_scaled_noise_backward,
+                                setup_context=_add_scaled_noise_setup)
+
+
 def _triton(name):
     def kernel(*args):
         from imer_fast._kernels import sampler_steps as kernels
@@ -145,10 +228,6 @@ def _check(op: str, x: Tensor, others, noise: Optional[Tensor], seed: Optional[T
         check_seed(op, seed, offset, x.device)
     if needs_noise and noise is None and seed is None:
         raise ValueError(f"{op}this step adds noise: pass noise (a tensor like x) or seed (an int64 tensor)")
-    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (x, noise) + tuple(
-            t for _, t in others)):
-        raise RuntimeError(f"{op}sampler steps are inference-only: call under torch.no_grad() "
-                           "(an input requires grad)")
 
 
 def _run(op_name: str, x: Tensor, ref, *args):
