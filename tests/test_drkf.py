@@ -187,6 +187,19 @@ def test_release_fusion_checkpoint_loads(corpus):
             assert torch.equal(model.state_dict()[k], v), k
     with pytest.raises(ValueError, match="not part of MultimodalBertModel"):
         model.load_release_fusion({**release, "temperature": torch.zeros(())})
+    # A checkpoint of another class count changes nothing and names the head.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    wrong = {**release, "bert.encoder.layer.0.output.dense.bias": torch.ones(16),
+             "classifier.weight": torch.zeros(6, 16), "classifier.bias": torch.zeros(6)}
+    with pytest.raises(ValueError, match=r"classifier.weight must be \(4, 16\) .*4 classes.*got \(6, 16\)"):
+        model.load_release_fusion(wrong)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    broken = {k: v for k, v in release.items() if k != "bert.encoder.layer.0.output.dense.bias"}
+    with pytest.raises(ValueError, match="DRKF.load_release_fusion"):
+        model.load_release_fusion(broken)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_fused_and_reference_layers_agree(corpus):
@@ -252,3 +265,18 @@ def test_length_one_dialogue_and_all_missing_utterances_stay_finite(corpus):
         out = model(p.features, none, seed=0)
         parts = model.representation_losses(model.observed_tokens(p.features, none))
     assert torch.isfinite(out["logits"]).all() and parts == {}
+
+
+def test_padded_sequences_of_mixed_widths_under_autocast():
+    """A modality as wide as ``hidden`` has an Identity token_in (stays fp32 under autocast), another a
+    Linear (bf16): the padded layout must still assemble, and agree with fp32 to bf16 precision."""
+    torch.manual_seed(0)
+    model = DRKF({"audio": 16, "text": 6}, 4, inputs="sequence", recovery="token", hidden=16, num_layers=1, heads=2,
+                 intermediate=32, max_positions=32, ae_layers=(8,), ae_blocks=1).eval()
+    feats = {"audio": torch.randn(3, 6, 16), "text": torch.randn(3, 5, 6)}
+    lengths = {"audio": torch.tensor([6, 2, 4]), "text": torch.tensor([5, 3, 1])}
+    with torch.no_grad():
+        exact = model(feats, None, lengths)["logits"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(feats, None, lengths)["logits"]
+    torch.testing.assert_close(low.float(), exact, atol=0.1, rtol=0.1)

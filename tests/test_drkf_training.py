@@ -74,6 +74,13 @@ def test_labels_out_of_range_get_a_clear_error(corpus):
         run.drkf_step(batch, 0)
 
 
+@pytest.mark.parametrize("pairs", [0, -1, 2.5, True])
+def test_max_pairs_must_be_none_or_positive(corpus, pairs):
+    config = tiny_config(max_pairs=pairs)
+    with pytest.raises(ValueError, match=r"DRKF: max_pairs must be None .* or an int >= 1; got"):
+        DRKFRun(build_model(corpus, config), corpus, config)
+
+
 def test_corpus_without_a_modality_is_refused(corpus):
     dialogues = {k: dataclasses.replace(d, features={m: f for m, f in d.features.items() if m != "audio"})
                  for k, d in corpus.dialogues.items()}

@@ -458,7 +458,9 @@ class DRKF(nn.Module):
             steps = torch.arange(tokens[m].shape[1], device=device)[None, :]
             valid = steps < lengths[m][:, None]
             target = offset[:, None] + steps
-            sequence = sequence.index_put((rows.expand_as(target)[valid], target[valid]), embedded[m][valid])
+            # .to: under autocast a Linear token_in gives bf16, an Identity (width = hidden) keeps fp32
+            sequence = sequence.index_put((rows.expand_as(target)[valid], target[valid]),
+                                          embedded[m][valid].to(dtype))
             offset = offset + lengths[m] + 1  # the [SEP] after this modality stays zero
         key_mask = torch.arange(width, device=device)[None, :] < totals[:, None]
         return self.fusion(sequence, key_mask)[:, 0]
@@ -601,14 +603,31 @@ class DRKF(nn.Module):
     def load_release_fusion(self, state_dict: Mapping[str, Tensor]) -> None:
         """Load the release's ``adapter_multimodel_fusion_dict`` (``MultimodalBertModel``): ``bert.*`` into
         the fusion encoder (vocabulary and pooler skipped), ``classifier`` and ``binary_classifier`` into
-        the heads."""
-        self.fusion.load_bert_state_dict(state_dict, prefix="bert.")
-        for head in ("classifier", "binary_classifier"):
-            entries = {k[len(head) + 1:]: v for k, v in state_dict.items() if k.startswith(head + ".")}
-            getattr(self, head).load_state_dict(entries, strict=True)
+        the heads. Nothing is changed unless every part loads."""
+        name = "DRKF.load_release_fusion"
         unknown = [k for k in state_dict if not k.startswith(("bert.", "classifier.", "binary_classifier."))]
         if unknown:
-            raise ValueError(f"DRKF.load_release_fusion: keys that are not part of MultimodalBertModel: {unknown[:5]}")
+            raise ValueError(f"{name}: keys that are not part of MultimodalBertModel: {unknown[:5]}")
+        heads = {}
+        for head in ("classifier", "binary_classifier"):
+            entries = {k[len(head) + 1:]: v for k, v in state_dict.items() if k.startswith(head + ".")}
+            for key, ours in getattr(self, head).state_dict().items():
+                theirs = entries.get(key)
+                if not isinstance(theirs, Tensor) or theirs.shape != ours.shape:
+                    got = tuple(theirs.shape) if isinstance(theirs, Tensor) else "missing"
+                    raise ValueError(f"{name}: {head}.{key} must be {tuple(ours.shape)} (this model: "
+                                     f"{self.num_classes} classes, hidden {self.fusion.hidden}); got {got}")
+            heads[head] = entries
+        parts = ("fusion", *heads)
+        backup = {p: {k: v.detach().clone() for k, v in getattr(self, p).state_dict().items()} for p in parts}
+        try:
+            self.fusion.load_bert_state_dict(state_dict, prefix="bert.")
+            for head, entries in heads.items():
+                getattr(self, head).load_state_dict(entries, strict=True)
+        except (RuntimeError, KeyError, ValueError) as error:
+            for part in parts:
+                getattr(self, part).load_state_dict(backup[part])
+            raise ValueError(f"{name}: {error}") from error
 
 
 def _shape(x) -> str:

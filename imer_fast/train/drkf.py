@@ -113,15 +113,24 @@ def _check(corpus: Corpus, config: DRKFConfig) -> None:
                              f"{tuple(config.modalities)}")
     if not corpus.splits.get("train"):
         raise ValueError(f"DRKF: the corpus {corpus.name!r} has no training dialogues")
+    _check_max_pairs(config)
     unknown = set(config.loss_weights) - set(RELEASE_LOSS_WEIGHTS)
     if unknown:
         raise ValueError(f"DRKF: loss_weights has unknown terms {sorted(unknown)}; known {sorted(RELEASE_LOSS_WEIGHTS)}")
+
+
+def _check_max_pairs(config: DRKFConfig) -> None:
+    pairs = config.max_pairs
+    if pairs is not None and (isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1):
+        raise ValueError(f"DRKF: max_pairs must be None (every ordered pair, as the release) or an int >= 1; got "
+                         f"{pairs!r}")
 
 
 class DRKFRun(SystemRun):
     """Stages, validation and evaluation of one DRKF model on one corpus."""
 
     def __init__(self, model: DRKF, corpus: Corpus, config: DRKFConfig):
+        _check_max_pairs(config)
         super().__init__(model, corpus, config)
         self.weights = {**RELEASE_LOSS_WEIGHTS, **config.loss_weights}
 
