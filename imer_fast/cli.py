@@ -149,10 +149,18 @@ def _add_train(sub):
     r.add_argument("--lambda-g", type=float, default=1.0, help="stage 1 weight of the refiner reconstruction loss")
     r.add_argument("--lambda-al", type=float, default=0.5, help="stage 2 adversarial vs L1 reconstructor weight")
     r.add_argument("--lambda-c", type=float, default=0.4, help="stage 3 weight of the loss on recovered inputs")
+    r.add_argument("--text-dropout", type=float, default=None,
+                   help="training dropout on the text features before the projection (default: the preset's; "
+                        "release 0.5, small 0)")
+    r.add_argument("--sampler-gradient", action="store_true",
+                   help="dit: stages 1 and 3 train the generators through the DDIM sampler, as the release's DiT "
+                        "version (default: no gradient through the sampler)")
     k = p.add_argument_group("drkf")
     k.add_argument("--modalities", default="audio,text", help="fused modalities (release: audio,text)")
     k.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning on recovered tokens")
-    k.add_argument("--max-pairs", type=int, default=64, help="ordered pairs per batch for the discrimination head")
+    k.add_argument("--max-pairs", type=_max_pairs, default=64,
+                   help="ordered pairs sampled per batch for the discrimination head (an int >= 1, or 'all' for "
+                        "every pair, as the release)")
     d = p.add_argument_group("dgn")
     d.add_argument("--hidden", type=int, default=100, help="GCNet hidden size (graph hidden = hidden // 2)")
     d.add_argument("--dropout", type=float, default=0.2, help="GCNet dropout")
@@ -295,6 +303,18 @@ def _device(text: str) -> str:
     return text
 
 
+def _max_pairs(text: str):
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'all'; got {text!r}")
+    return value
+
+
 def _eval_rates(text: str):
     try:
         rates = tuple(float(r) for r in text.split(",") if r.strip())
@@ -337,7 +357,8 @@ def _train_rohydr(args, corpus, missing) -> int:
                           generator_epochs=_pick(args.generator_epochs, 0),
                           batch_size=_pick(args.batch_size, 8), missing=missing, lambda_g=args.lambda_g,
                           lambda_al=args.lambda_al, lambda_c=args.lambda_c, sampling_steps=args.sampling_steps,
-                          prediction=args.prediction,
+                          prediction=args.prediction, text_dropout=args.text_dropout,
+                          sampler_gradient=args.sampler_gradient,
                           eval_rates=_eval_rates(args.eval_rates), eval_patterns=not args.no_pattern_eval,
                           layers=args.layers, trainer=trainer)
     return _train_and_report(args, corpus, "RoHyDR", lambda: train_rohydr(corpus, config, baseline=not args.no_baseline))

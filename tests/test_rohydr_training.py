@@ -79,6 +79,61 @@ def test_each_stage_changes_only_its_group(corpus):
     assert calls == ["recovery", "fusion"]  # nothing missing: no adversarial stage
 
 
+def test_sampler_gradient_trains_the_generators_through_the_sampler(corpus):
+    """``sampler_gradient`` (the release's DiT version): stage 1's refiner loss and stage 3's task loss reach
+    the generators through the DDIM steps; stage 3 steps the recovery group too."""
+    plain, through = tiny_run(corpus), tiny_run(corpus, sampler_gradient=True)
+    batch = next(iter(plain.loader("train", missing="gcnet:0.5")))
+    truth, observed, avail, _ = plain._batch_latents(batch, training=False)
+    losses, generator_grads = [], []
+
+    def generator_grad(model):
+        return torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                          for p in model.score_l.parameters()])
+
+    for run in (plain, through):
+        run.model.train()
+        torch.manual_seed(5)  # the same diffusion timesteps and noise in both generator losses
+        loss, _ = run.recovery_loss(truth, observed, avail, 0)
+        loss.backward()
+        losses.append(loss.detach())
+        generator_grads.append(generator_grad(run.model))
+        run.model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(losses[0], losses[1])  # the same loss either way ...
+    assert not torch.allclose(*generator_grads)  # ... but the refiner loss now also trains the generator
+    calls = []
+
+    def update(group, loss):
+        if "recovery" in ((group,) if isinstance(group, str) else group) and group != "recovery":
+            loss.backward()  # stage 3: the generators receive the task loss's gradient
+            assert generator_grad(through.model).abs().sum() > 0
+            through.model.zero_grad(set_to_none=True)
+        calls.append(group)
+
+    through.train_step(batch, 0, update)
+    assert calls == ["recovery", "discriminator", "reconstructor", ("fusion", "reconstructor", "recovery")]
+
+
+def test_text_dropout_applies_in_training_to_text_only(corpus):
+    from imer_fast.train.rohydr import text_dropout
+
+    assert text_dropout(RoHyDRConfig(preset="release")) == 0.5  # the release's MOSI value
+    assert text_dropout(RoHyDRConfig(preset="small")) == 0.0
+    run = tiny_run(corpus, text_dropout=0.5)
+    batch = next(iter(run.loader("train", missing="none")))
+    clean = run.model.latents(batch.packed().ground_truth)
+    torch.manual_seed(0)
+    dropped, _, _, _ = run._batch_latents(batch)
+    torch.manual_seed(0)
+    features = dict(batch.packed().ground_truth)
+    text = torch.nn.functional.dropout(features["text"], 0.5)
+    torch.testing.assert_close(dropped["text"], run.model.latents({**features, "text": text})["text"])
+    assert not torch.allclose(dropped["text"], clean["text"])
+    for m in ("audio", "video"):
+        assert torch.equal(dropped[m], clean[m])
+    assert torch.equal(run._batch_latents(batch, training=False)[0]["text"], clean["text"])  # validation: none
+
+
 def test_generator_warm_up_trains_recovery_alone_first(corpus):
     run = tiny_run(corpus, generator_epochs=2)
     model = run.model
@@ -186,6 +241,15 @@ def test_bad_settings_are_refused(corpus):
         RoHyDRRun(build_model(corpus, tiny_config()), corpus, tiny_config(lambda_c=1.5))
     with pytest.raises(ValueError, match="RoHyDR: preset"):
         build_model(corpus, tiny_config(preset="huge"))
+    with pytest.raises(ValueError, match=r"RoHyDR: text_dropout must lie in \[0, 1\); got 1.0"):
+        RoHyDRRun(build_model(corpus, tiny_config()), corpus, tiny_config(text_dropout=1.0))
+    from imer_fast.models.rohydr import RoHyDR
+
+    score = RoHyDR(corpus.feature_dims, generator="score", latent_channels=32, latent_length=8, timesteps=20,
+                   score=dict(channels=(32, 32, 32, 32), embed_dim=32), refiner_blocks=1, refiner_reduction=4,
+                   mult=dict(num_heads=2, layers=1, mem_layers=1))
+    with pytest.raises(ValueError, match="RoHyDR: sampler_gradient needs generator='dit'"):
+        RoHyDRRun(score, corpus, tiny_config(sampler_gradient=True, generator="score"))
 
 
 def redundant_mosi(noise: float = 0.1, seed: int = 0):

@@ -329,16 +329,26 @@ class RoHyDR(nn.Module):
             return self.diffusion.train_losses(net, x0, t, cond, generator=generator, prediction=self.prediction)
         return ve_sde_loss(net, x0, self.sde.marginal_prob_std, condition=cond, generator=generator)
 
-    @torch.no_grad()
-    def sample(self, target: str, cond: Tensor, *, seed: Optional[int] = None, steps: Optional[int] = None) -> Tensor:
+    def sample(self, target: str, cond: Tensor, *, seed: Optional[int] = None, steps: Optional[int] = None,
+               differentiable: bool = False) -> Tensor:
         """Standardised latents [n, C, L] generated for ``target`` from ``cond`` [n, C, L] (DDIM over the
-        trained timestep range, or Euler–Maruyama over t ∈ [1, 1e-3]); ``seed`` makes the noise repeatable."""
+        trained timestep range, or Euler–Maruyama over t ∈ [1, 1e-3]); ``seed`` makes the noise repeatable.
+        ``differentiable`` (DiT only): keep the graph through every DDIM step, so that a loss on the result
+        trains the generator and the condition, as RoHyDR's DiT release trains them."""
         net, (c, length), n = self.generator(target), self.latent_shape, cond.shape[0]
         steps = steps or self.sampling_steps
         if self.generator_kind == "dit":
             return self.diffusion.ddim_sample(self.diffusion.noise_predictor(net, self.prediction), cond, length, n, c,
-                                              ddim_timesteps=steps,
-                                              ddim_discr_method="uniform", clip_denoised=False, seed=seed)
+                                              ddim_timesteps=steps, ddim_discr_method="uniform", clip_denoised=False,
+                                              seed=seed, differentiable=differentiable)
+        if differentiable:
+            raise ValueError(f"{_NAME}.sample: differentiable sampling needs generator='dit' (the release's "
+                             f"ScoreNet version samples without gradient); this model's generator is 'score'")
+        return self._sample_score(net, cond, n, c, length, steps, seed)
+
+    @torch.no_grad()
+    def _sample_score(self, net: nn.Module, cond: Tensor, n: int, c: int, length: int, steps: int,
+                      seed: Optional[int]) -> Tensor:
         start_std = float(self.sde.marginal_prob_std(torch.ones((), dtype=cond.dtype)))
         if seed is None:
             init = torch.randn((n, c, length), device=cond.device, dtype=cond.dtype) * start_std
@@ -361,18 +371,19 @@ class RoHyDR(nn.Module):
             out[m] = (~availability[:, k] & others).nonzero().flatten()
         return out
 
-    @torch.no_grad()
     def draw(self, observed: Mapping[str, Tensor], availability: Tensor, *, seed: Optional[int] = None,
-             steps: Optional[int] = None) -> Dict[str, Tensor]:
-        """Modality -> standardised generated latents of its :meth:`recoverable_rows` (in row order)."""
+             steps: Optional[int] = None, differentiable: bool = False) -> Dict[str, Tensor]:
+        """Modality -> standardised generated latents of its :meth:`recoverable_rows` (in row order);
+        ``differentiable``: see :meth:`sample` (the graph then also reaches the ``cat_*`` convs)."""
         self._require_scaling()
-        standardised = {m: self.standardise(m, observed[m]) for m in MODALITIES}
-        out = {}
-        for k, (m, rows) in enumerate(self.recoverable_rows(availability).items()):
-            if rows.numel():
-                cond, _ = self.condition(m, standardised, availability)
-                out[m] = self.sample(m, cond[rows], seed=None if seed is None else seed * len(MODALITIES) + k,
-                                     steps=steps)
+        with torch.set_grad_enabled(bool(differentiable)):
+            standardised = {m: self.standardise(m, observed[m]) for m in MODALITIES}
+            out = {}
+            for k, (m, rows) in enumerate(self.recoverable_rows(availability).items()):
+                if rows.numel():
+                    cond, _ = self.condition(m, standardised, availability)
+                    out[m] = self.sample(m, cond[rows], seed=None if seed is None else seed * len(MODALITIES) + k,
+                                         steps=steps, differentiable=differentiable)
         return out
 
     def recover(self, observed: Mapping[str, Tensor], availability: Tensor, *, seed: Optional[int] = None,

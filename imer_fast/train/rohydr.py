@@ -48,14 +48,16 @@ from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validat
 PRESETS = {
     # The release's MOSI model: 32 × 48 latents, DiT 64/6/16, 1,000 DDPM steps sampled by DDIM-50, RCAN 20 blocks.
     "release": dict(latent_channels=32, latent_length=48, dit=None, score=None, timesteps=1000, sampling_steps=50,
-                    refiner_blocks=20, mult=None, prediction="eps"),
+                    refiner_blocks=20, mult=None, prediction="eps", text_dropout=0.5),
     # Two CPU cores, seconds to a minute on synthetic MOSI at scale 0.3 with small features.
     "small": dict(latent_channels=16, latent_length=8, dit=dict(hidden_size=32, depth=2, num_heads=4),
                   score=dict(channels=(32, 32, 32, 32), embed_dim=64), timesteps=100, sampling_steps=5,
                   refiner_blocks=2, prediction="eps", mult=dict(num_heads=4, layers=1, mem_layers=1, attn_dropout=0.1,
                                               attn_dropout_a=0.1, attn_dropout_v=0.1, relu_dropout=0.1,
-                                              res_dropout=0.1, embed_dropout=0.1, output_dropout=0.1)),
+                                              res_dropout=0.1, embed_dropout=0.1, output_dropout=0.1),
+                  text_dropout=0.0),
 }
+RUN_SETTINGS = ("text_dropout",)  # preset entries the run applies, not the model
 DEFAULT_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 GROUPS = ("recovery", "discriminator", "reconstructor", "fusion")
 
@@ -74,11 +76,21 @@ class RoHyDRConfig:
     lambda_c: float = 0.4
     sampling_steps: Optional[int] = None   # recovery sampler steps (preset default otherwise)
     prediction: Optional[str] = None       # DiT: "eps" | "v" (preset default otherwise)
+    text_dropout: Optional[float] = None   # training dropout on text features (preset default otherwise)
+    sampler_gradient: bool = False         # DiT: stages 1 and 3 train the generators through the sampler
     valid_fraction: float = 0.1
     eval_rates: Sequence[float] = DEFAULT_RATES
     eval_patterns: bool = True
     layers: str = "fused"
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def text_dropout(config: RoHyDRConfig) -> float:
+    """The training dropout on text features: ``config.text_dropout``, else the preset's (release 0.5)."""
+    p = PRESETS.get(config.preset, {}).get("text_dropout", 0.0) if config.text_dropout is None else config.text_dropout
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"RoHyDR: text_dropout must lie in [0, 1); got {p}")
+    return float(p)
 
 
 def build_model(corpus: Corpus, config: RoHyDRConfig, recovery: Optional[str] = None) -> RoHyDR:
@@ -88,7 +100,7 @@ def build_model(corpus: Corpus, config: RoHyDRConfig, recovery: Optional[str] = 
 def _model(feature_dims, task: str, num_classes: int, config: RoHyDRConfig, recovery: str) -> RoHyDR:
     if config.preset not in PRESETS:
         raise ValueError(f"RoHyDR: preset must be one of {sorted(PRESETS)}; got {config.preset!r}")
-    preset = dict(PRESETS[config.preset])
+    preset = {k: v for k, v in PRESETS[config.preset].items() if k not in RUN_SETTINGS}
     for name in ("sampling_steps", "prediction"):
         if getattr(config, name) is not None:
             preset[name] = getattr(config, name)
@@ -114,6 +126,10 @@ class RoHyDRRun(SystemRun):
                 raise ValueError(f"RoHyDR: {name} must lie in [0, 1]; got {value}")
         if config.lambda_g < 0:
             raise ValueError(f"RoHyDR: lambda_g must be >= 0; got {config.lambda_g}")
+        self.text_dropout = text_dropout(config)
+        if config.sampler_gradient and model.recovery_mode == "diffusion" and model.generator_kind != "dit":
+            raise ValueError("RoHyDR: sampler_gradient needs generator='dit' (the release's ScoreNet version samples "
+                             f"without gradient); got generator={model.generator_kind!r}")
         super().__init__(model, corpus, config)
 
     def task_loss(self, prediction: Tensor, labels: Tensor) -> Tensor:
@@ -132,20 +148,25 @@ class RoHyDRRun(SystemRun):
 
     # ---- the three-stage step -------------------------------------------------------------------
 
-    def _batch_latents(self, batch, count_skipped: bool = True
+    def _batch_latents(self, batch, training: bool = True
                        ) -> Optional[Tuple[Dict[str, Tensor], Dict[str, Tensor], Tensor, Tensor]]:
         """Ground-truth and observed latents, availability and labels of the utterances that have some
-        modality (the others are counted in ``skipped_utterances`` when training); None when there is none."""
+        modality (the others are counted in ``skipped_utterances`` when ``training``, which also applies
+        ``text_dropout`` to the text features, as the release does before its frozen projection, so to the
+        ground-truth and the observed branch alike); None when there is none."""
         packed = batch.packed()
         keep = packed.availability.any(dim=1)
-        if count_skipped:
+        if training:
             self.skipped_utterances += int((~keep).sum())
         if not bool(keep.any()):
             return None
         avail = packed.availability[keep]
         y = self._labels(packed)[keep]
+        features = {m: packed.ground_truth[m][keep] for m in MODALITIES}
+        if training and self.text_dropout:
+            features["text"] = F.dropout(features["text"], self.text_dropout)
         with torch.no_grad():
-            truth = self.model.latents({m: packed.ground_truth[m][keep] for m in MODALITIES})
+            truth = self.model.latents(features)
             observed = {m: truth[m] * avail[:, k].to(truth[m].dtype).view(-1, 1, 1) for k, m in enumerate(MODALITIES)}
         return truth, observed, avail, y
 
@@ -162,8 +183,17 @@ class RoHyDRRun(SystemRun):
             samples = self.recovery_stage(truth, observed, avail, epoch, update)
             if int(incomplete.sum()) >= 2:  # the BatchNorm layers of D and R need two rows
                 self.adversarial_stage(truth, observed, avail, incomplete, samples, update)
-        with torch.no_grad():
-            recovered = model.recover(observed, avail, samples=samples)
+        groups = ("fusion", "reconstructor") if model.recovery_mode == "diffusion" and bool(incomplete.any()) \
+            else "fusion"
+        if model.recovery_mode == "diffusion" and cfg.sampler_gradient:
+            # The release's DiT version samples again for stage 3 and its task loss reaches the refiners,
+            # generators and condition convs through the sampler.
+            recovered = model.recover(observed, avail, samples=model.draw(observed, avail, differentiable=True,
+                                                                          seed=self.batch_seed(epoch)))
+            groups = groups + ("recovery",) if isinstance(groups, tuple) else groups
+        else:
+            with torch.no_grad():
+                recovered = model.recover(observed, avail, samples=samples)
         # Stage 3: fusion + head on ground truth and on recovered latents (shared weights, one pass).
         rows = incomplete.nonzero().flatten()
         both = {m: torch.cat([truth[m], recovered[m][rows]]) for m in MODALITIES}
@@ -174,7 +204,7 @@ class RoHyDRRun(SystemRun):
         loss = (1 - cfg.lambda_c) * self.task_loss(pred_gt, y) + cfg.lambda_c * self.task_loss(pred_rec, y)
         # As the release (one optimiser over the whole model), the task loss also trains the reconstructor
         # R that ŷ_rec reads; otherwise the head alone must fit R's outputs.
-        update(("fusion", "reconstructor") if model.recovery_mode == "diffusion" and len(rows) else "fusion", loss)
+        update(groups, loss)
         return loss.detach(), len(y)
 
     def _predict_incomplete(self, fused_rec: Tensor) -> Tensor:
@@ -189,10 +219,11 @@ class RoHyDRRun(SystemRun):
             model.reconstruction.train()
 
     def recovery_stage(self, truth, observed, avail, epoch: int, update) -> Dict[str, Tensor]:
-        """Stage 1: generators on every conditionable row, refiners on the missing entries; returns the draws."""
+        """Stage 1: generators on every conditionable row, refiners on the missing entries; returns the draws
+        (detached: with ``sampler_gradient`` they were drawn with a graph that stage 1's backward consumed)."""
         loss, samples = self.recovery_loss(truth, observed, avail, epoch)
         update("recovery", loss)
-        return samples
+        return {m: draw.detach() for m, draw in samples.items()}
 
     def recovery_loss(self, truth, observed, avail, epoch: int) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Stage 1's loss and the draws it refined."""
@@ -204,7 +235,7 @@ class RoHyDRRun(SystemRun):
             cond, has = model.condition(m, standardised, avail)
             if bool(has.any()):
                 gen_losses.append(model.generator_loss(m, targets[m][has], cond[has]))
-        samples = model.draw(observed, avail, seed=self.batch_seed(epoch))
+        samples = model.draw(observed, avail, seed=self.batch_seed(epoch), differentiable=cfg.sampler_gradient)
         rec_losses = [F.mse_loss(model.refiner(m)(samples[m]), targets[m][rows])
                       for m, rows in model.recoverable_rows(avail).items() if rows.numel()]
         rec = torch.stack(rec_losses).sum() if rec_losses else torch.zeros((), device=avail.device)
@@ -225,7 +256,7 @@ class RoHyDRRun(SystemRun):
         model = self.model
         total, count = 0.0, 0
         for batch in self.loader("valid", seed=self.config.trainer.seed + 1):
-            latents = self._batch_latents(batch, count_skipped=False)
+            latents = self._batch_latents(batch, training=False)
             if latents is None:
                 continue
             truth, observed, avail, _ = latents
