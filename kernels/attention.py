@@ -774,8 +774,10 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     want_dnk, want_dnv = mask[3] and has_null, mask[4] and has_null
     # Outputs not asked for are distinct empty tensors (one shared tensor would alias the outputs).
     dq = torch.empty_like(q) if want_dq else q.new_empty(0)
-    dk = torch.empty_like(k) if want_dk else q.new_empty(0)
-    dv = torch.empty_like(v) if want_dv else q.new_empty(0)
+    # like k and v (one packed k|v buffer when they are halves of one): what the fake promises compile
+    from imer_fast.ops.attention import key_value_gradient_buffers
+
+    dk, dv = key_value_gradient_buffers(k, v, want_dk, want_dv, pb.varlen)
     dnk = torch.empty_like(null_k) if want_dnk else q.new_empty(0)
     dnv = torch.empty_like(null_v) if want_dnv else q.new_empty(0)
     if not any((want_dq, want_dk, want_dv, want_dnk, want_dnv)):

@@ -340,6 +340,64 @@ def test_cpu_backward_packs_key_value_gradients_like_their_inputs():
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def test_fake_backward_gives_the_kernels_key_value_layout(backend):
+    """torch.compile checks every output's strides against the fake implementation: for k and v viewed
+    from one packed k|v buffer the kernels return dk/dv packed the same way, and so must the fake."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    lq, lk, batch, heads, dim = 5, 4, 2, 2, 8
+    args = dict(scale=dim ** -0.5)
+
+    def grads(make):
+        q = make(lq, batch, heads, dim).permute(1, 2, 0, 3)
+        kv = make(lk, batch, 2, heads, dim)
+        k, v = (kv.select(2, i).permute(1, 2, 0, 3) for i in range(2))
+        separate = make(batch, heads, lk, dim)
+        out = []
+        for kk, vv in ((k, v), (k, separate)):
+            o, lse = torch.ops.imer_fast.attention(q, kk, vv, None, None, None, None, None, lq, lk, args["scale"], 2,
+                                                   0.0, None)
+            out.append(torch.ops.imer_fast.attention_backward(o, q, kk, vv, o, lse, None, None, None, None, None, lq,
+                                                              lk, args["scale"], 2, 0.0, None, [True] * 3 + [False] * 2))
+        return [(t.stride(), t.storage_offset()) for pair in out for t in pair[1:3]]
+
+    real = grads(torch.randn)
+    with FakeTensorMode():
+        fake = grads(torch.empty)
+    assert real == fake
+
+
+def test_compiled_packed_key_value_attention_backward():
+    from imer_fast.nn.cross_modal_transformer import PackedMultiheadAttention
+
+    torch.manual_seed(0)
+    attn = PackedMultiheadAttention(16, 2)
+    x, kv = torch.randn(5, 2, 16), torch.randn(4, 2, 16)
+    eager = torch.autograd.grad(attn(x, kv, kv).square().sum(), list(attn.parameters()))
+    compiled = torch.compile(attn, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, kv, kv).square().sum(), list(attn.parameters()))
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_empty_varlen_batch_backward(backend):
+    q, k, v = (rand(0, 2, 8, seed=s).requires_grad_() for s in (1, 2, 3))
+    cu = torch.zeros(1, dtype=torch.int64)
+    out = attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    assert out.shape == (0, 2, 8)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(g.shape == (0, 2, 8) for g in grads)
+
+
+def test_compiled_varlen_without_max_seqlen(backend):
+    if backend != "cpp":  # the reference loops over cu_seqlens on the host; see test_torch_compile_fullgraph
+        pytest.skip("fullgraph compilation of varlen needs the operator")
+    qp, kp, vp = rand(5, 2, 8, seed=4), rand(4, 2, 8, seed=5), rand(4, 2, 8, seed=6)
+    cu_q, cu_k = torch.tensor([0, 2, 5]), torch.tensor([0, 1, 4])
+    fn = lambda q, k, v: attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, mask="causal")  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(qp, kp, vp), fn(qp, kp, vp))
+
+
 @pytest.mark.parametrize("shape", [(0, 2, 3, 4, 8), (2, 2, 0, 4, 8), (2, 2, 3, 0, 8), (2, 0, 3, 4, 8)])
 def test_zero_size(backend, shape):
     batch, heads, lq, lk, dim = shape
@@ -535,6 +593,12 @@ def test_bad_input_errors():
         attention(q, k, v, null_k=torch.zeros(3, 1, 8), null_v=torch.zeros(3, 1, 8))
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
         attention(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match="scale must be a finite number; got nan"):
+        attention(q, k, v, scale=float("nan"))
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        attention(q[..., :0], k[..., :0], v[..., :0])
+    with pytest.raises(ValueError, match=r"null_v must have shape .* \(the shape of null_k\)"):
+        attention(q, k, v, null_k=torch.zeros(2, 1, 8), null_v=torch.zeros(2, 2, 8))
     qp, kp, vp = rand(5, 2, 8), rand(4, 2, 8), rand(4, 2, 8)
     with pytest.raises(ValueError, match="cu_seqlens_q must start at 0 and never decrease"):
         attention(qp, kp, vp, cu_seqlens_q=torch.tensor([0, 4, 3, 5]), cu_seqlens_k=torch.tensor([0, 1, 2, 4]))

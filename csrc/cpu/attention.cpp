@@ -563,7 +563,7 @@ std::pair<at::Tensor, at::Tensor> key_value_gradients(const at::Tensor& k, const
   if (!varlen && need_dk && need_dv && k.sizes() == v.sizes() && k.strides() == v.strides()) {
     const int64_t batch = k.size(0), heads = k.size(1), lk = k.size(2), dim = k.size(3), row = 2 * heads * dim;
     const std::vector<int64_t> packed_strides{row, dim, batch * row, 1};
-    if (k.strides() == at::IntArrayRef(packed_strides) &&
+    if (k.strides() == at::IntArrayRef(packed_strides) && k.is_alias_of(v) &&
         static_cast<const char*>(v.data_ptr()) - static_cast<const char*>(k.data_ptr()) ==
             static_cast<std::ptrdiff_t>(heads * dim * k.element_size())) {
       const at::Tensor packed = at::empty({lk, batch, 2, heads, dim}, k.options());

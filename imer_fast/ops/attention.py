@@ -36,6 +36,10 @@ arithmetic is on uint32 (wrapping); ``fmix`` is MurmurHash3's finaliser:
     bits     = fmix(row_key ^ (c * 0x9E3779B9))
     keep     = (bits >> 8) >= floor(dropout_p * 2**24)
 
+Since the seed's high half is added to ``row * H + h``, seeds that differ by a multiple of 2**32 shift
+the masks by whole heads or rows (seed + 2**32 gives head h + 1's mask): derive seeds by hashing or
+drawing them (the default draws from torch's generator), not as ``epoch << 32``.
+
 Backends (:func:`select_attention_backend`): Triton on CUDA (``kernels/attention.py``: online-softmax
 tiles, a CUDA-core variant for head dims below 16), C++ on CPU (``csrc/cpu/attention.cpp``), and the
 pure-torch :func:`attention_ref`, which materialises the scores. Double backward is not supported.
@@ -46,6 +50,7 @@ like MKL's GEMMs, not across thread counts. Every other CPU result is independen
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -140,7 +145,11 @@ def attention_ref_with_lse(
                             torch.arange(q0, q1)[None], *args)
         outs.append(o[0].transpose(0, 1))
         lses.append(l_[0])
-    out = torch.cat(outs) if outs else q.new_zeros(q.shape)
+    if outs:
+        out = torch.cat(outs)
+    else:  # an empty batch: zeros still tied to every input, so backward gives zero gradients as the kernels do
+        tied = [t.sum() for t in (q, k, v, null_k, null_v) if t is not None]
+        out = q.new_zeros(q.shape) + 0 * torch.stack(tied).sum()
     lse = torch.cat(lses, dim=1) if lses else q.new_zeros(q.shape[1], 0, dtype=_lse_dtype(q.dtype))
     return out.to(q.dtype), lse
 
@@ -172,14 +181,33 @@ def _attention_fake(q, k, v, key_mask, null_k, null_v, cu_seqlens_q, cu_seqlens_
     return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_lse_dtype(q.dtype))
 
 
+def key_value_gradient_buffers(k: Tensor, v: Tensor, need_dk: bool, need_dv: bool,
+                               varlen: bool) -> Tuple[Tensor, Tensor]:
+    """dk and dv laid out like k and v: when k and v are the two halves of one packed k|v projection
+    ([Lk, B, 2, H, D] rows, viewed as [B, H, Lk, D]), so are dk and dv, and the projection's backward
+    reads the pair as one matrix without a copy. The C++ kernel (``key_value_gradients`` in
+    csrc/cpu/attention.cpp) applies the same rule, the Triton launcher calls this, and the fake
+    implementation must give compiled graphs the strides the kernels return."""
+    none = k.new_empty(0)
+    if not varlen and need_dk and need_dv and k.shape == v.shape and k.stride() == v.stride():
+        batch, heads, lk, dim = k.shape
+        row = 2 * heads * dim
+        if (k.stride() == (row, dim, batch * row, 1) and torch._C._is_alias_of(k, v)
+                and v.storage_offset() - k.storage_offset() == heads * dim):
+            packed = k.new_empty((lk, batch, 2, heads, dim))
+            return packed.select(2, 0).permute(1, 2, 0, 3), packed.select(2, 1).permute(1, 2, 0, 3)
+    return (torch.empty_like(k) if need_dk else none, torch.empty_like(v) if need_dv else k.new_empty(0))
+
+
 @torch.library.register_fake("imer_fast::attention_backward")
 def _attention_backward_fake(grad_out, q, k, v, out, lse, key_mask, null_k, null_v, cu_seqlens_q, cu_seqlens_k,
                              max_seqlen_q, max_seqlen_k, scale, mask_kind, dropout_p, dropout_seed, output_mask):
     has_null = null_k is not None
+    dk, dv = key_value_gradient_buffers(k, v, output_mask[1], output_mask[2], cu_seqlens_q is not None)
     return (
         torch.empty_like(q) if output_mask[0] else q.new_empty(0),
-        torch.empty_like(k) if output_mask[1] else q.new_empty(0),
-        torch.empty_like(v) if output_mask[2] else q.new_empty(0),
+        dk,
+        dv,
         torch.empty_like(null_k) if output_mask[3] and has_null else q.new_empty(0),
         torch.empty_like(null_v) if output_mask[4] and has_null else q.new_empty(0),
     )
@@ -309,6 +337,8 @@ def _check_inputs(q, k, v, key_mask, null_k, null_v, cu_seqlens_q, cu_seqlens_k,
         raise ValueError(f"{_OP}: k and v must have the same shape; got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"{_OP}: head dim mismatch: q has {q.shape[-1]} but k and v have {k.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{_OP}: head_dim must be >= 1; got q of shape {tuple(q.shape)}")
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"{_OP}: q has {q.shape[1]} heads but k and v have {k.shape[1]}")
     if not varlen and k.shape[0] != q.shape[0]:
@@ -336,7 +366,8 @@ def _check_inputs(q, k, v, key_mask, null_k, null_v, cu_seqlens_q, cu_seqlens_k,
             if (not isinstance(t, Tensor) or t.dim() != 3 or t.shape[0] != heads or t.shape[2] != q.shape[-1]
                     or t.shape != null_k.shape):
                 raise ValueError(f"{_OP}: {name} must have shape [heads = {heads}, num_null, head_dim = "
-                                 f"{q.shape[-1]}] (same as null_k); got {_describe(t)}")
+                                 f"{q.shape[-1]}]{' (the shape of null_k)' if name == 'null_v' else ''}; got "
+                                 f"{_describe(t)}")
             if t.dtype != q.dtype or t.device != q.device:
                 raise TypeError(f"{_OP}: {name} must have q's dtype and device ({q.dtype} on {q.device}); got "
                                 f"{t.dtype} on {t.device}")
@@ -350,10 +381,13 @@ def _check_inputs(q, k, v, key_mask, null_k, null_v, cu_seqlens_q, cu_seqlens_k,
                          f"{_describe(dropout_seed)}")
 
 
-def _resolve_max_seqlen(name: str, given: Optional[int], cu: Tensor) -> int:
-    """The longest sequence of ``cu``; a given bound is checked (kernels size their grids by it)."""
-    if given is not None and torch.compiler.is_compiling():
-        return int(given)
+def _resolve_max_seqlen(name: str, given: Optional[int], cu: Tensor, total: int) -> int:
+    """The longest sequence of ``cu``; a given bound is checked (kernels size their grids by it). Under
+    ``torch.compile`` nothing can be read from ``cu``: a given bound is trusted (as FlashAttention's
+    varlen API trusts it) and a missing one becomes the packed length ``total``, which bounds every
+    sequence (a larger grid whose extra programs exit at once)."""
+    if torch.compiler.is_compiling():
+        return total if given is None else given
     actual = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
     if given is not None and int(given) < actual:
         raise ValueError(f"{_OP}: {name} = {given} is below the longest sequence in cu_seqlens ({actual})")
@@ -372,8 +406,12 @@ def attention(
     (MulT); ``key_mask`` is True where a key may be attended (padding and missing modalities False).
     With ``dropout_p > 0`` and no ``dropout_seed``, a seed is drawn from torch's default generator
     (so ``torch.manual_seed`` makes runs repeatable). ``max_seqlen_*`` (varlen only) are computed
-    from ``cu_seqlens`` when omitted (one device-to-host copy).
+    from ``cu_seqlens`` when omitted (one device-to-host copy); a given value is checked against them,
+    except under ``torch.compile``, where it is trusted: one below the longest sequence then leaves
+    rows of the GPU output unwritten (as with FlashAttention's varlen functions).
     """
+    if scale is not None and not math.isfinite(float(scale)):
+        raise ValueError(f"{_OP}: scale must be a finite number; got {scale!r}")
     q, k, v, null_k, null_v = _runtime.under_autocast(q, k, v, null_k, null_v)
     _check_inputs(q, k, v, key_mask, null_k, null_v, cu_seqlens_q, cu_seqlens_k, mask, dropout_p, dropout_seed)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -385,8 +423,8 @@ def attention(
         return attention_ref(q, k, v, key_mask, null_k, null_v, cu_seqlens_q, cu_seqlens_k, scale, mask, dropout_p,
                              dropout_seed)
     if cu_seqlens_q is not None:
-        max_seqlen_q = _resolve_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
-        max_seqlen_k = _resolve_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+        max_seqlen_q = _resolve_max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q, q.shape[0])
+        max_seqlen_k = _resolve_max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k, k.shape[0])
     else:
         max_seqlen_q, max_seqlen_k = q.shape[2], k.shape[2]
     out, _ = torch.ops.imer_fast.attention(q, k, v, key_mask, null_k, null_v, cu_seqlens_q, cu_seqlens_k,
