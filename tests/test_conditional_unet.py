@@ -105,5 +105,15 @@ def test_errors_name_the_argument():
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="x contains NaN"):
         ours(bad, t, y)
+    bad_y = y.clone()
+    bad_y[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="y contains NaN"):
+        ours(x, t, bad_y)
+    with pytest.raises(ValueError, match="x is torch.float64 but the model's parameters are torch.float32"):
+        ours(x.double(), t, y)
+    with pytest.raises(ValueError, match="length L >= 1"):
+        ours(x[:, :, :0], t, y)
+    empty = ours(x[:0], t[:0], y[:0])  # an empty sampler batch
+    assert empty.shape == (0, 32, x.shape[2])
     with pytest.raises(ValueError, match="model_channels must be a multiple of 32"):
         ConditionalUNet1d(model_channels=48)

@@ -13,7 +13,7 @@ from imer_fast.models.dialogue_context import DialogueLayout, dialogue_context, 
 from imer_fast.models.drkf import DRKF
 
 TINY = dict(latent_channels=4, latent_length=3, hidden=16, num_layers=1, heads=2, intermediate=32, max_positions=32,
-            ae_layers=(8, 4), ae_blocks=2, timesteps=20, sampling_steps=3,
+            ae_layers=(8, 4), ae_blocks=2, timesteps=25, sampling_steps=3,
             unet=dict(model_channels=32, channel_mult=(1,), num_res_blocks=1, attention_resolutions=(), num_heads=2))
 
 

@@ -160,8 +160,9 @@ def test_every_sampler_and_any_pattern(trained, sampler):
     model, _, _ = trained
     features, _, logits = synthetic(5, torch.Generator().manual_seed(2))
     availability = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 0, 0]], dtype=torch.bool)
-    out = model.recover(features, availability, logits, sampler=sampler, steps=5, seed=1)
-    again = model.recover(features, availability, logits, sampler=sampler, steps=5, seed=1)
+    steps = None if sampler == "ddpm" else 5  # DDPM runs every trained timestep
+    out = model.recover(features, availability, logits, sampler=sampler, steps=steps, seed=1)
+    again = model.recover(features, availability, logits, sampler=sampler, steps=steps, seed=1)
     for m in MODALITIES:
         assert out[m].shape == (5, 4, 8) and torch.isfinite(out[m]).all()
         assert torch.equal(out[m], again[m])
@@ -208,6 +209,25 @@ def test_bad_inputs_are_named():
         model.recover(dict(features, video=features["video"][:, :3]), ok, logits)
     with pytest.raises(ValueError, match="latent_range"):
         model.set_scaling({"text": (1.0, 1.0)})
+    nan_logits = logits.clone()
+    nan_logits[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="pseudo_logits for 'text' contain NaN"):
+        model.recover(features, ok, nan_logits)
+    with pytest.raises(ValueError, match="steps must be an int >= 1; got 0"):
+        model.recover(features, ok, logits, steps=0)
+    with pytest.raises(ValueError, match="steps does not apply to sampler='ddpm'"):
+        model.recover(features, ok, logits, sampler="ddpm", steps=5)
+
+
+def test_sampler_settings_fail_at_construction_not_at_recovery():
+    with pytest.raises(ValueError, match="ddim_discr_method must be one of"):
+        small_model(ddim_discr_method="linear")
+    with pytest.raises(ValueError, match="ddim_eta must be >= 0"):
+        small_model(ddim_eta=-1.0)
+    with pytest.raises(ValueError, match=r"sampling_steps=500 does not fit the sampler 'ddim'"):
+        small_model(sampling_steps=500)
+    with pytest.raises(ValueError, match="sampling_steps must be an int >= 1"):
+        small_model(sampling_steps=0)
 
 
 def test_standard_scaling_is_the_per_element_mean_and_std_of_present_latents():

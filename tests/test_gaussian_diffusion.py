@@ -222,6 +222,15 @@ def test_bad_arguments_are_named():
         ddim_timestep_sequence(1000, 50, "cubic")
     with pytest.raises(ValueError, match="ddim_timesteps"):
         ddim_timestep_sequence(100, 500, "quad")
+    # the release's +1 shift runs past the last trained step (it would index out of range)
+    with pytest.raises(ValueError, match=r"ddim_timesteps=1000 with 'uniform' spacing .* reaches t=1000"):
+        ddim_timestep_sequence(1000, 1000, "uniform")
+    with pytest.raises(ValueError, match=r"reaches t=5, past the last trained step 4"):
+        ddim_timestep_sequence(5, 3, "quad")
+    assert ddim_timestep_sequence(1000, 999, "uniform")[0][998] == 999  # the longest that fits
+    with pytest.raises(ValueError, match=r"timesteps must be an int > 20 for the linear schedule"):
+        GaussianDiffusion(20)
+    GaussianDiffusion(20, "cosine")  # bounded by construction
     diffusion = GaussianDiffusion(100)
     model = TinyDenoiser()
     x0 = torch.zeros(2, 4, 8)
@@ -235,6 +244,21 @@ def test_bad_arguments_are_named():
         diffusion.ddim_sample(model, torch.zeros(2, 3), 8, 2, 4, noise=torch.zeros(2, 4, 9))
     with pytest.raises(ValueError, match="either generator"):
         diffusion.ddim_sample(model, torch.zeros(2, 3), 8, 2, 4, generator=torch.Generator(), seed=1)
+    with pytest.raises(ValueError, match=r"noise must have x_start's shape \(2, 4, 8\)"):
+        diffusion.q_sample(x0, torch.tensor([0, 1]), noise=torch.zeros(1, 4, 8))
+    for method in (diffusion.q_mean_variance, lambda x, t: diffusion.predict_start_from_noise(x, t, x),
+                   lambda x, t: diffusion.q_posterior_mean_variance(x, x, t)):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 99\]"):
+            method(x0, torch.tensor([0, 100]))
+
+
+def test_v_prediction_samples_in_the_models_dtype():
+    """The v → ε wrapper exposes the model's parameters, so the samplers start from noise of its dtype."""
+    diffusion = GaussianDiffusion(timesteps=50)
+    model = TinyDenoiser().double()
+    y = torch.softmax(torch.randn(2, 3, dtype=torch.float64), 1)
+    out = diffusion.ddim_sample(diffusion.noise_predictor(model, "v"), y, 8, 2, 4, ddim_timesteps=5, seed=3)
+    assert out.dtype == torch.float64
 
 
 def test_v_prediction_loss_and_noise_predictor_from_the_definition():

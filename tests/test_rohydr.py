@@ -9,7 +9,7 @@ from imer_fast.data import MODALITIES, make_loader, make_synthetic
 from imer_fast.models.rohydr import RoHyDR
 from imer_fast.nn.rcan import ChannelAttention, ResidualChannelAttentionBlock, ResidualGroup
 
-TINY = dict(latent_channels=8, latent_length=8, dit=dict(hidden_size=16, depth=1, num_heads=2), timesteps=20,
+TINY = dict(latent_channels=8, latent_length=8, dit=dict(hidden_size=16, depth=1, num_heads=2), timesteps=25,
             sampling_steps=3, refiner_blocks=1, refiner_reduction=4, mult=dict(num_heads=2, layers=1, mem_layers=1),
             reconstructor_hidden=(8, 8), discriminator_hidden=(8, 8))
 

@@ -13,7 +13,7 @@ from imer_fast.models.rohydr import RECOVERY_MODULE_PREFIXES
 from imer_fast.train.rohydr import GROUPS, RoHyDRConfig, RoHyDRRun, build_model, load_rohydr, train_rohydr
 from imer_fast.train.trainer import Trainer, TrainerConfig, with_validation
 
-TINY_MODEL = dict(latent_channels=8, latent_length=8, dit=dict(hidden_size=16, depth=1, num_heads=2), timesteps=20,
+TINY_MODEL = dict(latent_channels=8, latent_length=8, dit=dict(hidden_size=16, depth=1, num_heads=2), timesteps=25,
                   sampling_steps=3, refiner_blocks=1, refiner_reduction=4,
                   mult=dict(num_heads=2, layers=1, mem_layers=1, embed_dropout=0.0, res_dropout=0.0),
                   reconstructor_hidden=(8, 8), discriminator_hidden=(8, 8))
@@ -245,7 +245,7 @@ def test_bad_settings_are_refused(corpus):
         RoHyDRRun(build_model(corpus, tiny_config()), corpus, tiny_config(text_dropout=1.0))
     from imer_fast.models.rohydr import RoHyDR
 
-    score = RoHyDR(corpus.feature_dims, generator="score", latent_channels=32, latent_length=8, timesteps=20,
+    score = RoHyDR(corpus.feature_dims, generator="score", latent_channels=32, latent_length=8, timesteps=25,
                    score=dict(channels=(32, 32, 32, 32), embed_dim=32), refiner_blocks=1, refiner_reduction=4,
                    mult=dict(num_heads=2, layers=1, mem_layers=1))
     with pytest.raises(ValueError, match="RoHyDR: sampler_gradient needs generator='dit'"):

@@ -169,6 +169,12 @@ def test_errors_name_the_argument():
         ddim_step(x, x[:1], alpha_bar=0.5, alpha_bar_prev=0.6)
     with pytest.raises(ValueError, match="alpha_bar must be in"):
         ddim_step(x, x, alpha_bar=0.0, alpha_bar_prev=0.6)
+    with pytest.raises(ValueError, match="eta > 0 needs alpha_bar_prev >= alpha_bar"):
+        ddim_step(x, x, alpha_bar=0.6, alpha_bar_prev=0.5, eta=1.0, seed=SEED)
+    with torch.no_grad():  # eta = 0 towards more noise: a DDIM inversion step, no sigma to compute
+        inverted = ddim_step(x, x, alpha_bar=0.6, alpha_bar_prev=0.5, clip_denoised=False)
+    x0 = (x - math.sqrt(0.4) * x) / math.sqrt(0.6)
+    torch.testing.assert_close(inverted, math.sqrt(0.5) * x0 + math.sqrt(0.5) * x)
     with pytest.raises(ValueError, match="seed must be a one-element int64 tensor"):
         ve_em_step(x, x, g=1.0, step_size=0.1, seed=torch.tensor(1.0))
     with pytest.raises(ValueError, match="offset must be an int"):

@@ -171,5 +171,16 @@ def test_input_errors_name_the_argument():
         model(x, t, cond[:, :16])
     with pytest.raises(ValueError, match="condition is torch.float64"):
         model(x, t, cond.double())
+    bad = x.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN"):
+        model(bad, t)
+    bad_cond = cond.clone()
+    bad_cond[-1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="condition contains NaN"):
+        model(x, t, bad_cond)
+    for times in (torch.zeros_like(t), t + 1.0):
+        with pytest.raises(ValueError, match=r"t must lie in \(0, 1\]"):
+            model(x, times)
     with pytest.raises(ValueError, match="channels must list 4"):
         ScoreNet(STD, channels=[32, 64, 128])

@@ -55,7 +55,8 @@ from torch import Tensor, nn
 from ..data.batching import PackedBatch
 from ..data.corpus import MODALITIES
 from ..nn.conditional_unet import ConditionalUNet1d
-from .gaussian import PREDICTIONS, GaussianDiffusion
+from .gaussian import (DDIM_DISCRETIZATIONS, PREDICTIONS, GaussianDiffusion, ddim_timestep_sequence,
+                       dpm_solver_timesteps)
 
 SCALINGS = ("minmax", "standard")
 GENERATOR_NAMES = {"text": "score_l_va", "video": "score_v_la", "audio": "score_a_lv"}
@@ -143,6 +144,13 @@ class DISCDiffusion(nn.Module):
             raise ValueError(f"DISCDiffusion: prediction must be one of {PREDICTIONS}; got {prediction!r}")
         if scaling not in SCALINGS:
             raise ValueError(f"DISCDiffusion: scaling must be one of {SCALINGS}; got {scaling!r}")
+        if not isinstance(sampling_steps, int) or isinstance(sampling_steps, bool) or sampling_steps < 1:
+            raise ValueError(f"DISCDiffusion: sampling_steps must be an int >= 1; got {sampling_steps!r}")
+        if ddim_discr_method not in DDIM_DISCRETIZATIONS:
+            raise ValueError(f"DISCDiffusion: ddim_discr_method must be one of {DDIM_DISCRETIZATIONS}; got "
+                             f"{ddim_discr_method!r}")
+        if not ddim_eta >= 0:
+            raise ValueError(f"DISCDiffusion: ddim_eta must be >= 0; got {ddim_eta!r}")
         if latent_range is not None and scaling != "minmax":
             raise ValueError(f"DISCDiffusion: latent_range fixes the release's min-max scaling; it needs "
                              f"scaling='minmax', got scaling={scaling!r}")
@@ -170,6 +178,7 @@ class DISCDiffusion(nn.Module):
             self.add_module(GENERATOR_NAMES[m], unet_cls(**unet_kwargs))
         self.has_generators = build_generators
         self.diffusion = GaussianDiffusion(timesteps=timesteps, beta_schedule=beta_schedule)
+        self._check_steps(sampler, sampling_steps, "sampling_steps")  # here, not after a whole training run
         self.register_buffer("latent_min", torch.full((len(MODALITIES),), -1.0))
         self.register_buffer("latent_max", torch.full((len(MODALITIES),), 1.0))
         if scaling == "standard":
@@ -370,6 +379,11 @@ class DISCDiffusion(nn.Module):
         sampler = self.sampler if sampler is None else sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"DISCDiffusion: sampler must be one of {SAMPLERS}; got {sampler!r}")
+        if steps is not None:
+            if sampler == "ddpm":
+                raise ValueError("DISCDiffusion: steps does not apply to sampler='ddpm' (it runs every trained "
+                                 f"timestep, {self.diffusion.timesteps}); got steps={steps!r}")
+            self._check_steps(sampler, steps, "steps")
         out: Dict[str, Tensor] = {}
         for k, m in enumerate(self.modalities):
             present = availability[:, MODALITIES.index(m)]
@@ -407,15 +421,30 @@ class DISCDiffusion(nn.Module):
         kwargs = dict(generator=generator, seed=seed)
         if sampler == "ddim":
             return self.diffusion.ddim_sample(model, cond, length, cond.shape[0], channels,
-                                              ddim_timesteps=steps or self.sampling_steps,
+                                              ddim_timesteps=self.sampling_steps if steps is None else steps,
                                               ddim_discr_method=self.ddim_discr_method, ddim_eta=self.ddim_eta,
                                               clip_denoised=self.clip_denoised, **kwargs)
         if sampler == "ddpm":
             return self.diffusion.sample(model, cond, length, cond.shape[0], channels,
                                          clip_denoised=self.clip_denoised, **kwargs)
         return self.diffusion.dpm_solver_sample(model, cond, length, cond.shape[0], channels,
-                                                steps=steps or min(self.sampling_steps, 20),
+                                                steps=self._dpm_steps(steps),
                                                 clip_denoised=self.clip_denoised, **kwargs)
+
+    def _dpm_steps(self, steps: Optional[int]) -> int:
+        return min(self.sampling_steps, 20) if steps is None else steps
+
+    def _check_steps(self, sampler: str, steps, name: str) -> None:
+        """Sampler step counts fail here, with the argument's name, rather than inside a sampler."""
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"DISCDiffusion: {name} must be an int >= 1; got {steps!r}")
+        try:
+            if sampler == "ddim":
+                ddim_timestep_sequence(self.diffusion.timesteps, steps, self.ddim_discr_method)
+            elif sampler == "dpm_solver":
+                dpm_solver_timesteps(self.diffusion.alphas_cumprod, self._dpm_steps(steps), "logSNR")
+        except ValueError as error:
+            raise ValueError(f"DISCDiffusion: {name}={steps} does not fit the sampler {sampler!r}: {error}") from None
 
     def _check_logits(self, pseudo_logits: Logits, n: int) -> None:
         for m in self.modalities:
@@ -424,6 +453,8 @@ class DISCDiffusion(nn.Module):
                 got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
                 raise ValueError(f"DISCDiffusion: pseudo_logits for {m!r} must be [N, {self.num_classes}] with "
                                  f"N = {n}; got {got}")
+            if not torch.compiler.is_compiling() and bool(torch.isnan(logits).any()):
+                raise ValueError(f"DISCDiffusion: pseudo_logits for {m!r} contain NaN")
 
     def _check_availability(self, features: Mapping[str, Tensor], availability: Tensor) -> None:
         if not isinstance(availability, Tensor) or availability.dtype != torch.bool or availability.dim() != 2 \

@@ -50,7 +50,11 @@ Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def linear_beta_schedule(timesteps: int) -> Tensor:
-    """β from 1e-4·s to 0.02·s (s = 1000 / timesteps), float64 — the release's linear schedule."""
+    """β from 1e-4·s to 0.02·s (s = 1000 / timesteps), float64 — the release's linear schedule. Its last β
+    is 20 / timesteps, so it needs more than 20 steps (at 20 or fewer, ᾱ reaches 0 or turns negative)."""
+    if not isinstance(timesteps, int) or timesteps <= 20:
+        raise ValueError(f"timesteps must be an int > 20 for the linear schedule (its β rises to 20 / timesteps); "
+                         f"got {timesteps!r} — use more steps or beta_schedule='cosine'")
     scale = 1000 / timesteps
     return torch.linspace(scale * 0.0001, scale * 0.02, timesteps, dtype=torch.float64)
 
@@ -65,11 +69,14 @@ def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> Tensor:
 
 
 def ddim_timestep_sequence(timesteps: int, ddim_timesteps: int, method: str) -> Tuple[np.ndarray, np.ndarray]:
-    """The release's DDIM timesteps and their predecessors (both int64 arrays of ``ddim_timesteps``).
+    """The release's DDIM timesteps and their predecessors (int64 arrays; the samplers use their first
+    ``ddim_timesteps`` entries — "uniform" can give one more, as the release's ``range`` does).
 
     "uniform": 1, 1 + c, 1 + 2c, ... with c = timesteps // ddim_timesteps; "quad": 1 + floor of
     linspace(0, sqrt(0.8·timesteps), n)²; the predecessor of the first step is 0. Quad sequences can
-    repeat a timestep (a step from t to t is then the identity on x apart from the x0 clip).
+    repeat a timestep (a step from t to t is then the identity on x apart from the x0 clip). The +1
+    shift means a sequence can run past the last trained step (``ddim_timesteps == timesteps``, or "quad"
+    over very few timesteps): that is an error here (the release indexes out of range).
     """
     if method not in DDIM_DISCRETIZATIONS:
         raise ValueError(f"ddim_discr_method must be one of {DDIM_DISCRETIZATIONS}; got {method!r}")
@@ -80,6 +87,11 @@ def ddim_timestep_sequence(timesteps: int, ddim_timesteps: int, method: str) -> 
     else:
         seq = (np.linspace(0, np.sqrt(timesteps * 0.8), ddim_timesteps) ** 2).astype(int)
     seq = seq + 1
+    last = int(seq[ddim_timesteps - 1])
+    if last >= timesteps:
+        raise ValueError(f"ddim_timesteps={ddim_timesteps} with {method!r} spacing over timesteps={timesteps} reaches "
+                         f"t={last}, past the last trained step {timesteps - 1} (the sequence starts at 1); use fewer "
+                         f"steps")
     prev = np.append(np.array([0]), seq[:-1])
     return seq.astype(np.int64), prev.astype(np.int64)
 
@@ -165,22 +177,28 @@ class GaussianDiffusion:
         self._check_t(t, x_start.shape[0])
         if noise is None:
             noise = torch.randn(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
+        elif not isinstance(noise, Tensor) or noise.shape != x_start.shape:
+            got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+            raise ValueError(f"noise must have x_start's shape {tuple(x_start.shape)}; got {got}")
         return (self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
                 + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise)
 
     def q_mean_variance(self, x_start: Tensor, t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        self._check_t(t, x_start.shape[0])
         mean = self._extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
         variance = self._extract(1.0 - self.alphas_cumprod, t, x_start.shape)
         log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x_start.shape)
         return mean, variance, log_variance
 
     def q_posterior_mean_variance(self, x_start: Tensor, x_t: Tensor, t: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        self._check_t(t, x_t.shape[0])
         mean = (self._extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
                 + self._extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
         return (mean, self._extract(self.posterior_variance, t, x_t.shape),
                 self._extract(self.posterior_log_variance_clipped, t, x_t.shape))
 
     def predict_start_from_noise(self, x_t: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        self._check_t(t, x_t.shape[0])
         return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
                 - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * noise)
 
@@ -212,12 +230,7 @@ class GaussianDiffusion:
         _check_prediction(prediction)
         if prediction == "eps":
             return model
-
-        def eps_from_v(x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
-            v = model(x_t, t, y)
-            return (self._extract(self.sqrt_alphas_cumprod, t, x_t.shape) * v
-                    + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
-        return eps_from_v
+        return _EpsFromV(self, model)
 
     # ---- DDPM -----------------------------------------------------------------------------------
 
@@ -310,7 +323,8 @@ class GaussianDiffusion:
         acts as in the release's DDIM, which clips x0 but keeps the model's ε, so the first-order step
         is exactly clipped DDIM. Written as (σ_i/σ_{i−1})·x_{i−1} + …, the part of x0 that the clip cut
         off would ride along in x_{i−1}, and the solver converges to another, saturated, result.
-        Deterministic given x_T; ``steps`` model calls. The default ``spacing`` is
+        Deterministic given x_T; ``steps`` model calls, or fewer where two spacing points round to the
+        same trained timestep (the duplicate is dropped). The default ``spacing`` is
         uniform in log-SNR: on Gaussian data with the exact ε, 10 steps recover the data's spread within
         a few percent, while time-uniform steps are far off (tests/test_gaussian_diffusion.py).
         """
@@ -341,6 +355,23 @@ class GaussianDiffusion:
             x = alpha[i] * (decay * x0 + (1.0 - decay) * d) + sigma[i] * eps
             x0_prev, h_prev = x0, h
         return x
+
+
+class _EpsFromV:
+    """A v-predictor called as an ε-predictor (:meth:`GaussianDiffusion.noise_predictor`). It exposes the
+    model's ``parameters`` because the samplers take their device and dtype from them."""
+
+    def __init__(self, diffusion: GaussianDiffusion, model: Denoiser):
+        self.diffusion, self.model = diffusion, model
+
+    def parameters(self):
+        return self.model.parameters() if hasattr(self.model, "parameters") else iter(())
+
+    def __call__(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        d = self.diffusion
+        v = self.model(x_t, t, y)
+        return d._extract(d.sqrt_alphas_cumprod, t, x_t.shape) * v + d._extract(d.sqrt_one_minus_alphas_cumprod, t,
+                                                                                 x_t.shape) * x_t
 
 
 def _seed_tensor(seed, device: torch.device) -> Optional[Tensor]:

@@ -23,8 +23,9 @@ Where the time goes instead:
 - inside the samplers (:func:`reuse_transformed_weights`) the CPU 3-tap convolutions run as
   Winograd convolutions on kernels transformed once per sampler loop (see :class:`Conv1d`).
 
-Inputs are checked (shape, dtype, the length the U-Net can downsample, NaN in x); the NaN check is
-skipped while a CUDA graph is being captured or under ``torch.compile`` (it would synchronise).
+Inputs are checked (shape, dtype, the length the U-Net can downsample, NaN in x and y; an empty batch
+gives an empty output); the NaN check is skipped while a CUDA graph is being captured or under
+``torch.compile`` (it would synchronise).
 """
 from __future__ import annotations
 
@@ -330,12 +331,22 @@ class ConditionalUNet1d(nn.Module):
         if not isinstance(y, Tensor) or y.shape != (b, self.label_num):
             got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(f"ConditionalUNet1d: y must be [B = {b}, label_num = {self.label_num}]; got {got}")
+        if length < 1:
+            raise ValueError(f"ConditionalUNet1d: x must have a length L >= 1; got {tuple(x.shape)}")
+        weight = self.out[-1].weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"ConditionalUNet1d: x is {x.dtype} but the model's parameters are {weight.dtype} "
+                             f"(cast one to the other, or run under torch.autocast)")
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not capturing and not torch.compiler.is_compiling() and bool(torch.isnan(x).any()):
-            raise ValueError("ConditionalUNet1d: x contains NaN")
+        if not capturing and not torch.compiler.is_compiling() and x.numel():
+            nan_x, nan_y = torch.stack([torch.isnan(x).any(), torch.isnan(y).any()]).tolist()  # one host sync
+            if nan_x or nan_y:
+                raise ValueError(f"ConditionalUNet1d: {'x' if nan_x else 'y'} contains NaN")
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         self._check(x, t, y)
+        if x.shape[0] == 0:  # an empty sampler batch (the release fails on it)
+            return x.new_empty((0, self.out_channels, x.shape[2]))
         if x.is_cpu and t.numel() > 1 and not torch.compiler.is_compiling() and bool((t == t[:1]).all()):
             # A sampler step: one timestep for the whole batch, so the time MLP and every block's FiLM
             # projection run on one row, broadcast over the batch (a [B, 2 * model_channels] x

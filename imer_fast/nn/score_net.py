@@ -154,6 +154,18 @@ class ScoreNet(nn.Module):
             raise ValueError(f"{_NAME}: t must be a floating tensor [B = {batch}] of diffusion times; got {got}")
         if t.device != x.device:
             raise ValueError(f"{_NAME}: t is on {t.device} but x is on {x.device}")
+        checked = [x, condition] if condition is not None and condition.is_floating_point() else [x]
+        if x.numel() and not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            # One host sync for all three checks: the score divides by std(t), which is 0 at t = 0.
+            flags = torch.stack([torch.isnan(c).any() for c in checked] + [((t <= 0) | (t > 1) | t.isnan()).any()])
+            bad = flags.tolist()
+            if bad[0]:
+                raise ValueError(f"{_NAME}: x contains NaN")
+            if len(checked) > 1 and bad[1]:
+                raise ValueError(f"{_NAME}: condition contains NaN")
+            if bad[-1]:
+                raise ValueError(f"{_NAME}: t must lie in (0, 1] (the score divides by the marginal std, 0 at t = 0); "
+                                 f"got values in [{float(t.min())}, {float(t.max())}]")
         if condition is None:
             return
         c0 = self.channels[0]

@@ -198,7 +198,8 @@ def group_norm_film_silu(x: Tensor, num_groups: int, weight: Optional[Tensor] = 
     """``silu((GroupNorm(x + input_bias)·weight + bias)·(1 + scale) + shift)`` in one pass (module doc).
 
     x: [B, C, *spatial], any strides; weight / bias: [C]; input_bias / scale / shift: [B, C] or
-    [B, C, 1]. Returns a contiguous tensor of x's shape and dtype (float32 under autocast)."""
+    [B, C, 1]. Returns a tensor of x's shape and dtype (float32 under autocast): contiguous, except that
+    the C++ and Triton kernels keep a channels-last x channels-last (the reference returns contiguous)."""
     x, weight, bias, input_bias, scale, shift = _runtime.under_autocast(x, weight, bias, input_bias, scale, shift)
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 2:
         got = f"{x.dtype} of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__

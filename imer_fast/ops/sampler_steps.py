@@ -249,8 +249,13 @@ def ddim_step(x: Tensor, eps: Tensor, *, alpha_bar: float, alpha_bar_prev: float
             raise ValueError(f"{op}{name} must be in (0, 1]; got {value!r}")
     if not eta >= 0.0:
         raise ValueError(f"{op}eta must be >= 0; got {eta!r}")
-    sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)) \
-        if alpha_bar < 1.0 else 0.0
+    if eta == 0.0 or alpha_bar == 1.0:
+        sigma = 0.0  # deterministic; also allows ᾱ_prev < ᾱ_t (a DDIM inversion step)
+    elif alpha_bar_prev < alpha_bar:
+        raise ValueError(f"{op}eta > 0 needs alpha_bar_prev >= alpha_bar (a step towards less noise); got "
+                         f"alpha_bar={alpha_bar!r}, alpha_bar_prev={alpha_bar_prev!r}")
+    else:
+        sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
     _check(op, x, (("eps", eps),), noise, seed, offset, sigma != 0.0)
     args = (x, eps, 1.0 / math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar) / math.sqrt(alpha_bar), bool(clip_denoised),
             math.sqrt(alpha_bar_prev), 0.0, math.sqrt(max(1.0 - alpha_bar_prev - sigma ** 2, 0.0)), sigma,
