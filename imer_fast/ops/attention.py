@@ -38,7 +38,13 @@ arithmetic is on uint32 (wrapping); ``fmix`` is MurmurHash3's finaliser:
 
 Since the seed's high half is added to ``row * H + h``, seeds that differ by a multiple of 2**32 shift
 the masks by whole heads or rows (seed + 2**32 gives head h + 1's mask): derive seeds by hashing or
-drawing them (the default draws from torch's generator), not as ``epoch << 32``.
+drawing them (the default draws from torch's generator), not as ``epoch << 32``. Under ``torch.compile``
+a call without ``dropout_seed`` draws its seed from inductor's RNG, so compiled and eager runs under the
+same ``torch.manual_seed`` drop different entries (each is repeatable).
+
+Masked keys are skipped outright on the C++ few-keys path (at most 8 keys) but weighted by an exact 0
+elsewhere (as SDPA does): NaN or inf stored in a masked key or value then reaches the output. Fill absent
+modalities with zeros, not NaN.
 
 Backends (:func:`select_attention_backend`): Triton on CUDA (``kernels/attention.py``: online-softmax
 tiles, a CUDA-core variant for head dims below 16), C++ on CPU (``csrc/cpu/attention.cpp``), and the
