@@ -29,3 +29,13 @@ def synced(fn, device, *args):
         return out
 
     return run
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Record what the timed process ran on (bench/summarize.py reads it): its torch thread count and
+    device, which the summarising process need not share."""
+    import torch
+
+    machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["torch_device"] = (torch.cuda.get_device_name() if torch.cuda.is_available()
+                                    else f"{machine_info.get('machine', 'cpu')} CPU")

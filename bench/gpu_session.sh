@@ -50,7 +50,9 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to the dead
   $PY -c "import platform, torch, triton; print('python', platform.python_version(), 'torch', torch.__version__,
 'cuda', torch.version.cuda, 'triton', triton.__version__, 'device',
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-  git rev-parse HEAD 2>/dev/null
+  git rev-parse HEAD 2>/dev/null || echo "code: not a git checkout (record the revision by hand)"
+  $PY -c "import pytest, pytest_benchmark, numpy" 2>/dev/null \
+    || echo "MISSING: pytest, pytest-benchmark or numpy (the install step below uses --no-deps)"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 

@@ -4,7 +4,9 @@
     python bench/summarize.py /tmp/raw.json bench/results/<device>/<name>.json --command "<what you ran>"
 
 Several raw files (repeated runs) may be given: each case then lists every run's median and their
-median, so the spread of a shared machine stays visible.
+median, so the spread of a shared machine stays visible. The device and thread count are those the
+benchmark process recorded (bench/conftest.py), and ``code`` is the git revision pytest-benchmark
+recorded for each run (with "+dirty" when the tree had uncommitted changes).
 """
 import argparse
 import json
@@ -56,10 +58,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     runs = defaultdict(list)
     groups, extra = {}, {}
-    cpu = None
+    cpu = device = None
+    codes = []
     for path in args.raw:
         data = json.loads(Path(path).read_text())
-        cpu = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", cpu)
+        machine = data.get("machine_info", {})
+        cpu = machine.get("cpu", {}).get("brand_raw", cpu)
+        if "torch_device" in machine:
+            device = machine["torch_device"] + (f", {machine['torch_threads']} threads"
+                                                if "CPU" in machine["torch_device"] else "")
+        commit = data.get("commit_info", {})
+        if commit.get("id"):
+            code = commit["id"][:7] + ("+dirty" if commit.get("dirty") else "")
+            if code not in codes:
+                codes.append(code)
         for bench in data["benchmarks"]:
             runs[bench["name"]].append(bench["stats"]["median"] * 1e3)
             groups[bench["name"]] = bench["group"]
@@ -71,8 +83,8 @@ def main(argv=None) -> int:
                        "run_medians_ms": [round(m, 4) for m in medians]}
         if name in extra:
             cases[name]["extra_info"] = extra[name]
-    result = {"device": device_name(), "cpu": cpu, "versions": versions(), "command": args.command,
-              "runs": len(args.raw), "cases": cases}
+    result = {"device": device or device_name(), "cpu": cpu, "versions": versions(), "command": args.command,
+              "code": ", ".join(codes) or None, "runs": len(args.raw), "cases": cases}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     json.dump(result, sys.stdout, indent=2)
