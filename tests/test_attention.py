@@ -357,8 +357,9 @@ def test_fake_backward_gives_the_kernels_key_value_layout(backend):
         for kk, vv in ((k, v), (k, separate)):
             o, lse = torch.ops.imer_fast.attention(q, kk, vv, None, None, None, None, None, lq, lk, args["scale"], 2,
                                                    0.0, None)
-            out.append(torch.ops.imer_fast.attention_backward(o, q, kk, vv, o, lse, None, None, None, None, None, lq,
-                                                              lk, args["scale"], 2, 0.0, None, [True] * 3 + [False] * 2))
+            out.append(torch.ops.imer_fast.attention_backward(o, q, kk, vv, o, lse, None, None, None, None, None,
+                                                              lq, lk, args["scale"], 2, 0.0, None,
+                                                              [True] * 3 + [False] * 2))
         return [(t.stride(), t.storage_offset()) for pair in out for t in pair[1:3]]
 
     real = grads(torch.randn)

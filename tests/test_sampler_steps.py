@@ -244,8 +244,9 @@ def test_opcheck_with_gradients():
     x, e, z = _grad_inputs((2, 3, 4), (2, 3, 4), (2, 3, 4))
     std = torch.rand(2, dtype=torch.float64).requires_grad_()
     seed = SEED.reshape(1)
-    for op, args in ((torch.ops.imer_fast.diffusion_step.default, (x, e, 1.0, 0.5, True, 0.9, 0.1, 0.2, 0.3, z, None, 0)),
-                     (torch.ops.imer_fast.diffusion_step.default, (x, e, 1.0, 0.5, False, 0.9, 0.1, 0.2, 0.3, None, seed, 2)),
+    step = torch.ops.imer_fast.diffusion_step.default
+    for op, args in ((step, (x, e, 1.0, 0.5, True, 0.9, 0.1, 0.2, 0.3, z, None, 0)),
+                     (step, (x, e, 1.0, 0.5, False, 0.9, 0.1, 0.2, 0.3, None, seed, 2)),
                      (torch.ops.imer_fast.ve_em_step.default, (x, e, 0.1, 0.2, z, None, 1)),
                      (torch.ops.imer_fast.add_scaled_noise.default, (x, std, 0.0, None, seed, 1)),
                      (torch.ops.imer_fast.add_scaled_noise.default, (x, None, 0.4, z, None, 0))):

@@ -155,7 +155,8 @@ class ScoreNet(nn.Module):
         if t.device != x.device:
             raise ValueError(f"{_NAME}: t is on {t.device} but x is on {x.device}")
         checked = [x, condition] if condition is not None and condition.is_floating_point() else [x]
-        if x.numel() and not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if x.numel() and not torch.compiler.is_compiling() and not capturing:
             # One host sync for all three checks: the score divides by std(t), which is 0 at t = 0.
             flags = torch.stack([torch.isnan(c).any() for c in checked] + [((t <= 0) | (t > 1) | t.isnan()).any()])
             bad = flags.tolist()

@@ -16,8 +16,9 @@ Limits, by construction: offsets in [0, 2**32), at most 2**31 elements per draw,
 |z| <= 5.77), and a 32-bit ``key``: (seed, offset) pairs are folded into 2**32 streams, so distinct pairs
 can share one (seed 12345 at offset 0 and seed 2462719799 at offset 1 give the same noise; a review
 found 3 coinciding draws among 3,000 seeds × 51 offsets). Harmless for sampling noise; do not rely on
-distinct seeds for statistically independent streams across very many draws. Kernels evaluate the logarithm and cosine in the output's precision (float32 for half
-types), so backends agree to a few ulps, not bit for bit; each backend is bitwise-repeatable.
+distinct seeds for statistically independent streams across very many draws. Kernels evaluate the
+logarithm and cosine in the output's precision (float32 for half types), so backends agree to a few
+ulps, not bit for bit; each backend is bitwise-repeatable.
 
 Backends: C++ (``csrc/cpu/counter_rng.h``), Triton (``kernels/sampler_steps.py``), and
 :func:`counter_normal_ref` (float64 math, rounded to the output dtype).
