@@ -154,29 +154,28 @@ class ScoreNet(nn.Module):
             raise ValueError(f"{_NAME}: t must be a floating tensor [B = {batch}] of diffusion times; got {got}")
         if t.device != x.device:
             raise ValueError(f"{_NAME}: t is on {t.device} but x is on {x.device}")
-        checked = [x, condition] if condition is not None and condition.is_floating_point() else [x]
+        if condition is not None:
+            c0 = self.channels[0]
+            if (not isinstance(condition, Tensor) or condition.dim() != 3 or condition.shape[0] != batch
+                    or condition.shape[1] != c0 or condition.shape[2] == 0):
+                got = tuple(condition.shape) if isinstance(condition, Tensor) else type(condition).__name__
+                raise ValueError(f"{_NAME}: condition must be [B = {batch}, channels[0] = {c0}, Lc] (Lc >= 1); "
+                                 f"got {got}")
+            if condition.dtype != x.dtype or condition.device != x.device:
+                raise ValueError(f"{_NAME}: condition is {condition.dtype} on {condition.device} but x is {x.dtype} "
+                                 f"on {x.device}")
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        if x.numel() and not torch.compiler.is_compiling() and not capturing:
-            # One host sync for all three checks: the score divides by std(t), which is 0 at t = 0.
-            flags = torch.stack([torch.isnan(c).any() for c in checked] + [((t <= 0) | (t > 1) | t.isnan()).any()])
-            bad = flags.tolist()
-            if bad[0]:
-                raise ValueError(f"{_NAME}: x contains NaN")
-            if len(checked) > 1 and bad[1]:
-                raise ValueError(f"{_NAME}: condition contains NaN")
-            if bad[-1]:
-                raise ValueError(f"{_NAME}: t must lie in (0, 1] (the score divides by the marginal std, 0 at t = 0); "
-                                 f"got values in [{float(t.min())}, {float(t.max())}]")
-        if condition is None:
+        if not x.numel() or torch.compiler.is_compiling() or capturing:
             return
-        c0 = self.channels[0]
-        if (not isinstance(condition, Tensor) or condition.dim() != 3 or condition.shape[0] != batch
-                or condition.shape[1] != c0 or condition.shape[2] == 0):
-            got = tuple(condition.shape) if isinstance(condition, Tensor) else type(condition).__name__
-            raise ValueError(f"{_NAME}: condition must be [B = {batch}, channels[0] = {c0}, Lc] (Lc >= 1); got {got}")
-        if condition.dtype != x.dtype or condition.device != x.device:
-            raise ValueError(f"{_NAME}: condition is {condition.dtype} on {condition.device} but x is {x.dtype} on "
-                             f"{x.device}")
+        # One host sync for the value checks: the score divides by std(t), which is 0 at t = 0.
+        nan_x, bad_t, nan_c = torch.stack([torch.isnan(x).any(), ((t <= 0) | (t > 1) | t.isnan()).any(),
+                                           torch.isnan(condition).any() if condition is not None
+                                           else torch.zeros((), dtype=torch.bool, device=x.device)]).tolist()
+        if nan_x or nan_c:
+            raise ValueError(f"{_NAME}: {'x' if nan_x else 'condition'} contains NaN")
+        if bad_t:
+            raise ValueError(f"{_NAME}: t must lie in (0, 1] (the score divides by the marginal std, 0 at t = 0); "
+                             f"got values in [{float(t.min())}, {float(t.max())}]")
 
     @staticmethod
     def _inject(h: Tensor, injector: CrossModalTransformer, condition: Tensor) -> Tensor:

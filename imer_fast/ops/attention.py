@@ -194,7 +194,6 @@ def key_value_gradient_buffers(k: Tensor, v: Tensor, need_dk: bool, need_dv: boo
     reads the pair as one matrix without a copy. The C++ kernel (``key_value_gradients`` in
     csrc/cpu/attention.cpp) applies the same rule, the Triton launcher calls this, and the fake
     implementation must give compiled graphs the strides the kernels return."""
-    none = k.new_empty(0)
     if not varlen and need_dk and need_dv and k.shape == v.shape and k.stride() == v.stride():
         batch, heads, lk, dim = k.shape
         row = 2 * heads * dim
@@ -202,7 +201,8 @@ def key_value_gradient_buffers(k: Tensor, v: Tensor, need_dk: bool, need_dv: boo
                 and v.storage_offset() - k.storage_offset() == heads * dim):
             packed = k.new_empty((lk, batch, 2, heads, dim))
             return packed.select(2, 0).permute(1, 2, 0, 3), packed.select(2, 1).permute(1, 2, 0, 3)
-    return (torch.empty_like(k) if need_dk else none, torch.empty_like(v) if need_dv else k.new_empty(0))
+    # distinct empty tensors for gradients not asked for (one shared tensor would alias two outputs)
+    return (torch.empty_like(k) if need_dk else k.new_empty(0), torch.empty_like(v) if need_dv else k.new_empty(0))
 
 
 @torch.library.register_fake("imer_fast::attention_backward")

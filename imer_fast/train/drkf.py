@@ -113,7 +113,6 @@ def _check(corpus: Corpus, config: DRKFConfig) -> None:
                              f"{tuple(config.modalities)}")
     if not corpus.splits.get("train"):
         raise ValueError(f"DRKF: the corpus {corpus.name!r} has no training dialogues")
-    _check_max_pairs(config)
     unknown = set(config.loss_weights) - set(RELEASE_LOSS_WEIGHTS)
     if unknown:
         raise ValueError(f"DRKF: loss_weights has unknown terms {sorted(unknown)}; known {sorted(RELEASE_LOSS_WEIGHTS)}")

@@ -183,14 +183,18 @@ class RoHyDRRun(SystemRun):
             samples = self.recovery_stage(truth, observed, avail, epoch, update)
             if int(incomplete.sum()) >= 2:  # the BatchNorm layers of D and R need two rows
                 self.adversarial_stage(truth, observed, avail, incomplete, samples, update)
-        groups = ("fusion", "reconstructor") if model.recovery_mode == "diffusion" and bool(incomplete.any()) \
-            else "fusion"
-        if model.recovery_mode == "diffusion" and cfg.sampler_gradient:
+        through_sampler = model.recovery_mode == "diffusion" and cfg.sampler_gradient
+        # As the release (one optimiser over the whole model), the task loss also trains the reconstructor
+        # R that ŷ_rec reads (otherwise the head alone must fit R's outputs) and, through the sampler, the
+        # recovery modules.
+        groups = ("fusion",)
+        if model.recovery_mode == "diffusion" and bool(incomplete.any()):
+            groups += ("reconstructor", "recovery") if through_sampler else ("reconstructor",)
+        if through_sampler:
             # The release's DiT version samples again for stage 3 and its task loss reaches the refiners,
             # generators and condition convs through the sampler.
             recovered = model.recover(observed, avail, samples=model.draw(observed, avail, differentiable=True,
                                                                           seed=self.batch_seed(epoch)))
-            groups = groups + ("recovery",) if isinstance(groups, tuple) else groups
         else:
             with torch.no_grad():
                 recovered = model.recover(observed, avail, samples=samples)
@@ -202,9 +206,7 @@ class RoHyDRRun(SystemRun):
         pred_gt = model.head(fused_gt)
         pred_rec = pred_gt.index_copy(0, rows, self._predict_incomplete(fused_rec))
         loss = (1 - cfg.lambda_c) * self.task_loss(pred_gt, y) + cfg.lambda_c * self.task_loss(pred_rec, y)
-        # As the release (one optimiser over the whole model), the task loss also trains the reconstructor
-        # R that ŷ_rec reads; otherwise the head alone must fit R's outputs.
-        update(groups, loss)
+        update(groups if len(groups) > 1 else groups[0], loss)
         return loss.detach(), len(y)
 
     def _predict_incomplete(self, fused_rec: Tensor) -> Tensor:
