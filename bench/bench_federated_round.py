@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from imer_fast.data import make_synthetic
-from imer_fast.federated import FederatedConfig, feddisc_partition
+from imer_fast.federated import FederatedConfig
 from imer_fast.federated.aggregation import ClientUpdate, aggregate
 from imer_fast.federated.rounds import (RoundServer, clone_state, make_clients, pool_scaling, scaling_reply,
                                         train_stage)
@@ -125,7 +125,7 @@ def test_local_training(benchmark, rounds, preset, phase, device):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_communication(benchmark, rounds, replies, preset, phase):
     server, clients, state = rounds[preset]
-    partition = feddisc_partition()
+    partition = server.partition
     client = clients[0]
     reply = replies(preset, phase)[0]
     keys = partition.reply_keys(reply, PHASE_GROUPS[phase], client.modalities)
@@ -149,7 +149,7 @@ def test_communication(benchmark, rounds, replies, preset, phase):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_aggregation(benchmark, rounds, replies, preset, phase, device):
     server, clients, state = rounds[preset]
-    partition, trainable = feddisc_partition(), PHASE_GROUPS[phase]
+    partition, trainable = server.partition, PHASE_GROUPS[phase]
     updates = [ClientUpdate(c.id, {k: r[k] for k in partition.reply_keys(r, trainable, c.modalities)},
                             c.num_samples, c.modalities) for c, r in zip(clients, replies(preset, phase))]
     benchmark.group = f"federated round {preset} {phase}"

@@ -135,6 +135,23 @@ def test_latent_ranges_combine_row_wise_over_each_modalitys_holders():
     assert torch.equal(state["recovery.latent_max"], torch.tensor([5.0, 6.0, 2.5]))
 
 
+def test_dgn_input_columns_average_over_their_modalitys_holders():
+    key = "dgn.gru.weight_ih_l0_reverse"
+    partition = feddisc_partition({"text": 2, "audio": 1, "video": 3})   # columns: audio | text text | video x3
+    global_state = {**tiny_global(), key: torch.zeros(2, 6)}
+    updates = [tiny_update(cid, offset, **{key: torch.full((2, 6), offset)})
+               for cid, offset in (("c0", 10.0), ("c1", 20.0), ("c2", 40.0))]
+    result = aggregate(global_state, updates, partition)
+    assert torch.equal(result.state[key], torch.tensor([[30.0, 15.0, 15.0, 25.0, 25.0, 25.0]] * 2))
+    assert result.report.groups[projection_group("audio")].contributors == ("c1", "c2")
+    assert torch.equal(result.state["dgn.w"], aggregate(global_state, updates, feddisc_partition()).state["dgn.w"])
+    # without the widths the whole tensor is the DGN's: averaged over every client
+    assert torch.equal(aggregate(global_state, updates, feddisc_partition()).state[key], torch.full((2, 6), 70 / 3))
+    # a frozen modality block keeps its global values while the others move
+    only_text = aggregate(global_state, updates, partition, trainable={projection_group("text")}).state[key]
+    assert torch.equal(only_text, torch.tensor([[0.0, 15.0, 15.0, 0.0, 0.0, 0.0]] * 2))
+
+
 def test_scaling_fitted_is_the_and_of_its_contributors():
     updates = release_updates()[:2] + [tiny_update("c2", 40.0, **{"recovery.scaling_fitted": torch.tensor(False)})]
     assert not bool(aggregate(tiny_global(), updates, feddisc_partition()).state["recovery.scaling_fitted"])
@@ -261,11 +278,22 @@ def test_global_state_keys_must_match_a_rule_and_suit_it():
         aggregate({**tiny_global(), "dgn.w": torch.zeros(2, 1, dtype=torch.long)}, [], feddisc_partition())
     with pytest.raises(AggregationError, match=r"global_state\['recovery.scaling_fitted'\] is torch.float32"):
         aggregate({**tiny_global(), "recovery.scaling_fitted": torch.zeros(())}, [], feddisc_partition())
+    with pytest.raises(AggregationError, match=r"global_state\['dgn.lstm.weight_ih_l0'\] must have 6 columns "
+                                               r"\(blocks \(1, 2, 3\)"):
+        aggregate({**tiny_global(), "dgn.lstm.weight_ih_l0": torch.zeros(4, 5)}, [],
+                  feddisc_partition({"text": 2, "audio": 1, "video": 3}))
 
 
 def test_partition_and_update_construction_errors():
-    with pytest.raises(ValueError, match=r"rules 'dgn' and 'dgn.lstm' overlap"):
-        Partition((PartitionRule("dgn", EXTRACTOR), PartitionRule("dgn.lstm", CLASSIFIER)))
+    with pytest.raises(ValueError, match=r"more than one rule for path\(s\) \['dgn'\]"):
+        Partition((PartitionRule("dgn", EXTRACTOR), PartitionRule("dgn", CLASSIFIER)))
+    with pytest.raises(ValueError, match=r"'dgn.w': columns must be one int width >= 0 per group \(2 groups\); "
+                                         r"got \(3,\)"):
+        PartitionRule("dgn.w", (EXTRACTOR, CLASSIFIER), columns=(3,))
+    with pytest.raises(ValueError, match=r"'dgn.w': rowwise and columns are exclusive"):
+        PartitionRule("dgn.w", (EXTRACTOR, CLASSIFIER), rowwise=True, columns=(1, 2))
+    with pytest.raises(ValueError, match=r"feddisc_partition: feature_dims must map each of .* got \{'text': 4\}"):
+        feddisc_partition({"text": 4})
     with pytest.raises(ValueError, match=r"group_modality names group 'generator:text' that no rule uses"):
         Partition((PartitionRule("dgn", EXTRACTOR),), {"generator:text": "text"})
     with pytest.raises(ValueError, match=r"combine must be one of"):
@@ -283,16 +311,28 @@ def test_partition_and_update_construction_errors():
 
 @pytest.fixture(scope="module")
 def feddisc_model():
-    corpus = make_synthetic("iemocap6", scale=0.05, feature_dims={"text": 16, "audio": 16, "video": 16})
+    corpus = make_synthetic("iemocap6", scale=0.05, feature_dims={"text": 16, "audio": 12, "video": 8})
     return build_model(corpus, FedDISCConfig(preset="small"))
 
 
+def test_a_key_belongs_to_the_most_specific_rule_whatever_the_order():
+    rules = (PartitionRule("dgn", EXTRACTOR), PartitionRule("dgn.lstm", CLASSIFIER))
+    for order in (rules, rules[::-1]):
+        partition = Partition(order)
+        assert partition.rule_for("dgn.lstm.weight_ih_l0").groups == (CLASSIFIER,)
+        assert partition.rule_for("dgn.lstm_extra.w").groups == (EXTRACTOR,)   # a path prefix, not a module
+
+
 def test_the_partition_classifies_every_key_of_a_real_model_as_its_stages_do(feddisc_model):
-    partition = feddisc_partition()
+    partition = feddisc_partition(feddisc_model.feature_dims)
     rules = {k: partition.rule_for(k) for k in feddisc_model.state_dict()}
     group_of_parameter = {}
     for name, _ in feddisc_model.named_parameters():
-        (group,) = rules[name].groups
+        groups = rules[name].groups
+        if rules[name].split:   # the DGN's input columns: one block per modality, trained with the extractor
+            assert name.startswith("dgn.") and set(groups) == set(EXTRACTOR_GROUPS) - {EXTRACTOR}, name
+            groups = (EXTRACTOR,)
+        (group,) = groups
         group_of_parameter[name] = group
     names = {id(p): n for n, p in feddisc_model.named_parameters()}
     stage_groups = feddisc_model.parameter_groups()   # what the trainer freezes and trains together
@@ -313,7 +353,7 @@ def test_three_release_clients_aggregate_a_real_model(feddisc_model):
         states[cid] = {k: v + 0.01 * torch.randn(v.shape, generator=gen) if v.is_floating_point()
                        else torch.tensor(True) for k, v in global_state.items()}
     updates = [ClientUpdate(cid, states[cid], 10, mods) for cid, mods in RELEASE_CLIENTS.items()]
-    state = aggregate(global_state, updates, feddisc_partition()).state
+    state = aggregate(global_state, updates, feddisc_partition(feddisc_model.feature_dims)).state
     assert set(state) == set(global_state)
 
     def mean(key, clients):
@@ -329,9 +369,15 @@ def test_three_release_clients_aggregate_a_real_model(feddisc_model):
     for m, prefix in projection_keys.items():
         for key in (k for k in global_state if k.startswith(prefix)):
             assert torch.equal(state[key], mean(key, holders[m])), key
-    shared = [k for k in global_state if k.startswith(("dgn.", "pseudo.", "classifier."))]
-    for key in shared[::max(1, len(shared) // 7)]:
+    input_columns = [f"dgn.{rnn}.weight_ih_l0{d}" for rnn in ("lstm", "gru") for d in ("", "_reverse")]
+    shared = [k for k in global_state if k.startswith(("dgn.", "pseudo.", "classifier.")) and k not in input_columns]
+    for key in shared[::max(1, len(shared) // 7)] + ["dgn.lstm.weight_hh_l0", "dgn.lstm.weight_ih_l1"]:
         assert torch.equal(state[key], mean(key, list(RELEASE_CLIENTS))), key
+    blocks = {"audio": slice(0, 12), "text": slice(12, 28), "video": slice(28, 36)}   # GCNet's concatenation order
+    for key in input_columns:
+        assert state[key].shape[1] == 36, key
+        for m, columns in blocks.items():
+            assert torch.equal(state[key][:, columns], mean(key, holders[m])[:, columns]), (key, m)
     for i, m in enumerate(MODALITIES):
         assert state["recovery.latent_min"][i] == min(states[c]["recovery.latent_min"][i] for c in holders[m])
         assert state["recovery.latent_max"][i] == max(states[c]["recovery.latent_max"][i] for c in holders[m])
@@ -343,7 +389,7 @@ def test_three_release_clients_aggregate_a_real_model(feddisc_model):
 def test_replies_trimmed_to_reply_keys_aggregate_bitwise_as_whole_states(feddisc_model, phase):
     from imer_fast.federated.schedule import PHASE_GROUPS
 
-    partition, trainable = feddisc_partition(), PHASE_GROUPS[phase]
+    partition, trainable = feddisc_partition(feddisc_model.feature_dims), PHASE_GROUPS[phase]
     global_state = {k: v.clone() for k, v in feddisc_model.state_dict().items()}
     gen = torch.Generator().manual_seed(2)
     whole, trimmed, sent = [], [], {}

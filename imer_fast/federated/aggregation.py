@@ -15,10 +15,13 @@ it:
   over the holders of the modality only (the release averages them over every client, so the
   untouched copies of the clients that lack a modality cut each update of its projection to 2/3 with
   the release's three clients);
-- ``extractor`` (``dgn``, ``pseudo``) and ``classifier`` (``classifier``), averaged over every client.
-  The DGN's first layer reads the concatenated modalities, so its input columns of a modality a client
-  lacks see zero inputs there and are averaged over every client too (a known dilution of those
-  columns; a column-wise rule would need the layer's layout in the partition).
+- ``extractor`` (``dgn``, ``pseudo``) and ``classifier`` (``classifier``), averaged over every client,
+  except the input weights of the DGN's first recurrent layer when the partition knows the feature
+  widths (``feddisc_partition(feature_dims)``, as every engine here builds it): that layer reads the
+  concatenated modalities, zero-filled where a client lacks one, so a client that lacks a modality
+  never trains its input columns (zero gradient, while weight decay still shrinks them); its column
+  block belongs to ``extractor:<modality>`` and is averaged over the modality's holders, like the
+  projections.
 
 Broadcast: :func:`aggregate` returns the *complete* global state, and every client loads all of it,
 generators of the modalities it lacks included (they condition the recovery of its missing
@@ -34,6 +37,7 @@ from torch import Tensor
 
 from ..data.corpus import MODALITIES
 from ..diffusion.disc import GENERATOR_NAMES, PROJECTION_NAMES
+from ..models.feddisc import GCNET_ORDER
 
 __all__ = [
     "AggregationError",
@@ -99,16 +103,21 @@ class PartitionRule:
     Args:
         path: a module path (``"dgn"`` matches ``dgn.*``) or a full key (``"recovery.latent_min"``); a
             key matches when it equals ``path`` or starts with ``path + "."``.
-        groups: with ``rowwise=False``, the groups the whole tensor belongs to: it is aggregated when
-            any of them is trainable, over the union of their contributors (a tensor shared by several
-            groups, such as ``scaling_fitted``). With ``rowwise=True``, row ``i`` (along dim 0) belongs
-            to ``groups[i]`` alone and is aggregated over that group's contributors.
+        groups: for a whole tensor (neither ``rowwise`` nor ``columns``), the groups it belongs to: it is
+            aggregated when any of them is trainable, over the union of their contributors (a tensor
+            shared by several groups, such as ``scaling_fitted``). With ``rowwise=True``, row ``i``
+            (along dim 0) belongs to ``groups[i]`` alone and is aggregated over that group's
+            contributors; with ``columns``, so is the ``i``-th block of columns (along the last dim).
+        rowwise: split the tensor into rows, one per group.
         combine: one of :data:`COMBINES`.
+        columns: split the tensor along its last dim into blocks of these widths, one per group (a layer
+            whose input concatenates the modalities).
     """
     path: str
     groups: Tuple[str, ...]
     rowwise: bool = False
     combine: str = "mean"
+    columns: Optional[Tuple[int, ...]] = None
 
     def __post_init__(self):
         if not isinstance(self.path, str) or not self.path or self.path.startswith(".") or self.path.endswith("."):
@@ -118,11 +127,33 @@ class PartitionRule:
         if not groups or not all(isinstance(g, str) and g for g in groups):
             raise ValueError(f"PartitionRule {self.path!r}: groups must be one or more non-empty group names; "
                              f"got {self.groups!r}")
-        if not self.rowwise and len(set(groups)) != len(groups):
+        if self.columns is not None:
+            columns = tuple(self.columns)
+            if self.rowwise:
+                raise ValueError(f"PartitionRule {self.path!r}: rowwise and columns are exclusive; give one")
+            if len(columns) != len(groups) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0
+                                                      for w in columns):
+                raise ValueError(f"PartitionRule {self.path!r}: columns must be one int width >= 0 per group "
+                                 f"({len(groups)} groups); got {self.columns!r}")
+            object.__setattr__(self, "columns", columns)
+        if not self.split and len(set(groups)) != len(groups):
             raise ValueError(f"PartitionRule {self.path!r}: groups of a whole tensor must be distinct; got {groups}")
         if self.combine not in COMBINES:
             raise ValueError(f"PartitionRule {self.path!r}: combine must be one of {COMBINES}; got {self.combine!r}")
         object.__setattr__(self, "groups", groups)
+
+    @property
+    def split(self) -> bool:
+        """Whether parts of the tensor belong to different groups (``rowwise`` or ``columns``)."""
+        return self.rowwise or self.columns is not None
+
+    def parts(self) -> List[Tuple[tuple, str]]:
+        """``(index, group)`` for each part of a split tensor: ``tensor[index]`` belongs to ``group``."""
+        if self.rowwise:
+            return [((row,), group) for row, group in enumerate(self.groups)]
+        starts = [sum(self.columns[:i]) for i in range(len(self.columns))]
+        return [((Ellipsis, slice(start, start + width)), group)
+                for start, width, group in zip(starts, self.columns, self.groups)]
 
     def matches(self, key: str) -> bool:
         return key == self.path or key.startswith(self.path + ".")
@@ -133,8 +164,8 @@ class Partition:
     """Maps every state_dict key to its parameter group(s) (see :class:`PartitionRule`).
 
     Args:
-        rules: the rules; no rule's path may equal or lie under another's, so each key matches at most
-            one rule whatever their order.
+        rules: the rules, with distinct paths; a key belongs to the most specific rule that matches it
+            (the longest path), so ``"dgn.lstm.weight_ih_l0"`` can carve one tensor out of ``"dgn"``.
         group_modality: group -> the modality a client must hold to be entitled to the group (groups
             not listed: every client is entitled).
     """
@@ -146,10 +177,10 @@ class Partition:
         for rule in rules:
             if not isinstance(rule, PartitionRule):
                 raise ValueError(f"Partition: rules must be PartitionRule objects; got {type(rule).__name__}")
-        for i, a in enumerate(rules):
-            for b in rules[i + 1:]:
-                if a.matches(b.path) or b.matches(a.path):
-                    raise ValueError(f"Partition: rules {a.path!r} and {b.path!r} overlap (a key could match both)")
+        paths = [rule.path for rule in rules]
+        repeated = sorted({p for p in paths if paths.count(p) > 1})
+        if repeated:
+            raise ValueError(f"Partition: more than one rule for path(s) {repeated}")
         groups = {g for rule in rules for g in rule.groups}
         for group, modality in self.group_modality.items():
             if group not in groups:
@@ -165,10 +196,10 @@ class Partition:
         return frozenset(g for rule in self.rules for g in rule.groups)
 
     def rule_for(self, key: str) -> PartitionRule:
-        """The rule matching ``key``; a key matching no rule is an error."""
-        for rule in self.rules:
-            if rule.matches(key):
-                return rule
+        """The most specific rule matching ``key``; a key matching no rule is an error."""
+        matching = [rule for rule in self.rules if rule.matches(key)]
+        if matching:
+            return max(matching, key=lambda rule: len(rule.path))
         raise ValueError(f"Partition: state_dict key {key!r} matches no rule; rule paths: "
                          f"{[rule.path for rule in self.rules]}")
 
@@ -188,8 +219,14 @@ class Partition:
                 if any(g in trainable and self.entitled(g, modalities) for g in self.rule_for(key).groups)]
 
 
-def feddisc_partition() -> Partition:
+def feddisc_partition(feature_dims: Optional[Mapping[str, int]] = None) -> Partition:
     """FedDISC's partition (module doc).
+
+    ``feature_dims`` (modality -> feature width, the model's ``feature_dims``) lays out the input
+    columns of the DGN's first recurrent layer (``dgn.lstm`` / ``dgn.gru`` ``weight_ih_l0`` and its
+    ``_reverse``; GCNet's audio, text, video order): each modality's block belongs to
+    ``extractor:<modality>``. Without it those tensors are averaged over every client with the rest
+    of the DGN.
 
     ``recovery.latent_min`` / ``latent_max`` hold one scaling bound per modality (MODALITIES order), so
     row ``i`` belongs to ``generator:MODALITIES[i]`` and combines over that modality's holders by min
@@ -218,9 +255,22 @@ def feddisc_partition() -> Partition:
               PartitionRule("recovery.scaling_fitted", GENERATOR_GROUPS, combine="all"),
               PartitionRule("recovery.latent_mean", GENERATOR_GROUPS, rowwise=True, combine="mean"),
               PartitionRule("recovery.latent_std", GENERATOR_GROUPS, rowwise=True, combine="mean")]
+    if feature_dims is not None:
+        widths = _dgn_input_widths(feature_dims)
+        groups = tuple(projection_group(m) for m in GCNET_ORDER)
+        rules += [PartitionRule(f"dgn.{rnn}.weight_ih_l0{direction}", groups, columns=widths)
+                  for rnn in ("lstm", "gru") for direction in ("", "_reverse")]
     entitlement = {generator_group(m): m for m in MODALITIES}
     entitlement.update({projection_group(m): m for m in MODALITIES})
     return Partition(tuple(rules), entitlement)
+
+
+def _dgn_input_widths(feature_dims: Mapping[str, int]) -> Tuple[int, ...]:
+    if not isinstance(feature_dims, Mapping) or set(feature_dims) != set(MODALITIES) or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in feature_dims.values()):
+        raise ValueError(f"feddisc_partition: feature_dims must map each of {MODALITIES} to an int width >= 1; "
+                         f"got {feature_dims!r}")
+    return tuple(feature_dims[m] for m in GCNET_ORDER)
 
 
 # ---- updates and results ----------------------------------------------------------------------
@@ -349,12 +399,12 @@ def aggregate(global_state: Mapping[str, Tensor], updates: Iterable[ClientUpdate
     with torch.no_grad():
         for key, previous in global_state.items():
             rule = rules[key]
-            if rule.rowwise:
+            if rule.split:
                 new = previous.clone()
-                for row, group in enumerate(rule.groups):
+                for index, group in rule.parts():
                     if contributors.get(group):
-                        new[row] = _combine(rule.combine, [(u.state[key][row], u.num_samples)
-                                                           for u in contributors[group]], previous[row], weighted)
+                        new[index] = _combine(rule.combine, [(u.state[key][index], u.num_samples)
+                                                             for u in contributors[group]], previous[index], weighted)
                 state[key] = new
             else:
                 by_id = {u.client_id: u for g in rule.groups for u in contributors.get(g, ())}
@@ -388,6 +438,10 @@ def _check_global_entry(key: str, value: Tensor, rule: PartitionRule) -> None:
     if rule.rowwise and (value.dim() == 0 or value.shape[0] != len(rule.groups)):
         raise AggregationError(f"aggregate: global_state[{key!r}] must have {len(rule.groups)} rows (one per group "
                                f"of rule {rule.path!r}: {rule.groups}); got shape {tuple(value.shape)}")
+    if rule.columns is not None and (value.dim() == 0 or value.shape[-1] != sum(rule.columns)):
+        raise AggregationError(f"aggregate: global_state[{key!r}] must have {sum(rule.columns)} columns (blocks "
+                               f"{rule.columns} of rule {rule.path!r}: {rule.groups}); got shape "
+                               f"{tuple(value.shape)}")
 
 
 def _distinct_updates(updates: Iterable[ClientUpdate]) -> List[ClientUpdate]:

@@ -434,7 +434,8 @@ def make_client_app(settings: Optional[Settings] = None) -> ClientApp:
         reply, info = train_stage(model, client, data.config, data.base, int(config["server-round"]),
                                   str(config["phase"]), state)
         # only what the aggregation reads: the round's trainable groups this client is entitled to
-        reply = {k: reply[k] for k in feddisc_partition().reply_keys(reply, config["trainable"], client.modalities)}
+        partition = feddisc_partition(model.feature_dims)
+        reply = {k: reply[k] for k in partition.reply_keys(reply, config["trainable"], client.modalities)}
         metrics = {"num-examples": client.num_samples, "seconds": float(info["seconds"]), "epochs": int(info["epochs"]),
                    "seed": int(info["seed"])}
         if info["train_loss"] is not None:

@@ -299,7 +299,7 @@ class RoundServer:
         self.device = self.base.trainer.device
         self.model = new_model(corpus, config, self.base)   # one worker model, reloaded per use
         self.initial = clone_state(self.model.state_dict())
-        self.partition = feddisc_partition()
+        self.partition = feddisc_partition(self.model.feature_dims)
 
     # ---- states ---------------------------------------------------------------------------------
 
