@@ -61,7 +61,7 @@ def test_fuzz_cpp_and_reference_agree_with_brute_force(lengths, wp, wf, relation
     assert torch.equal(ref[0], g.edge_index) and torch.equal(ref[1], g.edge_type) and torch.equal(ref[2], g.rowptr)
 
 
-@pytest.mark.parametrize("kind", ["temporal", "speaker"])
+@pytest.mark.parametrize("kind", ["temporal", "speaker", "dialoguegcn"])
 def test_same_edges_as_gcnet_style_builder_with_its_relation_ids(kind):
     gen = torch.Generator().manual_seed(3)
     lengths = [7, 4, 10]

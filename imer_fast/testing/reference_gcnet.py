@@ -28,9 +28,12 @@ def python_graph_builder(
     relation_ids: Dict[str, int] | None = None,
 ) -> Tuple[Tensor, Tensor, Dict[str, int]]:
     """Per-edge builder in the style of GCNet's ``batch_graphify``: returns edge_index [2, E]
-    (row 0 source), edge_type [E] and the name -> id mapping (from a set, unless given)."""
+    (row 0 source), edge_type [E] and the name -> id mapping (from a set, unless given). ``graph_type``
+    ``"temporal"`` or ``"speaker"`` (GCNet's two graphs), or ``"dialoguegcn"`` (DialogueGCN's relation
+    names, ``f"{s_j}{s_i}{0 if j < i else 1}"``, in the same per-edge style)."""
     if relation_ids is None:
-        names = {"past", "now", "future"} if graph_type == "temporal" else {"00", "01", "10", "11"}
+        names = {"temporal": {"past", "now", "future"}, "speaker": {"00", "01", "10", "11"},
+                 "dialoguegcn": {f"{a}{b}{d}" for a in "01" for b in "01" for d in "01"}}[graph_type]
         relation_ids = {name: k for k, name in enumerate(names)}
     pairs, types, offset = [], [], 0
     for b, length in enumerate(lengths):
@@ -38,6 +41,8 @@ def python_graph_builder(
             pairs.append([j + offset, i + offset])
             if graph_type == "temporal":
                 name = "past" if i > j else ("now" if i == j else "future")
+            elif graph_type == "dialoguegcn":
+                name = f"{int(speakers[b][j])}{int(speakers[b][i])}{0 if j < i else 1}"
             else:
                 name = f"{int(speakers[b][i])}{int(speakers[b][j])}"
             types.append(relation_ids[name])
