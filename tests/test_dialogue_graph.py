@@ -107,7 +107,7 @@ def test_bitwise_repeatable():
         (dict(speakers=torch.tensor([0, 1, 0, 2, 0]), num_speakers=2), ValueError, "num_speakers = 2"),
         (dict(window_past=-2), ValueError, "window_past must be an int >= -1"),
         (dict(window_future=1.5), ValueError, "window_future must be an int >= -1"),
-        (dict(relations="spk"), ValueError, "relations must be one of"),
+        (dict(relations="spk"), ValueError, "build_dialogue_graph: relations must be one of"),
         (dict(speakers=torch.zeros(2, 2, dtype=torch.long)), ValueError, "padded speakers must have shape"),
         (dict(relation_map=[0, 0, 1]), ValueError, "permutation"),
         (dict(speakers=torch.zeros(5, dtype=torch.long, device="meta")), ValueError, "is on meta"),

@@ -96,5 +96,5 @@ def test_bad_input_is_named(args, match):
 def test_constructor_errors():
     with pytest.raises(ValueError, match="base_model must be 'LSTM' or 'GRU'"):
         imer_fast.DialogueGraphNetwork("RNN", 1, 1, 1, 2, 2, 2, 1, 1, 2)
-    with pytest.raises(ValueError, match="edge_type_mapping must map exactly"):
+    with pytest.raises(ValueError, match="relation_map_from_names: edge_type_mapping must map exactly"):
         imer_fast.DialogueGraphNetwork("LSTM", 1, 1, 1, 2, 2, 2, 1, 1, 2, temporal_relation_map={"past": 0})

@@ -140,6 +140,52 @@ def test_errors_name_the_argument():
         group_norm_film_silu(torch.randn(5), 1)
 
 
+@pytest.mark.parametrize("route", ["cpp", "triton"])
+@pytest.mark.parametrize("name, bad", [("weight", (1,)), ("bias", (5,)), ("input_bias", (2, 3)),
+                                       ("scale", (1, 4)), ("shift", (4,))])
+def test_direct_op_calls_check_parameter_shapes(route, name, bad):
+    """torch.ops.imer_fast.group_norm_film_silu (what opcheck and compiled graphs call) skips the
+    Python checks: a parameter smaller than its contract is refused, never read past its end."""
+    import contextlib
+
+    from imer_fast.ops import triton_on_cpu
+
+    x = torch.randn(2, 4, 3)
+    big = torch.arange(1.0, 101.0)
+    args = dict(weight=None, bias=None, input_bias=None, scale=None, shift=None)
+    args[name] = big[:math.prod(bad)].view(bad)   # storage continues past the view
+    with triton_on_cpu() if route == "triton" else contextlib.nullcontext():
+        with pytest.raises((RuntimeError, ValueError), match=rf"group_norm_film_silu: {name} must be a \["):
+            torch.ops.imer_fast.group_norm_film_silu(x, *args.values(), 2, 1e-5, True)
+        y, mean, rstd = torch.ops.imer_fast.group_norm_film_silu(x, None, None, None, None, None, 2, 1e-5, True)
+        args[name] = args[name].clone().requires_grad_()
+        with pytest.raises((RuntimeError, ValueError), match=rf"group_norm_film_silu_backward: {name} must be a"):
+            torch.ops.imer_fast.group_norm_film_silu_backward(torch.ones_like(y), x, *args.values(), mean, rstd, 2,
+                                                              True, [True] * 6)
+
+
+def test_reference_agrees_with_the_kernels_on_edge_cases(backend):
+    """A bias without a weight (torch's own group_norm backward fails there on the CPU), groups of one
+    element (F.group_norm refuses them in training), empty spatial dims (aten's parameter gradients
+    are NaN): every backend gives the kernels' answer."""
+    x, kw = make((3, 8, 5), 4, ("bias", "scale"), dtype=torch.float64, requires_grad=True)
+    out = group_norm_film_silu(x, 4, **kw)
+    grads = torch.autograd.grad(out.sum(), [x, *kw.values()])
+    with torch.no_grad():
+        y, _, _ = torch.ops.imer_fast.group_norm_film_silu(x, None, kw["bias"], None, kw["scale"], None, 4, 1e-5,
+                                                           True)
+    torch.testing.assert_close(out, y)
+    x2 = x.detach().clone().requires_grad_()
+    h = torch.nn.functional.group_norm(x2, 4, torch.ones(8, dtype=torch.float64), kw["bias"].detach())
+    expected = torch.autograd.grad(torch.nn.functional.silu(h * (kw["scale"].detach()[..., None] + 1)).sum(), x2)
+    torch.testing.assert_close(grads[0], expected[0])
+    single = torch.randn(1, 8)
+    assert torch.equal(group_norm_film_silu(single, 8, apply_silu=False), torch.zeros(1, 8))
+    empty, kw = make((2, 8, 0), 2, ("weight", "bias", "scale"), requires_grad=True)
+    grads = torch.autograd.grad(group_norm_film_silu(empty, 2, **kw).sum(), [*kw.values()])
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
 def channels_last(t):
     """[B, C, S] stored as [B, S, C]: the layout the U-Nets use on the CPU."""
     return t.transpose(1, 2).contiguous().transpose(1, 2)

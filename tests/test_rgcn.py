@@ -197,6 +197,10 @@ def test_torch_compile_cpu():
         (dict(edge_weight=torch.rand(7)), ValueError, "edge_weight must have shape \\[E = 30\\]"),
         (dict(aggr="max"), ValueError, "aggr must be one of"),
         (dict(bias=torch.zeros(4, device="meta")), ValueError, "bias is on meta"),
+        (dict(root=torch.randn(4, 6)), ValueError, "root must have shape \\[in_channels, out_channels\\] = \\[6, 4\\]"),
+        (dict(bias=torch.zeros(1)), ValueError, "bias must have shape \\[out_channels = 4\\]; got \\(1,\\)"),
+        (dict(weight=None), ValueError, "rgcn_conv: weight is required; got None"),
+        (dict(root=[[0.0]]), TypeError, "rgcn_conv: root must be a tensor; got list"),
     ],
 )
 def test_bad_input_is_named(change, error, match):
@@ -206,6 +210,33 @@ def test_bad_input_is_named(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         ops.rgcn_conv(**args)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(lin_rel_bias=torch.zeros(1)), ValueError, "graph_conv: lin_rel_bias must have shape \\[out_channels = 4\\]"),
+    (dict(lin_rel_weight=torch.randn(6)), ValueError, "graph_conv: lin_rel_weight and lin_root_weight must both"),
+    (dict(lin_root_weight=None), ValueError, "graph_conv: lin_root_weight is required"),
+])
+def test_graph_conv_bad_input_is_named(change, error, match):
+    _, _, graph = random_graph(10, 2, 30, seed=20)
+    args = dict(x=torch.randn(10, 6), graph=graph, lin_rel_weight=torch.randn(4, 6), lin_rel_bias=torch.zeros(4),
+                lin_root_weight=torch.randn(4, 6))
+    args.update(change)
+    with pytest.raises(error, match=match):
+        ops.graph_conv(**args)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(edge_index=[[0, 1], [1, 0]]), "edge_index must be a torch.long tensor; got list"),
+    (dict(edge_type=[0, 1]), "edge_type must be a torch.long tensor; got list"),
+    (dict(num_nodes=3.0), "num_nodes must be an int or None; got 3.0"),
+])
+def test_relational_graph_from_edges_names_bad_arguments(kwargs, match):
+    args = dict(edge_index=torch.tensor([[0, 1], [1, 0]]), edge_type=torch.tensor([0, 1]), num_nodes=3,
+                num_relations=2)
+    args.update(kwargs)
+    with pytest.raises(TypeError, match=f"RelationalGraph.from_edges: {match}"):
+        ops.RelationalGraph.from_edges(**args)
 
 
 def test_cpp_op_checks_shapes_directly():
@@ -270,6 +301,20 @@ def test_bias_is_never_written_or_aliased(backend, num_nodes):
     for out in outs:
         torch.testing.assert_close(out, outs[0])
         assert out.data_ptr() != conv.bias.data_ptr() or out.numel() == 0
+
+
+def test_forcing_the_triton_backend_covers_graph_building():
+    """relational_csr (the graph builders' sort) had no "triton" backend, so forcing the GPU backend
+    failed every RGCNConv(x, edge_index, edge_type) call even though the convolution could run it."""
+    import imer_fast.backends as backends
+
+    conv = RGCNConv(4, 5, num_relations=2)
+    x = torch.randn(3, 4)
+    edge_index, edge_type = torch.tensor([[0, 1, 2], [1, 2, 0]]), torch.tensor([0, 1, 0])
+    expected = conv(x, edge_index, edge_type)
+    with ops.triton_on_cpu(), backends.force("triton"):
+        assert backends.explain("relational_csr", edge_index).backend == "triton"
+        torch.testing.assert_close(conv(x, edge_index, edge_type), expected)
 
 
 def test_inference_mode_then_normal_calls():

@@ -39,6 +39,19 @@ def test_sinusoidal_matches_release(backend, dim):
         assert torch.all(out[:, -1] == 0)
 
 
+def test_frequency_cache_filled_under_inference_mode_serves_differentiable_calls(monkeypatch):
+    import imer_fast.ops.timestep_embedding as module
+
+    monkeypatch.setattr(module, "_SINUSOID_FREQS", {})   # the first call fills the cache, here in inference mode
+    with torch.inference_mode():
+        sinusoidal_timestep_embedding(torch.arange(4), 16)
+    t = torch.tensor([0.5, 3.0, 40.0], requires_grad=True)
+    (grad,) = torch.autograd.grad(sinusoidal_timestep_embedding(t, 16).sum(), t)
+    freqs = torch.exp(-math.log(10000) * torch.arange(8, dtype=torch.float32) / 8)
+    expected = (-torch.sin(t.detach()[:, None] * freqs) * freqs + torch.cos(t.detach()[:, None] * freqs) * freqs).sum(1)
+    torch.testing.assert_close(grad, expected)
+
+
 def test_sinusoidal_dim_one_is_a_zero_column():
     # The release returns [N, 0] here (its zero column is cut from an empty tensor); ours is [N, dim].
     assert torch.equal(sinusoidal_timestep_embedding(torch.arange(3), 1), torch.zeros(3, 1))

@@ -182,6 +182,19 @@ def test_bitwise_repeatable(backend, tile):
         assert torch.equal(winograd_conv1d(x, weight_tf, b), first)
 
 
+def test_inference_mode_then_normal_calls():
+    """The C++ kernel's per-thread scratch made under torch.inference_mode() must not be written by
+    later calls outside it (out= into an inference tensor is an error there). Larger than any other
+    test's problem, so that the inference-mode call is the one that allocates the scratch."""
+    x, w = torch.randn(8, 128, 1024, dtype=torch.float64), torch.randn(128, 128, 3, dtype=torch.float64)
+    weight_tf = winograd_weight(w, 4)
+    with torch.inference_mode():
+        first = winograd_conv1d(x, weight_tf)
+    with torch.no_grad():
+        torch.testing.assert_close(winograd_conv1d(x, weight_tf), first)
+    torch.testing.assert_close(first, F.conv1d(x, w, padding=1))
+
+
 def test_fewest_rows_tile_minimises_gemm_rows():
     for length in range(1, 100):
         rows = {n: (n + 2) * -(-length // n) for n in TILES}

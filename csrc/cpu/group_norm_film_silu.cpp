@@ -115,6 +115,23 @@ Shape shape_of(const at::Tensor& x, int64_t num_groups) {
   return {B, C, S, num_groups, C / num_groups};
 }
 
+// The parameters' contract (weight / bias [C], input_bias / scale / shift [B, C], x's dtype): the Python
+// entry point checks it; a direct torch.ops call must not read past a smaller tensor.
+void check_parameters(const char* op, const at::Tensor& x, const Shape& sh, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& input_bias,
+                      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
+  const std::vector<int64_t> per_channel{sh.C}, per_sample{sh.B, sh.C};
+  const std::tuple<const char*, const std::optional<at::Tensor>*, const std::vector<int64_t>*> params[] = {
+      {"weight", &weight, &per_channel}, {"bias", &bias, &per_channel}, {"input_bias", &input_bias, &per_sample},
+      {"scale", &scale, &per_sample}, {"shift", &shift, &per_sample}};
+  for (const auto& [name, t, expected] : params) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    TORCH_CHECK((*t)->sizes() == at::IntArrayRef(*expected) && (*t)->scalar_type() == x.scalar_type(), op, name,
+                " must be a ", at::IntArrayRef(*expected), " ", x.scalar_type(), " tensor; got ", (*t)->scalar_type(),
+                " of shape ", (*t)->sizes());
+  }
+}
+
 // Optional [C] or [B, C] parameters as contiguous float-opmath pointers (nullptr when absent).
 template <typename scalar_t>
 const scalar_t* ptr_or_null(const std::optional<at::Tensor>& t, at::Tensor& keep) {
@@ -325,6 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_film_silu_cpu(
     const std::optional<at::Tensor>& input_bias, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool apply_silu) {
   const Shape sh = shape_of(x_in, num_groups);
+  check_parameters(kOp, x_in, sh, weight, bias, input_bias, scale, shift);
   const bool channels_last = is_channels_last(x_in);
   const at::Tensor x = channels_last ? x_in : x_in.contiguous();
   at::Tensor y = empty_in_layout(x, channels_last);
@@ -405,6 +423,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, const at::Tensor& mean_in,
     const at::Tensor& rstd_in, int64_t num_groups, bool apply_silu, c10::List<bool> output_mask) {
   const Shape sh = shape_of(x_in, num_groups);
+  check_parameters("imer_fast::group_norm_film_silu_backward: ", x_in, sh, weight, bias, input_bias, scale, shift);
+  TORCH_CHECK(mean_in.sizes() == at::IntArrayRef({sh.B, sh.G}) && rstd_in.sizes() == mean_in.sizes(),
+              "imer_fast::group_norm_film_silu_backward: mean and rstd must be [B, G] = [", sh.B, ", ", sh.G,
+              "]; got ", mean_in.sizes(), " and ", rstd_in.sizes());
   const bool channels_last = is_channels_last(x_in);
   // float32 channels-first with at least one vector of channels: the channels-last kernel on transposed
   // copies. Its rows of C channels run on vectors; a channel's row of S positions pays a per-row cost

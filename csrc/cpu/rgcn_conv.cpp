@@ -15,8 +15,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <unordered_map>
 #include <vector>
+
+#include "scratch.h"
 
 namespace imer_fast {
 namespace {
@@ -144,21 +145,10 @@ CompactSegments compact_segments(const Problem& p, const int64_t* ptr, const at:
   return c;
 }
 
-// Per-thread scratch for the compact intermediates, reused across calls. They are megabytes, and
-// a fresh allocation of that size comes from mmap, so every call paid page faults and the kernel's
-// zeroing: a forward+backward measured about 1.5x slower inside a long-running process. A scratch
-// view never leaves the op (outputs are fresh tensors); slots live at once within a call differ.
-// Each thread keeps its largest buffer per slot and dtype until it exits.
+// Per-thread scratch for the compact intermediates (scratch.h): a forward+backward measured about 1.5x
+// slower inside a long-running process with fresh allocations.
 at::Tensor scratch(int slot, int64_t rows, int64_t cols, const at::TensorOptions& options) {
-  thread_local std::unordered_map<int64_t, at::Tensor> buffers;
-  // Keyed by inference mode too: a buffer made under torch.inference_mode() is an inference tensor,
-  // which out= kernels may not write outside that mode.
-  const int64_t key = (slot * 64 + static_cast<int64_t>(c10::typeMetaToScalarType(options.dtype()))) * 2 +
-                      static_cast<int64_t>(c10::InferenceMode::is_enabled());
-  auto& buffer = buffers[key];
-  const int64_t need = rows * cols;
-  if (!buffer.defined() || buffer.numel() < need) buffer = at::empty({std::max<int64_t>(need, 1)}, options);
-  return buffer.narrow(0, 0, need).view({rows, cols});
+  return thread_scratch(ScratchOwner::kRgcn, slot, rows * cols, options).view({rows, cols});
 }
 
 // Edge k's factor; scale_idx re-indexes it when walking the transposed CSR.

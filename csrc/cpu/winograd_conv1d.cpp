@@ -18,6 +18,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "scratch.h"
 #include "vec_rows.h"
 
 namespace imer_fast {
@@ -241,16 +242,9 @@ void output_transform(const scalar_t* M, const scalar_t* bias, const scalar_t* r
   });
 }
 
-// Scratch for m and M, kept per thread between calls: fresh multi-megabyte buffers come from mmap
-// and pay a page fault per 4 KiB on first touch, which cost as much as the transforms themselves.
+// Scratch for m and M, kept per thread between calls (scratch.h).
 at::Tensor scratch(int slot, at::IntArrayRef shape, const at::TensorOptions& options) {
-  thread_local at::Tensor buffers[2];
-  at::Tensor& buffer = buffers[slot];
-  const int64_t numel = c10::multiply_integers(shape);
-  if (!buffer.defined() || buffer.numel() < numel || buffer.scalar_type() != options.dtype().toScalarType()) {
-    buffer = at::empty({numel}, options);
-  }
-  return buffer.narrow(0, 0, numel).view(shape);
+  return thread_scratch(ScratchOwner::kWinograd, slot, c10::multiply_integers(shape), options).view(shape);
 }
 
 at::Tensor winograd_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight_tf, const std::optional<at::Tensor>& bias,

@@ -38,13 +38,13 @@ RELATION_KINDS = ("temporal", "speaker", "dialoguegcn", "none")
 
 
 def num_relations_of(relations: str, num_speakers: int) -> int:
-    _check_relations(relations)
+    _check_relations(relations, "num_relations_of")
     return {"temporal": 3, "speaker": num_speakers**2, "dialoguegcn": 2 * num_speakers**2, "none": 1}[relations]
 
 
 def relation_names(relations: str, num_speakers: int) -> List[str]:
     """Names of the canonical relation ids, in id order (see module doc)."""
-    _check_relations(relations)
+    _check_relations(relations, "relation_names")
     speakers = range(num_speakers)
     if relations == "temporal":
         return ["past", "now", "future"]
@@ -57,18 +57,19 @@ def relation_names(relations: str, num_speakers: int) -> List[str]:
 
 def relation_map_from_names(edge_type_mapping: Dict[str, int], relations: str, num_speakers: int) -> Tensor:
     """Canonical id -> id in a release's ``edge_type_mapping`` (name -> id) dict."""
+    _check_relations(relations, "relation_map_from_names")
     names = relation_names(relations, num_speakers)
     if sorted(edge_type_mapping) != sorted(names) or sorted(edge_type_mapping.values()) != list(range(len(names))):
         raise ValueError(
-            f"edge_type_mapping must map exactly the names {names} to the ids 0..{len(names) - 1}; "
+            f"relation_map_from_names: edge_type_mapping must map exactly the names {names} to the ids 0..{len(names) - 1}; "
             f"got {edge_type_mapping}"
         )
     return torch.tensor([edge_type_mapping[name] for name in names], dtype=torch.long)
 
 
-def _check_relations(relations: str) -> None:
+def _check_relations(relations: str, op: str) -> None:
     if relations not in RELATION_KINDS:
-        raise ValueError(f"relations must be one of {RELATION_KINDS}; got {relations!r}")
+        raise ValueError(f"{op}: relations must be one of {RELATION_KINDS}; got {relations!r}")
 
 
 def build_dialogue_graph_ref(
@@ -218,7 +219,7 @@ def build_dialogue_graph(
     device = speakers.device if isinstance(speakers, Tensor) else (lengths.device if isinstance(lengths, Tensor) else None)
     lengths = _as_lengths(lengths, device)
     packed = _pack_speakers(speakers, lengths)
-    _check_relations(relations)
+    _check_relations(relations, op)
     for name, window in (("window_past", window_past), ("window_future", window_future)):
         if not isinstance(window, int) or isinstance(window, bool) or window < -1:
             raise ValueError(f"{op}: {name} must be an int >= -1 (-1: whole dialogue); got {window!r}")

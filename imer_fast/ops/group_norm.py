@@ -48,14 +48,25 @@ def group_norm_film_silu_ref(x: Tensor, num_groups: int, weight: Optional[Tensor
                              bias: Optional[Tensor] = None, *, input_bias: Optional[Tensor] = None,
                              scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, eps: float = 1e-5,
                              apply_silu: bool = True) -> Tensor:
-    """The eager sequence (module doc) with torch ops: add, F.group_norm, FiLM, F.silu."""
+    """The eager sequence (module doc) with torch ops: add, group norm, FiLM, F.silu.
+
+    The group norm is aten's (what ``F.group_norm`` runs) with three edge cases made to agree with the
+    kernels: a group of one element normalises to 0 (``F.group_norm`` refuses it in training), a bias
+    without a weight gets a ones weight (torch 2.13's CPU backward of ``group_norm(x, G, None, bias)``
+    fails), and empty groups (no spatial positions) give zero parameter gradients (aten's are NaN)."""
     compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     h = x.to(compute)
     extra = (1,) * (x.dim() - 2)
     if input_bias is not None:
         h = h + input_bias.to(compute).reshape(*input_bias.shape[:2], *extra)
-    h = F.group_norm(h, num_groups, None if weight is None else weight.to(compute),
-                     None if bias is None else bias.to(compute), eps)
+    w = None if weight is None else weight.to(compute)
+    b = None if bias is None else bias.to(compute)
+    if w is None and b is not None:
+        w = torch.ones_like(b)
+    if h.numel() == 0:
+        h = h * (0 if w is None else w.reshape(-1, *extra)) + (0 if b is None else b.reshape(-1, *extra))
+    else:
+        h = torch.group_norm(h, num_groups, w, b, eps)
     if scale is not None:
         h = h * (scale.to(compute).reshape(*scale.shape[:2], *extra) + 1)
     if shift is not None:
@@ -135,8 +146,21 @@ torch.library.register_autograd("imer_fast::group_norm_film_silu_backward", _no_
                                 setup_context=lambda ctx, inputs, output: None)
 
 
+def _check_parameters(op: str, x: Tensor, parameters) -> None:
+    """The kernels' contract on the op's parameters (weight / bias [C], input_bias / scale / shift
+    [B, C], x's dtype): the public function checks them already, a direct ``torch.ops`` call only here."""
+    b, c = x.shape[0], x.shape[1]
+    for name, t in zip(("weight", "bias", "input_bias", "scale", "shift"), parameters):
+        expected = (c,) if name in ("weight", "bias") else (b, c)
+        if t is not None and (tuple(t.shape) != expected or t.dtype != x.dtype):
+            raise ValueError(f"imer_fast::{op}: {name} must be a {list(expected)} {x.dtype} tensor; got {t.dtype} "
+                             f"of shape {tuple(t.shape)}")
+
+
 def _forward_triton(x, *args):
     from imer_fast._kernels import group_norm as kernels
+
+    _check_parameters("group_norm_film_silu", x, args[:5])
 
     # The kernels work on contiguous [B, C, S]; a channels-last x gets its y back in its layout.
     y, mean, rstd = kernels.group_norm_film_silu_forward(x, *args)
@@ -145,6 +169,8 @@ def _forward_triton(x, *args):
 
 def _backward_triton(grad_y, x, *args):
     from imer_fast._kernels import group_norm as kernels
+
+    _check_parameters("group_norm_film_silu_backward", x, args[:5])
 
     dx, *rest = kernels.group_norm_film_silu_backward(grad_y, x, *args)
     return (_in_layout(dx, is_channels_last(x) and dx.numel() > 0), *rest)

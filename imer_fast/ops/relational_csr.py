@@ -13,6 +13,7 @@ Both sorts are stable, so equal keys keep their original edge order and results 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -69,8 +70,11 @@ def select_relational_csr_backend(edge_index: Tensor) -> backends.Choice:
     return backends.choose(
         "relational_csr",
         [
+            # The GPU route: this op is a stable sort there, and torch's radix sort (the op's CUDA kernel,
+            # the reference's code) is the fastest; listed as "triton" so that forcing the GPU backend
+            # (backends.force / IMER_FAST_BACKEND) covers the graph builders too.
+            ("triton", lambda: _runtime.triton_cannot_run(on)),
             ("cpp", lambda: None if on.type == "cpu" else f"tensors are on {on.type}, not cpu"),
-            # On GPU this op is a stable sort, and torch's radix sort (the reference) is the fastest.
             ("reference", lambda: None),
         ],
     )
@@ -138,6 +142,12 @@ class RelationalGraph:
         num_relations: Optional[int] = None,
     ) -> "RelationalGraph":
         op = "RelationalGraph.from_edges"
+        for name, t in (("edge_index", edge_index), ("edge_type", edge_type)):
+            if t is not None and not isinstance(t, Tensor):
+                raise TypeError(f"{op}: {name} must be a torch.long tensor; got {type(t).__name__}")
+        for name, n in (("num_nodes", num_nodes), ("num_relations", num_relations)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral)):
+                raise TypeError(f"{op}: {name} must be an int or None; got {n!r}")
         if edge_type is None:
             edge_type = torch.zeros(edge_index.shape[1] if edge_index.dim() == 2 else 0, dtype=torch.long,
                                     device=edge_index.device)

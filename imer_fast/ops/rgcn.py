@@ -171,8 +171,12 @@ def _check_conv_inputs(op: str, x: Tensor, graph: RelationalGraph, tensors: dict
     if aggr not in AGGREGATIONS:
         raise ValueError(f"{op}: aggr must be one of {AGGREGATIONS}; got {aggr!r}")
     for name, t in tensors.items():
+        if t is None and name in ("weight", "lin_rel_weight", "lin_root_weight"):
+            raise ValueError(f"{op}: {name} is required; got None")
         if t is None:
             continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor; got {type(t).__name__}")
         if t.device != x.device:
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
         if t.dtype != x.dtype:
@@ -197,6 +201,12 @@ def rgcn_conv(
     if weight.dim() != 3 or weight.shape[0] != graph.num_relations or weight.shape[1] != x.shape[1]:
         raise ValueError(f"{op}: weight must have shape [num_relations = {graph.num_relations}, in_channels = "
                          f"{x.shape[1]}, out_channels]; got {tuple(weight.shape)}")
+    fin, fout = weight.shape[1], weight.shape[2]
+    if root is not None and tuple(root.shape) != (fin, fout):
+        raise ValueError(f"{op}: root must have shape [in_channels, out_channels] = [{fin}, {fout}]; got "
+                         f"{tuple(root.shape)}")
+    if bias is not None and tuple(bias.shape) != (fout,):
+        raise ValueError(f"{op}: bias must have shape [out_channels = {fout}]; got {tuple(bias.shape)}")
     if select_rgcn_conv_backend(x).backend == "reference":
         return rgcn_conv_ref(x, graph.edge_index, graph.edge_type, weight, root, bias, edge_weight, aggr)
     scale = graph.edge_scale(edge_weight, aggr, x.dtype)
@@ -215,9 +225,13 @@ def graph_conv(
     tensors = {"lin_rel_weight": lin_rel_weight, "lin_rel_bias": lin_rel_bias, "lin_root_weight": lin_root_weight,
                "edge_weight": edge_weight}
     _check_conv_inputs(op, x, graph, tensors, aggr)
-    if lin_rel_weight.shape[1] != x.shape[1] or lin_root_weight.shape != lin_rel_weight.shape:
+    if (lin_rel_weight.dim() != 2 or lin_rel_weight.shape[1] != x.shape[1]
+            or lin_root_weight.shape != lin_rel_weight.shape):
         raise ValueError(f"{op}: lin_rel_weight and lin_root_weight must both have shape [out_channels, in_channels = "
                          f"{x.shape[1]}]; got {tuple(lin_rel_weight.shape)} and {tuple(lin_root_weight.shape)}")
+    if lin_rel_bias is not None and tuple(lin_rel_bias.shape) != (lin_rel_weight.shape[0],):
+        raise ValueError(f"{op}: lin_rel_bias must have shape [out_channels = {lin_rel_weight.shape[0]}]; got "
+                         f"{tuple(lin_rel_bias.shape)}")
     if select_rgcn_conv_backend(x).backend == "reference":
         return graph_conv_ref(x, graph.edge_index, lin_rel_weight, lin_rel_bias, lin_root_weight, edge_weight, aggr)
     single = graph.single_relation()

@@ -144,9 +144,11 @@ def _sinusoid_freqs(half: int, max_period: float, device: torch.device) -> Tenso
     key = (half, float(max_period), device)
     freqs = _SINUSOID_FREQS.get(key)
     if freqs is None:
-        # On the CPU then moved, as the release: the same bits on every device.
-        cpu = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
-        freqs = _SINUSOID_FREQS[key] = cpu.to(device)
+        # On the CPU then moved, as the release: the same bits on every device. Never an inference tensor
+        # (a first call under torch.inference_mode()), which a later differentiable call could not save.
+        with torch.inference_mode(False):
+            cpu = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+            freqs = _SINUSOID_FREQS[key] = cpu.to(device)
     return freqs
 
 
