@@ -65,7 +65,8 @@ else
     -e . > '$OUT/install.log' 2>&1"
   [ "$status" -eq 0 ] || { tail -40 "$OUT/install.log"; exit 1; }
   BATCH=256; TEST_ENV=(TRITON_INTERPRET=0); SAMPLER_MODE=(--graph)
-  TEST_ARGS=(-m gpu tests/test_gpu_modules.py tests/test_attention.py tests/test_rgcn.py); TRITON_ARGS=()
+  TEST_ARGS=(-m gpu tests/test_gpu_modules.py tests/test_attention.py tests/test_rgcn.py tests/test_trainer.py)
+  TRITON_ARGS=()
   ATTN_SELECT="(layer or imder-L48-E32 or mult-L50-E32 or dialogue or drkf) and not compiled and not flex"
   GN_SELECT="not compiled"
 fi

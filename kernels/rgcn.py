@@ -331,11 +331,19 @@ def _gather_gemm(x: Tensor, w: Tensor, w_strides: Tuple[int, int, int], root: Op
 # ---------------------------------------------------------------------------------------------
 
 
+def _unit_inner_stride(t: Tensor) -> Tensor:
+    """``t`` with stride 1 along its features: triton 3.6 fails to compile the gathered loads of the
+    tensor-core path (fp32 / fp16 / bf16) when that stride is a runtime value (a transposed view, or the
+    stride-0 gradient of ``out.sum()``); triton 3.2 and 3.9 compile it."""
+    return t if t.stride(1) == 1 or t.numel() == 0 else t.contiguous()
+
+
 def rgcn_conv_forward(x: Tensor, weight: Tensor, root: Optional[Tensor], bias: Optional[Tensor], seg_ptr: Tensor,
                       col: Tensor, scale: Optional[Tensor], max_degree: int) -> Tensor:
     """out[i] = x[i] @ root + bias + sum_r sum_{e in seg(i, r)} scale[e] * x[col[e]] @ weight[r]; [N, Fout]
     in the dtype of x. Inputs may be non-contiguous (weights are read through their strides)."""
     _check(x, weight, root, bias, seg_ptr, col, scale, max_degree)
+    x = _unit_inner_stride(x)
     seg_ptr, col = seg_ptr.contiguous(), col.contiguous()
     scale = scale.contiguous() if scale is not None else None
     bias = bias.contiguous() if bias is not None else None
@@ -427,7 +435,8 @@ def rgcn_conv_backward(grad_out: Tensor, x: Tensor, weight: Tensor, root: Option
     mask = [bool(m) for m in output_mask]
     if len(mask) != 4:
         raise ValueError(f"{_OP}output_mask must hold 4 booleans; got {output_mask}")
-    grad_out = grad_out.to(x.dtype)
+    grad_out = _unit_inner_stride(grad_out.to(x.dtype))
+    x = _unit_inner_stride(x)
     seg_ptr, col = seg_ptr.contiguous(), col.contiguous()
     scale = scale.contiguous() if scale is not None else None
     # Outputs not asked for are distinct empty tensors (one shared tensor would alias the outputs).

@@ -45,7 +45,9 @@ def _z(noise_ptr, seed_ptr, offset_mix, idx, mask, HAS_NOISE: tl.constexpr, COMP
     return _normal(seed_ptr, offset_mix, idx, COMPUTE)
 
 
-@triton.jit
+# offset_mix changes every sampler step: never specialised on its value (1 would become a constexpr int without
+# .to(), and multiples of 16 a second compiled variant).
+@triton.jit(do_not_specialize=["offset_mix"])
 def _counter_normal_kernel(out_ptr, seed_ptr, offset_mix, n, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
@@ -53,7 +55,7 @@ def _counter_normal_kernel(out_ptr, seed_ptr, offset_mix, n, COMPUTE: tl.constex
     tl.store(out_ptr + idx, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["offset_mix"])
 def _diffusion_step_kernel(x_ptr, eps_ptr, noise_ptr, seed_ptr, out_ptr, n, p, q, r, s, u, sigma, offset_mix,
                            CLIP: tl.constexpr, NOISY: tl.constexpr, HAS_NOISE: tl.constexpr,
                            COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
@@ -70,7 +72,7 @@ def _diffusion_step_kernel(x_ptr, eps_ptr, noise_ptr, seed_ptr, out_ptr, n, p, q
     tl.store(out_ptr + idx, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["offset_mix"])
 def _ve_em_step_kernel(x_ptr, score_ptr, noise_ptr, seed_ptr, next_ptr, mean_ptr, n, drift, diffusion, offset_mix,
                        NOISY: tl.constexpr, HAS_NOISE: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -84,7 +86,7 @@ def _ve_em_step_kernel(x_ptr, score_ptr, noise_ptr, seed_ptr, next_ptr, mean_ptr
     tl.store(next_ptr + idx, m.to(next_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["offset_mix"])
 def _add_scaled_noise_kernel(x_ptr, std_ptr, noise_ptr, seed_ptr, out_ptr, n, row, std_scalar, offset_mix,
                              PER_ROW: tl.constexpr, HAS_NOISE: tl.constexpr, COMPUTE: tl.constexpr,
                              BLOCK: tl.constexpr):

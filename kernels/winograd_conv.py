@@ -32,7 +32,7 @@ def _store_output_row(y_ptr, res_ptr, offset, row, channels, value, bias, pos, l
     tl.store(y_ptr + offset + row * channels, out, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles"])  # n_tiles == 1 would become a constexpr int, which has no .to()
 def _input_transform_kernel(x_ptr, m_ptr, n_tiles, tiles_per_sample, length, channels,
                             stride_b, stride_c, stride_l,
                             R: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -88,7 +88,7 @@ def _input_transform_kernel(x_ptr, m_ptr, n_tiles, tiles_per_sample, length, cha
         tl.store(out + 7 * plane, 4 * (d7 - d1) + 21 * (d3 - d5), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tiles"])
 def _output_transform_kernel(M_ptr, bias_ptr, res_ptr, y_ptr, n_tiles, tiles_per_sample, length, channels,
                              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, R: tl.constexpr, BLOCK_R: tl.constexpr,
                              BLOCK_C: tl.constexpr):

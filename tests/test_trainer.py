@@ -21,7 +21,7 @@ class Toy(nn.Module):
 
 
 def make_stages(model, crash_in=None, epochs=3):
-    data = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    data = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
     target = data.sum(1, keepdim=True)
 
     def batches(epoch):
@@ -74,6 +74,22 @@ def test_crash_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert len(history) == 9
     for k, v in expected.items():
         assert torch.equal(resumed.state_dict()[k], v), k
+
+
+@pytest.mark.gpu
+def test_resume_on_cuda_restores_the_cpu_generator_states(tmp_path):
+    """The checkpoint is loaded with map_location = the run's device, which moves the saved RNG states
+    to the GPU; torch.set_rng_state only takes CPU ByteTensors."""
+    torch.manual_seed(0)
+    crashed = Toy().cuda()
+    init = {k: v.clone() for k, v in crashed.state_dict().items()}
+    cfg = TrainerConfig(progress=False, lr=1e-2, out_dir=str(tmp_path), device="cuda")
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(crashed, make_stages(crashed, crash_in=("b1", 1)), cfg).run()
+    resumed = Toy().cuda()
+    resumed.load_state_dict(init)
+    cfg.resume = True
+    assert len(Trainer(resumed, make_stages(resumed), cfg).run()) == 9
 
 
 def test_early_stopping_restores_the_best_epoch():

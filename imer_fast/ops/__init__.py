@@ -41,6 +41,11 @@ _OPERATORS = ("add_scaled_noise", "attention", "attention_backward", "build_dial
 
 
 def _register_autocast() -> None:
+    # torch.library.register_autocast is torch >= 2.7. On torch 2.6 the operators have no autocast kernel:
+    # the public functions cast under autocast themselves (_runtime.under_autocast), only a direct
+    # torch.ops call inside an autocast region gets its inputs as they are.
+    if not hasattr(torch.library, "register_autocast"):
+        return
     for name in _OPERATORS:
         for device_type in ("cpu", "cuda"):
             torch.library.register_autocast(f"imer_fast::{name}", device_type, torch.float32)

@@ -17,8 +17,8 @@ gap in two steps, in two processes because the interpreter is chosen at import t
    ``cuobjdump`` Triton bundles) or its compile error.
 
 Run by ``tests/test_triton_compile.py``. Integers are typed as the JIT types them (``i32`` unless they
-need 64 bits; 1 is not specialised here), so the code compiled is the JIT's up to its divisibility
-hints.
+need 64 bits; an int argument equal to 1 becomes the constexpr 1 unless the kernel lists it in
+``do_not_specialize``), so the code compiled is the JIT's up to its divisibility hints.
 """
 from __future__ import annotations
 
@@ -71,9 +71,11 @@ def _type_of(name: str, value) -> str:
     raise TypeError(f"triton_aot: cannot type argument {name} = {value!r} ({type(value).__name__})")
 
 
-def describe_launch(fn, args: tuple, kwargs: dict) -> dict:
-    """The compile-relevant description of one launch of the Python kernel function ``fn``."""
+def describe_launch(fn, args: tuple, kwargs: dict, do_not_specialize=()) -> dict:
+    """The compile-relevant description of one launch of the Python kernel function ``fn``
+    (``do_not_specialize``: the kernel's ``@triton.jit`` option, names or positions)."""
     parameters = list(inspect.signature(fn).parameters.values())
+    unspecialised = {parameters[i].name if isinstance(i, int) else i for i in do_not_specialize or ()}
     bound: Dict[str, object] = {}
     for parameter, value in zip(parameters, args):
         bound[parameter.name] = value
@@ -91,7 +93,9 @@ def describe_launch(fn, args: tuple, kwargs: dict) -> dict:
             value = parameter.default
         else:
             raise TypeError(f"triton_aot: {fn.__name__} launched without argument {parameter.name}")
-        if _is_constexpr(parameter) or value is None:
+        # The JIT turns an int argument equal to 1 into a constexpr (a Python int, without .to() in the kernel).
+        as_one = type(value) is int and value == 1 and parameter.name not in unspecialised
+        if _is_constexpr(parameter) or value is None or as_one:
             signature[parameter.name] = "constexpr"
             constexprs[parameter.name] = _encode_constexpr(value)
         else:
@@ -115,7 +119,7 @@ class LaunchRecorder:
         recorder = self
 
         def run(self, *args, grid, warmup, **kwargs):
-            launch = describe_launch(self.fn, args, kwargs)
+            launch = describe_launch(self.fn, args, kwargs, self.kwargs.get("do_not_specialize"))
             recorder.launches.setdefault(json.dumps(launch, sort_keys=True), launch)
             return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 

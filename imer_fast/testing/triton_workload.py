@@ -99,11 +99,12 @@ def _winograd(dtype: torch.dtype, full: bool) -> List[Callable[[], object]]:
     for transformed in (4, 6, 8) if full else (8,):  # F(2, 3), F(4, 3), F(6, 3)
         for extras in (False, True) if full else (True,):
             def run(transformed=transformed, extras=extras):
-                x = torch.randn(2, 64, 13).to(dtype)
                 weight_tf = torch.randn(transformed, 64, 80).to(dtype)
                 bias = torch.randn(80).to(dtype) if extras else None
-                residual = torch.randn(2, 80, 13).to(dtype) if extras else None
-                winograd_conv1d(x, weight_tf, bias, residual)
+                for batch, length in ((2, 13), (1, 2)):   # (1, 2): a single tile, n_tiles == 1
+                    x = torch.randn(batch, 64, length).to(dtype)
+                    residual = torch.randn(batch, 80, length).to(dtype) if extras else None
+                    winograd_conv1d(x, weight_tf, bias, residual)
             calls.append(run)
     return calls
 

@@ -204,12 +204,12 @@ class Trainer:
                 if group in state["optimizers"] and group not in self.optimizers:
                     self._optimizer(stage, group).load_state_dict(state["optimizers"][group])
                     self.schedulers[group].load_state_dict(state["schedulers"][group])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
+        rng = state["rng"]   # the generator states are CPU ByteTensors whatever map_location moved them to
+        torch.set_rng_state(rng["torch"].cpu())
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
 
     # ---- the loop -------------------------------------------------------------------------------
 
