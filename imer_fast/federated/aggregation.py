@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..data.corpus import MODALITIES
 from ..diffusion.disc import GENERATOR_NAMES, PROJECTION_NAMES
-from ..models.feddisc import GCNET_ORDER
+from ..nn.dialogue_graph_network import GCNET_ORDER
 
 __all__ = [
     "AggregationError",

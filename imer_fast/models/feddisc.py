@@ -29,11 +29,11 @@ from torch import Tensor, nn
 from ..data.batching import DialogueBatch, PackedBatch
 from ..data.corpus import MODALITIES
 from ..diffusion.disc import DISCDiffusion
+from ..nn.dialogue_graph_network import GCNET_ORDER
 from .layers import IMPLEMENTATIONS, layer_set
 from .mult_classifier import MulTClassifier
 
 RECOVERY_MODES = ("diffusion", "zero")
-GCNET_ORDER = ("audio", "text", "video")  # the DGN concatenates audio, text, video (GCNet)
 CLASSIFIER_PREFIXES = ("trans_", "proj1_3.", "proj2_3.", "out_layer_3.", "prompt")
 
 

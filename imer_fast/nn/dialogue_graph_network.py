@@ -79,6 +79,10 @@ class GraphNetwork(nn.Module):
         return torch.relu(self.linear(outputs))
 
 
+GCNET_ORDER = ("audio", "text", "video")
+"""The order in which GCNet (and so FedDISC's DGN) concatenates the modalities: ``adim``, ``tdim``, ``vdim``."""
+
+
 class DialogueGraphNetwork(nn.Module):
     """Drop-in for GCNet's ``GraphModel`` (see module doc). ``forward`` returns the classifier logits
     (named ``log_prob`` in the release), the reconstruction list and the hidden states."""

@@ -61,7 +61,8 @@ def relation_map_from_names(edge_type_mapping: Dict[str, int], relations: str, n
     names = relation_names(relations, num_speakers)
     if sorted(edge_type_mapping) != sorted(names) or sorted(edge_type_mapping.values()) != list(range(len(names))):
         raise ValueError(
-            f"relation_map_from_names: edge_type_mapping must map exactly the names {names} to the ids 0..{len(names) - 1}; "
+            f"relation_map_from_names: edge_type_mapping must map exactly the names {names} to the ids "
+            f"0..{len(names) - 1}; "
             f"got {edge_type_mapping}"
         )
     return torch.tensor([edge_type_mapping[name] for name in names], dtype=torch.long)

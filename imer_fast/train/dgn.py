@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from ..data import Corpus, classification_report, evaluate_patterns, make_loader, present_modalities
 from ..io import atomic_torch_save, atomic_write_json
 from ..nn import DialogueGraphNetwork
+from ..nn.dialogue_graph_network import GCNET_ORDER
 
-GCNET_ORDER = ("audio", "text", "video")  # GCNet concatenates audio, text, visual
 
 
 @dataclass
