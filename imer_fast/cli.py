@@ -20,6 +20,21 @@ from typing import Dict, List, Optional
 MODELS = ("feddisc", "rohydr", "drkf", "dgn")
 
 
+def int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (bad values are refused when the command line is read,
+    before any work, with the flag's name)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {text!r}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}; got {value}")
+        return value
+
+    return parse
+
+
 def _feature_dirs(items: List[str]) -> Dict[str, str]:
     dirs = {}
     for item in items:
@@ -69,12 +84,12 @@ def _add_data(p) -> None:
     p.add_argument("--label-path", help="gcnet: the label pickle")
     p.add_argument("--feature-dir", action="append", default=[], help="gcnet: MODALITY=FOLDER of per-utterance .npy")
     p.add_argument("--path", help="dialoguegcn: IEMOCAP_features.pkl")
-    p.add_argument("--num-classes", type=int, default=None,
+    p.add_argument("--num-classes", type=int_at_least(2), default=None,
                    help="gcnet / dialoguegcn: number of classes (default: inferred from the labels present)")
     p.add_argument("--scale", type=float, default=1.0, help="synthetic: fraction of the real corpus's dialogues")
-    p.add_argument("--feature-dim", type=int, default=None,
+    p.add_argument("--feature-dim", type=int_at_least(1), default=None,
                    help="synthetic: one feature width for every modality (default: GCNet's 1024/512/1024)")
-    p.add_argument("--data-seed", type=int, default=0, help="synthetic: generator seed")
+    p.add_argument("--data-seed", type=int_at_least(0), default=0, help="synthetic: generator seed")
     p.add_argument("--modality-noise", type=float, default=1.0,
                    help="synthetic: amplitude of each modality's private noise (1: the default corpus, where "
                         "modalities predict each other weakly; smaller: more redundant modalities)")
@@ -90,25 +105,26 @@ def _add_train(sub):
     _add_data(p)
     p.add_argument("--missing", default=None,
                    help="missing-modality protocol: none, gcnet:RATE, imder:RATE or fixed:PATTERN (e.g. fixed:ta)")
-    p.add_argument("--missing-rate", type=float, default=0.3, help="shorthand for --missing gcnet:RATE")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--missing-rate", type=float, default=None, help="shorthand for --missing gcnet:RATE (default 0.3)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=None,
                    help="dialogues per batch (default: feddisc 8, rohydr 8, drkf 4, dgn 16)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: feddisc 5e-4, rohydr 5e-4, drkf 1e-4, dgn 1e-3)")
     p.add_argument("--weight-decay", type=float, default=None,
                    help="default: feddisc, rohydr, drkf 0.01 (AdamW); dgn 1e-5")
-    p.add_argument("--window-past", type=int, default=None,
-                   help="feddisc, dgn: dialogue-graph past window (default: feddisc 6, dgn 2)")
-    p.add_argument("--window-future", type=int, default=None,
+    p.add_argument("--window-past", type=int_at_least(-1), default=None,
+                   help="feddisc, dgn: dialogue-graph past window, -1: the whole dialogue (default: feddisc 6, dgn 2)")
+    p.add_argument("--window-future", type=int_at_least(-1), default=None,
                    help="feddisc, dgn: future window (default: feddisc 6, dgn 2)")
     p.add_argument("--no-pattern-eval", action="store_true", help="skip the per-availability-pattern evaluation")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int_at_least(0), default=0,
                    help="seed of the weights, the missing-modality masks, the batch order and the samplers")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device, e.g. cpu, cuda, cuda:1")
     p.add_argument("--out", default=None, help="output folder (default runs/<model>)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in an --out that holds an earlier one (default: refused)")
-    p.add_argument("--epochs", type=int, default=20, help="dgn, rohydr: training epochs; drkf: epochs of its main stage")
+    p.add_argument("--epochs", type=int_at_least(0), default=20,
+                   help="dgn, rohydr: training epochs; drkf: epochs of its main stage")
     c = p.add_argument_group("recovery systems (feddisc, rohydr, drkf)")
     c.add_argument("--preset", choices=("release", "small"), default="release",
                    help="model sizes: release (the papers' sizes: 32x48 latents, release U-Nets / DiT, 1000 diffusion "
@@ -117,12 +133,12 @@ def _add_train(sub):
                    help="diffusion: the system's diffusion recovery; token (drkf only): a learned missing token; "
                         "zero: the no-recovery baseline only")
     c.add_argument("--no-baseline", action="store_true", help="do not also train the zero-fill baseline")
-    c.add_argument("--sampling-steps", type=int, default=None, help="recovery DDIM steps (preset default)")
-    c.add_argument("--recovery-samples", type=int, default=1,
+    c.add_argument("--sampling-steps", type=int_at_least(1), default=None, help="recovery DDIM steps (preset default)")
+    c.add_argument("--recovery-samples", type=int_at_least(1), default=1,
                    help="feddisc, drkf: recovered latent = mean of this many samples")
     c.add_argument("--grad-clip", type=float, default=1.0, help="0 disables")
     c.add_argument("--clip-mode", choices=("norm", "value"), default="norm", help="FedDISC release: value")
-    c.add_argument("--patience", type=int, default=10,
+    c.add_argument("--patience", type=int_at_least(1), default=10,
                    help="early stopping: epochs (>= 1) without validation improvement before a stage ends")
     c.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     c.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
@@ -134,13 +150,15 @@ def _add_train(sub):
     f.add_argument("--schedule", choices=("release", "afa"), default="release",
                    help="release: extractor -> generator -> classifier; afa: extractor, then --afa-cycles cycles "
                         "alternating generator (classifier frozen) and classifier (recovery frozen) stages")
-    f.add_argument("--extractor-epochs", type=int, default=20, help="projections + DGN/MulT pseudo-labeller")
-    f.add_argument("--generator-epochs", type=int, default=None,
+    f.add_argument("--extractor-epochs", type=int_at_least(0), default=20,
+                   help="projections + DGN/MulT pseudo-labeller")
+    f.add_argument("--generator-epochs", type=int_at_least(0), default=None,
                    help="feddisc: DISC-Diffusion generators (per AFA cycle; default 20); drkf: its generators "
                         "(default 20); rohydr (ours): recovery alone before the joint training (default 0, as the "
                         "release)")
-    f.add_argument("--classifier-epochs", type=int, default=20, help="MulT classifier + prompts (per AFA cycle)")
-    f.add_argument("--afa-cycles", type=int, default=2, help="--schedule afa: generator/classifier cycles")
+    f.add_argument("--classifier-epochs", type=int_at_least(0), default=20,
+                   help="MulT classifier + prompts (per AFA cycle)")
+    f.add_argument("--afa-cycles", type=int_at_least(1), default=2, help="--schedule afa: generator/classifier cycles")
     add_feddisc_model_args(f)
     r = p.add_argument_group("rohydr")
     r.add_argument("--generator", choices=("dit", "score"), default="dit",
@@ -157,16 +175,17 @@ def _add_train(sub):
                         "version (default: no gradient through the sampler)")
     k = p.add_argument_group("drkf")
     k.add_argument("--modalities", default="audio,text", help="fused modalities (release: audio,text)")
-    k.add_argument("--finetune-epochs", type=int, default=10, help="fine-tuning on recovered tokens")
+    k.add_argument("--finetune-epochs", type=int_at_least(0), default=10, help="fine-tuning on recovered tokens")
     k.add_argument("--max-pairs", type=_max_pairs, default=64,
                    help="ordered pairs sampled per batch for the discrimination head (an int >= 1, or 'all' for "
                         "every pair, as the release)")
     d = p.add_argument_group("dgn")
-    d.add_argument("--hidden", type=int, default=100, help="GCNet hidden size (graph hidden = hidden // 2)")
+    d.add_argument("--hidden", type=int_at_least(2), default=100, help="GCNet hidden size (graph hidden = hidden // 2)")
     d.add_argument("--dropout", type=float, default=0.2, help="GCNet dropout")
     d.add_argument("--no-time-attn", action="store_true", help="disable the matching attention")
     d.add_argument("--recon-weight", type=float, default=1.0, help="weight of the reconstruction loss (0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(train_defaults=vars(p.parse_args([])))  # what _refuse_flags_the_model_ignores compares with
 
 
 def add_feddisc_model_args(group) -> None:
@@ -186,7 +205,7 @@ def add_feddisc_model_args(group) -> None:
     group.add_argument("--scaling", choices=("minmax", "standard"), default=None,
                        help="feddisc, drkf: latent scaling of the generators (release: minmax; preset default: "
                             "release minmax, small standard)")
-    group.add_argument("--generator-batch-size", type=int, default=64,
+    group.add_argument("--generator-batch-size", type=int_at_least(1), default=64,
                        help="utterances per generator-stage minibatch")
     group.add_argument("--cold-classifier", action="store_true",
                        help="train the classifier from scratch (default: start from the pseudo-label MulT head)")
@@ -209,7 +228,12 @@ def _cuda() -> bool:
 def _missing(args) -> str:
     from .data import make_protocol
 
-    missing = args.missing if args.missing is not None else f"gcnet:{args.missing_rate}"
+    missing_rate = getattr(args, "missing_rate", None)  # eval has --missing only
+    if args.missing is not None and missing_rate is not None:
+        raise SystemExit(f"--missing {args.missing} and --missing-rate {missing_rate}: give one (--missing-rate R "
+                         f"is short for --missing gcnet:R)")
+    rate = 0.3 if missing_rate is None else missing_rate
+    missing = args.missing if args.missing is not None else f"gcnet:{rate}"
     try:
         make_protocol(missing)
     except ValueError as err:
@@ -226,9 +250,10 @@ def cmd_train(args) -> int:
     missing = _missing(args)
     if args.recovery == "token" and args.model != "drkf":
         raise SystemExit("--recovery token: only DRKF has a learned missing token")
+    _refuse_flags_the_model_ignores(args)
     corpus = load_corpus(args)
     args.out = args.out or f"runs/{args.model}"
-    _refuse_to_overwrite_a_run(args)
+    prepare_out(args)
     print(f"training {args.model} on {corpus.name} ({len(corpus.split('train'))} train / "
           f"{len(corpus.split('test'))} test dialogues), missing={missing}", flush=True)
     if args.model == "feddisc":
@@ -239,7 +264,6 @@ def cmd_train(args) -> int:
         return _train_drkf(args, corpus, missing)
     from .train import DGNConfig, train_dgn
 
-    _refuse_trainer_flags_for_dgn(args)
     config = DGNConfig(
         epochs=args.epochs, batch_size=_pick(args.batch_size, 16), lr=_pick(args.lr, 1e-3),
         weight_decay=_pick(args.weight_decay, 1e-5), hidden=args.hidden, window_past=_pick(args.window_past, 2),
@@ -261,34 +285,66 @@ def cmd_train(args) -> int:
     return 0
 
 
-# The recovery systems' trainer flags and their defaults: train_dgn has its own plain loop (no validation
-# split, no checkpoints to resume), so a changed value would be silently ignored there.
-_TRAINER_FLAGS = {"resume": False, "amp": False, "patience": 10, "grad_clip": 1.0, "clip_mode": "norm",
-                  "preset": "release", "layers": "fused"}
+# Train flags that only some models read (every other train flag is read by all four). A value other
+# than the default given to a model that does not read it would be silently ignored, so it is refused.
+_MODEL_FLAGS = {
+    "epochs": ("rohydr", "drkf", "dgn"),
+    **dict.fromkeys(("window_past", "window_future"), ("feddisc", "dgn")),
+    **dict.fromkeys(("preset", "recovery", "no_baseline", "sampling_steps", "grad_clip", "clip_mode", "patience", "amp",
+                     "resume", "eval_rates", "layers", "generator_epochs", "prediction"),
+                    ("feddisc", "rohydr", "drkf")),
+    **dict.fromkeys(("recovery_samples", "condition_context", "condition_observed", "scaling"), ("feddisc", "drkf")),
+    **dict.fromkeys(("schedule", "extractor_epochs", "classifier_epochs", "afa_cycles", "temperature",
+                     "condition_speaker", "generator_batch_size", "cold_classifier"), ("feddisc",)),
+    **dict.fromkeys(("generator", "lambda_g", "lambda_al", "lambda_c", "text_dropout", "sampler_gradient"),
+                    ("rohydr",)),
+    **dict.fromkeys(("modalities", "finetune_epochs", "max_pairs"), ("drkf",)),
+    **dict.fromkeys(("hidden", "dropout", "no_time_attn", "recon_weight"), ("dgn",)),
+}
 
 
-def _refuse_trainer_flags_for_dgn(args) -> None:
-    changed = [name for name, default in _TRAINER_FLAGS.items() if getattr(args, name) != default]
-    if changed:
-        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
-        raise SystemExit(f"{flags}: not used by --model dgn (a plain training loop that evaluates the test split "
-                         f"every epoch, without checkpoints to resume); these options are for feddisc, rohydr "
-                         f"and drkf")
+def _refuse_flags_the_model_ignores(args) -> None:
+    ignored = [name for name, models in _MODEL_FLAGS.items()
+               if args.model not in models and getattr(args, name) != args.train_defaults[name]]
+    if ignored:
+        uses = "; ".join(f"--{name.replace('_', '-')} is for {', '.join(_MODEL_FLAGS[name])}" for name in ignored)
+        raise SystemExit(f"{', '.join('--' + n.replace('_', '-') for n in ignored)}: not used by --model "
+                         f"{args.model} ({uses})")
 
 
-_RUN_FILES = ("checkpoint.pt", "model.pt", "metrics.json", "results.json")
+_RUN_FILES = ("checkpoint.pt", "model.pt", "metrics.json", "results.json", "results.png")
 
 
-def _refuse_to_overwrite_a_run(args) -> None:
-    """A new run into the folder of an earlier one would replace its checkpoints after one epoch."""
+def prepare_out(args) -> None:
+    """Check ``--out`` before any work. An earlier run there is refused, continued (``--resume``) or, with
+    ``--overwrite``, cleared: its run files are deleted (nothing else in the folder), so that neither a
+    later ``--resume`` nor a reader of the folder can mix the earlier run's stages into the new one."""
     from pathlib import Path
 
-    if args.resume or args.overwrite:
+    out = Path(args.out)
+    if args.resume and args.overwrite:
+        raise SystemExit("--resume and --overwrite: choose one (continue the run in --out, or replace it)")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"--out {args.out}: expected a folder; a file of that name exists")
+    found = sorted(p for name in _RUN_FILES for p in out.glob(f"**/{name}")) if out.is_dir() else []
+    if args.resume or not found:
         return
-    found = [p for name in _RUN_FILES for p in Path(args.out).glob(f"**/{name}")]
-    if found:
+    if not args.overwrite:
         raise SystemExit(f"--out {args.out}: holds an earlier run ({found[0]}); pass --resume to continue it, "
                          f"--overwrite to replace it, or another --out")
+    for path in found:
+        path.unlink()
+
+
+def _writable_file(flag: str, path: str) -> None:
+    """Refuse an output file path that cannot be written, before the work whose result it holds."""
+    from pathlib import Path
+
+    target = Path(path)
+    if target.is_dir():
+        raise SystemExit(f"{flag} {path}: expected a file path; that is a folder")
+    if target.parent.exists() and not target.parent.is_dir():
+        raise SystemExit(f"{flag} {path}: its parent {target.parent} is a file, not a folder")
 
 
 def _device(text: str) -> str:
@@ -335,33 +391,43 @@ def _trainer_config(args, lr: float, weight_decay: float):
                          progress=not args.quiet)
 
 
+def _config_or_exit(build):
+    """A training configuration, or the exit message of the value it refuses (before any work)."""
+    try:
+        return build()
+    except ValueError as err:
+        raise SystemExit(f"imer-fast train: {err}")
+
+
 def _train_feddisc(args, corpus, missing) -> int:
     from .train.feddisc import FedDISCConfig, train_feddisc
 
-    trainer = _trainer_config(args, 5e-4, 0.01)
-    config = FedDISCConfig(preset=args.preset, schedule=args.schedule, extractor_epochs=args.extractor_epochs,
-                           generator_epochs=_pick(args.generator_epochs, 20), classifier_epochs=args.classifier_epochs,
-                           afa_cycles=args.afa_cycles, batch_size=_pick(args.batch_size, 8), missing=missing,
-                           recovery=args.recovery, sampling_steps=args.sampling_steps, window_past=_pick(args.window_past, 6),
-                           window_future=_pick(args.window_future, 6), eval_rates=_eval_rates(args.eval_rates),
-                           eval_patterns=not args.no_pattern_eval, layers=args.layers, trainer=trainer,
-                           **feddisc_model_kwargs(args))
-    return _train_and_report(args, corpus, "FedDISC", lambda: train_feddisc(corpus, config, baseline=not args.no_baseline))
+    config = _config_or_exit(lambda: FedDISCConfig(
+        preset=args.preset, schedule=args.schedule, extractor_epochs=args.extractor_epochs,
+        generator_epochs=_pick(args.generator_epochs, 20), classifier_epochs=args.classifier_epochs,
+        afa_cycles=args.afa_cycles, batch_size=_pick(args.batch_size, 8), missing=missing,
+        recovery=args.recovery, sampling_steps=args.sampling_steps, window_past=_pick(args.window_past, 6),
+        window_future=_pick(args.window_future, 6), eval_rates=_eval_rates(args.eval_rates),
+        eval_patterns=not args.no_pattern_eval, layers=args.layers,
+        trainer=_trainer_config(args, 5e-4, 0.01), **feddisc_model_kwargs(args)))
+    return _train_and_report(args, corpus, "FedDISC",
+                             lambda: train_feddisc(corpus, config, baseline=not args.no_baseline))
 
 
 def _train_rohydr(args, corpus, missing) -> int:
     from .train.rohydr import RoHyDRConfig, train_rohydr
 
-    trainer = _trainer_config(args, 5e-4, 0.01)
-    config = RoHyDRConfig(preset=args.preset, generator=args.generator, recovery=args.recovery, epochs=args.epochs,
-                          generator_epochs=_pick(args.generator_epochs, 0),
-                          batch_size=_pick(args.batch_size, 8), missing=missing, lambda_g=args.lambda_g,
-                          lambda_al=args.lambda_al, lambda_c=args.lambda_c, sampling_steps=args.sampling_steps,
-                          prediction=args.prediction, text_dropout=args.text_dropout,
-                          sampler_gradient=args.sampler_gradient,
-                          eval_rates=_eval_rates(args.eval_rates), eval_patterns=not args.no_pattern_eval,
-                          layers=args.layers, trainer=trainer)
-    return _train_and_report(args, corpus, "RoHyDR", lambda: train_rohydr(corpus, config, baseline=not args.no_baseline))
+    config = _config_or_exit(lambda: RoHyDRConfig(
+        preset=args.preset, generator=args.generator, recovery=args.recovery, epochs=args.epochs,
+        generator_epochs=_pick(args.generator_epochs, 0),
+        batch_size=_pick(args.batch_size, 8), missing=missing, lambda_g=args.lambda_g,
+        lambda_al=args.lambda_al, lambda_c=args.lambda_c, sampling_steps=args.sampling_steps,
+        prediction=args.prediction, text_dropout=args.text_dropout,
+        sampler_gradient=args.sampler_gradient,
+        eval_rates=_eval_rates(args.eval_rates), eval_patterns=not args.no_pattern_eval,
+        layers=args.layers, trainer=_trainer_config(args, 5e-4, 0.01)))
+    return _train_and_report(args, corpus, "RoHyDR",
+                             lambda: train_rohydr(corpus, config, baseline=not args.no_baseline))
 
 
 def _train_drkf(args, corpus, missing) -> int:
@@ -372,15 +438,15 @@ def _train_drkf(args, corpus, missing) -> int:
         modalities = tuple(canonical_modality(m) for m in args.modalities.split(",") if m.strip())
     except ValueError as err:
         raise SystemExit(f"--modalities: {err}")
-    trainer = _trainer_config(args, 1e-4, 0.01)
-    config = DRKFConfig(preset=args.preset, modalities=modalities, recovery=args.recovery, drkf_epochs=args.epochs,
-                        generator_epochs=_pick(args.generator_epochs, 20), finetune_epochs=args.finetune_epochs,
-                        batch_size=_pick(args.batch_size, 4), missing=missing, max_pairs=args.max_pairs,
-                        sampling_steps=args.sampling_steps, recovery_samples=args.recovery_samples,
-                        condition_observed=args.condition_observed, condition_context=args.condition_context,
-                        prediction=args.prediction, scaling=args.scaling, eval_rates=_eval_rates(args.eval_rates),
-                        eval_patterns=not args.no_pattern_eval,
-                        layers=args.layers, trainer=trainer)
+    config = _config_or_exit(lambda: DRKFConfig(
+        preset=args.preset, modalities=modalities, recovery=args.recovery, drkf_epochs=args.epochs,
+        generator_epochs=_pick(args.generator_epochs, 20), finetune_epochs=args.finetune_epochs,
+        batch_size=_pick(args.batch_size, 4), missing=missing, max_pairs=args.max_pairs,
+        sampling_steps=args.sampling_steps, recovery_samples=args.recovery_samples,
+        condition_observed=args.condition_observed, condition_context=args.condition_context,
+        prediction=args.prediction, scaling=args.scaling, eval_rates=_eval_rates(args.eval_rates),
+        eval_patterns=not args.no_pattern_eval,
+        layers=args.layers, trainer=_trainer_config(args, 1e-4, 0.01)))
     return _train_and_report(args, corpus, "DRKF", lambda: train_drkf(corpus, config, baseline=not args.no_baseline))
 
 
@@ -445,9 +511,11 @@ def cmd_eval(args) -> int:
     from .train.report import short
 
     args.device = _device(args.device)
+    if args.out:
+        _writable_file("--out", args.out)
     found, model, config = _load_checkpoint(args)
     corpus = _corpus_for(args, found, model, config)
-    config.trainer.device, config.batch_size = args.device, args.batch_size
+    config.trainer.device, config.batch_size = args.device, _pick(args.batch_size, config.batch_size)
     run = found.run(model, corpus, config)
     if args.missing is None:
         config.eval_rates = _eval_rates(args.eval_rates)
@@ -473,12 +541,14 @@ def cmd_recover(args) -> int:
     from .io import atomic_write
 
     args.device = _device(args.device)
+    missing = _missing(args)
+    _writable_file("--out", args.out)
     found, model, config = _load_checkpoint(args)
     corpus = _corpus_for(args, found, model, config)
-    missing = _missing(args)
     ids, positions, availability, recovered = [], [], [], {}
     with torch.no_grad():
-        for batch in make_loader(corpus, args.split, args.batch_size, missing=missing, seed=args.seed):
+        for batch in make_loader(corpus, args.split, _pick(args.batch_size, config.batch_size), missing=missing,
+                                 seed=args.seed):
             batch = batch.to(args.device)
             packed = batch.packed()
             for m, x in found.recovered(model, batch, args.seed).items():
@@ -538,7 +608,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     e.add_argument("--missing", default=None, help="one protocol (default: every pattern and --eval-rates)")
     e.add_argument("--eval-rates", default="0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7",
                    help="GCNet missing rates evaluated when --missing is not given (comma-separated)")
-    e.add_argument("--batch-size", type=int, default=8, help="dialogues per batch")
+    e.add_argument("--batch-size", type=int_at_least(1), default=None,
+                   help="dialogues per batch (default: the training run's, which FedDISC's recovery noise depends on)")
     e.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
     e.add_argument("--out", default=None, help="write the metrics as JSON here")
     r = sub.add_parser("recover", help="write recovered latents of a dataset (observed where present, generated "
@@ -547,9 +618,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     _add_data(r)
     r.add_argument("--split", default="test", help="train, valid or test")
     r.add_argument("--missing", default=None, help="protocol deciding what is missing (e.g. fixed:ta)")
-    r.add_argument("--missing-rate", type=float, default=0.3, help="shorthand for --missing gcnet:RATE")
-    r.add_argument("--batch-size", type=int, default=8, help="dialogues per batch")
-    r.add_argument("--seed", type=int, default=0, help="mask and sampler seed")
+    r.add_argument("--missing-rate", type=float, default=None, help="shorthand for --missing gcnet:RATE (default 0.3)")
+    r.add_argument("--batch-size", type=int_at_least(1), default=None,
+                   help="dialogues per batch (default: the training run's)")
+    r.add_argument("--seed", type=int_at_least(0), default=0, help="mask and sampler seed")
     r.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device")
     r.add_argument("--out", required=True, help="output .npz: latent_<modality> (feddisc/rohydr: latents [N, C, L]; drkf: "
                                                 "tokens [N, T, W]), dialogue_id, position, availability [N, 3]")
@@ -558,7 +630,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--name", default="iemocap6", help="iemocap6, iemocap4, mosi or mosei")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--formats", default="gcnet,dialoguegcn,mmsa", help="comma-separated formats to write")
-    s.add_argument("--seed", type=int, default=0, help="generator seed")
+    s.add_argument("--seed", type=int_at_least(0), default=0, help="generator seed")
     s.add_argument("--scale", type=float, default=1.0, help="fraction of the real corpus's dialogues")
     b = sub.add_parser("backends", help="show which backend each op selects and why")
     b.add_argument("--device", default="cpu", help="torch device whose backends to show")

@@ -30,7 +30,7 @@ def corpus():
 @pytest.fixture(scope="module")
 def trained(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("feddisc")
-    return out, train_feddisc(corpus, tiny_config(out))
+    return out, train_feddisc(corpus, tiny_config(out, batch_size=1))  # eval must batch as the run did
 
 
 def test_release_schedule_trains_and_writes_everything(trained):
@@ -70,8 +70,13 @@ def test_saved_model_reloads_and_predicts_the_same(trained, corpus):
 
 
 def test_cli_eval_and_recover(trained, tmp_path, capsys):
-    out, _ = trained
+    out, results = trained
     ckpt = str(out / "feddisc" / "model.pt")
+    # recovery noise depends on the batching: without --batch-size, eval batches as the run did (1, not 8)
+    assert main(["eval", "--checkpoint", ckpt, *TINY_ARGS, "--eval-rates", "0.5", "--out",
+                 str(tmp_path / "r.json")]) == 0
+    trained_numbers = results["systems"]["feddisc"]["evaluation"]["rate:0.5"]
+    assert json.loads((tmp_path / "r.json").read_text())["rate:0.5"] == trained_numbers
     assert main(["eval", "--checkpoint", ckpt, *TINY_ARGS, "--missing", "fixed:ta", "--out",
                  str(tmp_path / "m.json")]) == 0
     assert "fixed:ta" in json.loads((tmp_path / "m.json").read_text())

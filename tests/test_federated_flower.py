@@ -437,6 +437,55 @@ def test_each_round_sends_the_schedules_phase_and_groups(fl, task_identity):
     assert {m.content["config"]["phase"] for m in messages} == {"recovery"}
 
 
+def test_a_scaling_refit_that_misses_a_modality_is_redone_before_the_next_round(fl, task_identity):
+    """Both text holders (tv, ta) fail round 2's scaling query: text keeps its placeholder range, so the
+    state must not pass for fitted, and round 3 queries every node again until text is covered."""
+    settings = fl.Settings.from_run_config(TINY, extractor_rounds=1, recovery_rounds=1, classifier_rounds=1, cycles=1)
+
+    def fail_text_holders_round_2(msg, node):
+        if msg.metadata.message_type == fl.SCALING and node in (100, 101) and \
+                msg.content["config"]["server-round"] == 2:
+            from flwr.app import Message
+
+            return Message(fl_error(2, "RuntimeError: out of memory"), reply_to=msg)
+        return None
+
+    strategy, grid = strategy_for(fl, settings, {"intercept": fail_text_holders_round_2})
+    placeholder = strategy.global_state["recovery.latent_min"].clone()
+    queries = {}
+    for rnd in (1, 2, 3):
+        before = len(grid.sent)
+        messages = strategy.configure_train(rnd, None, None, grid)
+        queries[rnd] = [kind for kind, _, _ in grid.sent[before:]].count("query.scaling")
+        text_min, fitted = strategy.global_state["recovery.latent_min"][0], strategy.global_state[
+            "recovery.scaling_fitted"]
+        if rnd == 2:   # audio and video fitted, text left at its placeholder: not fitted
+            assert not bool(fitted) and torch.equal(text_min, placeholder[0])
+            assert not torch.equal(strategy.global_state["recovery.latent_min"][1:], placeholder[1:])
+        if rnd == 3:
+            assert bool(fitted) and not torch.equal(text_min, placeholder[0])
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        strategy.aggregate_train(rnd, [reply_with(fl, m, strategy.global_state) for m in messages])
+    assert queries == {1: 0, 2: 3, 3: 3}
+    assert strategy.history[1]["scaling_missing"] == ["text"]
+    assert strategy.history[2]["scaling_refitted"] and "scaling_missing" not in strategy.history[2]
+
+
+def test_a_round_without_any_usable_reply_stops_the_run(fl, task_identity):
+    """Finishing the schedule would write results for a model no round changed; the checkpoint keeps the
+    previous round, so a resumed run redoes this one."""
+    from imer_fast.federated.rounds import NoUsableRepliesError
+
+    settings = fl.Settings.from_run_config(TINY, extractor_rounds=2, recovery_rounds=0, classifier_rounds=0, cycles=0)
+    strategy, grid = strategy_for(fl, settings)
+    strategy.configure_train(1, None, None, grid)
+    with pytest.raises(NoUsableRepliesError, match="round 1 \\(extractor\\): no client's update could be used "
+                                                   ".*no reply within the round timeout"):
+        strategy.aggregate_train(1, [])
+    assert strategy.history == []
+
+
 def test_nodes_claiming_the_wrong_pattern_are_rejected_and_a_reconnected_node_replaces_its_old_id(fl, task_identity):
     from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -505,6 +554,13 @@ def test_settings_validate_the_run_config_and_match_the_app_pyproject(fl):
         fl.Settings.from_run_config({"clients": "tx"})
     with pytest.raises(ValueError, match="schedule"):
         fl.Settings.from_run_config({"schedule": "fedprox"})
+    # values every client would fail on, round after round, are refused before the run
+    for key, value, message in (("lr", -1.0, "Trainer: lr must be a finite number > 0"),
+                                ("weight-decay", -1.0, "Trainer: weight_decay"), ("grad-clip", -1.0, "grad_clip"),
+                                ("window-past", -5, "window_past must be an int >= -1"),
+                                ("min-replies", 3, "min_replies = 3 exceeds the 2 clients holding")):
+        with pytest.raises(ValueError, match=message):
+            fl.Settings.from_run_config({key: value})
 
 
 def test_the_federated_package_imports_without_flwr():

@@ -304,3 +304,53 @@ def test_settings_that_would_fail_after_rounds_of_training_are_refused_up_front(
     with pytest.raises(SystemExit, match="--device"):
         run_federated(parser.parse_args(["federated", "--device", "nonsense", "--out", "unused"]))
 
+
+
+def test_a_client_whose_training_fails_is_dropped_or_named(corpus, tmp_path):
+    """As on Flower, where a raising ClientApp becomes an error reply: with on_invalid='drop' the round
+    goes on without the client; with 'raise' the error names the client and the round."""
+    def av_fails_in_round_2(r, cid, state):
+        if (r, cid) == (2, AV):
+            raise FloatingPointError("Trainer: non-finite loss nan")
+
+    results = run_simulation(corpus, tiny_config(out_dir=str(tmp_path / "drop")),
+                             SimulationHooks(client_start=av_fails_in_round_2))
+    record = json.loads((tmp_path / "drop" / "metrics.json").read_text())["history"][1]
+    assert record["aggregation"]["dropped"] == {AV: "local training raised FloatingPointError: Trainer: non-finite "
+                                                    "loss nan"}
+    assert record["aggregation"]["groups"]["classifier"]["contributors"] == [TV, TA]
+    assert results["rounds"] == 2
+    from imer_fast.federated.simulation import ClientTrainingError
+
+    with pytest.raises(ClientTrainingError, match="federated round 2 \\(classifier\\): client client02:av failed: "
+                                                  "FloatingPointError: Trainer: non-finite loss nan"):
+        run_simulation(corpus, tiny_config(on_invalid="raise"), SimulationHooks(client_start=av_fails_in_round_2))
+
+
+def test_a_round_in_which_every_client_fails_stops_with_the_previous_round_checkpointed(corpus, tmp_path):
+    from imer_fast.federated.rounds import NoUsableRepliesError
+
+    def everyone_fails_in_round_2(r, cid, state):
+        if r == 2:
+            raise RuntimeError("out of memory")
+
+    with pytest.raises(NoUsableRepliesError, match="federated round 2 \\(classifier\\): no client's update could be "
+                                                   "used .*checkpoint holds round 1"):
+        run_simulation(corpus, tiny_config(out_dir=str(tmp_path)),
+                       SimulationHooks(client_start=everyone_fails_in_round_2))
+    assert json.loads((tmp_path / "metrics.json").read_text())["rounds_done"] == 1
+
+
+def test_values_that_would_train_nothing_are_refused_before_any_round():
+    with pytest.raises(ValueError, match="min_replies = 3 exceeds the 2 clients holding text .*never be aggregated"):
+        tiny_config(min_replies=3)
+    assert tiny_config(min_replies=3, federate=False).min_replies == 3   # local-only runs aggregate nothing
+    for field, value, message in (("lr", -1.0, "lr must be a finite number > 0"), ("lr", 0.0, "> 0"),
+                                  ("weight_decay", -1.0, "weight_decay must be a finite number >= 0"),
+                                  ("grad_clip", -1.0, "grad_clip must be a finite number >= 0"),
+                                  ("lr", float("nan"), "finite"), ("lr_factor", 1.0, "lr_factor must be a number in")):
+        with pytest.raises(ValueError, match=f"Trainer: .*{message}"):
+            TrainerConfig(**{field: value})
+    with pytest.raises(ValueError, match="FedDISC: window_past must be an int >= -1; got -5"):
+        tiny_feddisc(window_past=-5)
+    assert tiny_feddisc(window_past=-1).window_past == -1   # GCNet's "the whole dialogue"

@@ -31,6 +31,9 @@ def test_train_eval_recover(tmp_path, capsys, model, data, extra, metric):
 
     assert main(["eval", "--checkpoint", ckpt, *data, "--missing", "fixed:a", "--out", str(tmp_path / "e.json")]) == 0
     assert metric in json.loads((tmp_path / "e.json").read_text())["fixed:a"]
+    # without --batch-size, eval batches as the training run did and gives its numbers
+    assert main(["eval", "--checkpoint", ckpt, *data, "--eval-rates", "0.5", "--out", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["rate:0.5"] == evaluation["rate:0.5"]
     assert main(["recover", "--checkpoint", ckpt, *data, "--missing", "fixed:a", "--out", str(tmp_path / "r.npz")]) == 0
     arrays = np.load(tmp_path / "r.npz")
     assert not arrays["availability"][:, 0].any() and arrays["availability"][:, 1].all()
@@ -70,8 +73,11 @@ def test_token_recovery_is_drkf_only(tmp_path):
 def test_eval_refuses_a_file_that_is_not_a_system_checkpoint(tmp_path):
     import torch
 
+    torch.save({"model": "mult", "state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="not a checkpoint written by imer-fast train .*'mult'"):
+        main(["eval", "--checkpoint", str(tmp_path / "other.pt"), *DRKF_DATA])
     torch.save({"model": "dgn", "state_dict": {}}, tmp_path / "dgn.pt")
-    with pytest.raises(SystemExit, match="not a checkpoint written by imer-fast train"):
+    with pytest.raises(SystemExit, match="Dialogue Graph Network written by imer-fast train --model dgn, which reports"):
         main(["eval", "--checkpoint", str(tmp_path / "dgn.pt"), *DRKF_DATA])
 
 

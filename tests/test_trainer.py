@@ -202,8 +202,12 @@ def test_plateau_schedule_follows_a_lower_is_better_monitor_without_a_loss():
                                           ("grad_clip", -1.0), ("grad_clip", float("nan"))])
 def test_trainer_settings_out_of_range_are_refused(field, value):
     model = Toy()
-    with pytest.raises(ValueError, match=f"Trainer: {field} must be an? (int|number)"):
+    with pytest.raises(ValueError, match=f"Trainer: {field} must be an? (int|number|finite number)"):
         Trainer(model, make_stages(model), TrainerConfig(progress=False, **{field: value}))
+    config = TrainerConfig(progress=False)
+    setattr(config, field, value)   # set after the config was built: the trainer checks again
+    with pytest.raises(ValueError, match=f"Trainer: {field} must be"):
+        Trainer(model, make_stages(model), config)
 
 
 def test_resume_from_an_unusable_checkpoint_names_it(tmp_path):

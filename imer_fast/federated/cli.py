@@ -21,7 +21,7 @@ __all__ = ["add_federated_parser", "run_federated"]
 def add_federated_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``federated`` command to ``subparsers`` (``parser.add_subparsers()``'s result); returns
     its parser. Dispatch to :func:`run_federated`."""
-    from ..cli import _add_data, _cuda, add_feddisc_model_args
+    from ..cli import _add_data, _cuda, add_feddisc_model_args, int_at_least
 
     p = subparsers.add_parser(
         "federated", help="simulate federated FedDISC in one process: clients with fixed modality availability "
@@ -42,22 +42,22 @@ def add_federated_parser(subparsers) -> argparse.ArgumentParser:
     f.add_argument("--schedule", choices=SCHEDULES, default="afa",
                    help="afa: extractor rounds, then --cycles cycles of recovery rounds (classifier frozen) and "
                         "classifier rounds (recovery frozen); sequential: one pass extractor -> recovery -> classifier")
-    f.add_argument("--rounds", type=int, default=5,
+    f.add_argument("--rounds", type=int_at_least(0), default=5,
                    help="rounds of every phase (per AFA cycle for recovery and classifier), unless set below")
-    f.add_argument("--extractor-rounds", type=int, default=None,
+    f.add_argument("--extractor-rounds", type=int_at_least(0), default=None,
                    help="rounds training the projections + DGN/MulT pseudo-labeller; unset: --rounds")
-    f.add_argument("--recovery-rounds", type=int, default=None,
+    f.add_argument("--recovery-rounds", type=int_at_least(0), default=None,
                    help="rounds training the DISC-Diffusion generators, per AFA cycle; unset: --rounds")
-    f.add_argument("--classifier-rounds", type=int, default=None,
+    f.add_argument("--classifier-rounds", type=int_at_least(0), default=None,
                    help="rounds training the MulT classifier + prompts, per AFA cycle; unset: --rounds")
-    f.add_argument("--cycles", type=int, default=2, help="AFA cycles (ignored by --schedule sequential)")
-    f.add_argument("--local-epochs", type=int, default=1, help="epochs each client trains per round")
+    f.add_argument("--cycles", type=int_at_least(0), default=2, help="AFA cycles (ignored by --schedule sequential)")
+    f.add_argument("--local-epochs", type=int_at_least(1), default=1, help="epochs each client trains per round")
     f.add_argument("--local-only", action="store_true",
                    help="no federation: every client trains the same schedule alone on its shard (the reference "
                         "for 'federated vs each client alone'); each client's model is evaluated")
     f.add_argument("--weighted", action="store_true",
                    help="weight the averages by the clients' training utterances (the release averages unweighted)")
-    f.add_argument("--min-replies", type=int, default=1,
+    f.add_argument("--min-replies", type=int_at_least(1), default=1,
                    help="a module group with fewer contributing clients in a round keeps its previous global values")
     f.add_argument("--on-invalid", choices=ON_INVALID, default="raise",
                    help="a client reply with a wrong key, shape, dtype or a NaN/inf: raise stops the run, drop leaves "
@@ -66,30 +66,35 @@ def add_federated_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--preset", choices=("release", "small"), default="release",
                    help="model sizes: release (32x48 latents, release U-Nets, 1000 diffusion steps, DDIM-50) or "
                         "small (minutes on a CPU)")
-    t.add_argument("--batch-size", type=int, default=8, help="dialogues per batch")
+    t.add_argument("--batch-size", type=int_at_least(1), default=8, help="dialogues per batch")
     t.add_argument("--lr", type=float, default=5e-4, help="learning rate of the clients' AdamW")
     t.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    t.add_argument("--window-past", type=int, default=6, help="dialogue-graph past window")
-    t.add_argument("--window-future", type=int, default=6, help="dialogue-graph future window")
-    t.add_argument("--sampling-steps", type=int, default=None, help="recovery DDIM steps; unset: the preset's")
+    t.add_argument("--window-past", type=int_at_least(-1), default=6,
+                   help="dialogue-graph past window; -1: the whole dialogue")
+    t.add_argument("--window-future", type=int_at_least(-1), default=6, help="dialogue-graph future window")
+    t.add_argument("--sampling-steps", type=int_at_least(1), default=None,
+                   help="recovery DDIM steps; unset: the preset's")
     t.add_argument("--grad-clip", type=float, default=1.0, help="gradient clipping threshold; 0 disables")
     t.add_argument("--clip-mode", choices=("norm", "value"), default="norm",
                    help="clip the gradient norm or each value (the FedDISC release: value)")
-    t.add_argument("--patience", type=int, default=10,
+    t.add_argument("--patience", type=int_at_least(1), default=10,
                    help="early stopping within a client's round: epochs without validation improvement")
     t.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     t.add_argument("--layers", choices=("fused", "reference"), default="fused",
                    help="fused: imer_fast modules; reference: the eager release twins")
-    t.add_argument("--recovery-samples", type=int, default=1, help="recovered latent = mean of this many samples")
+    t.add_argument("--recovery-samples", type=int_at_least(1), default=1,
+                   help="recovered latent = mean of this many samples")
     add_feddisc_model_args(t)
     o = p.add_argument_group("run")
-    o.add_argument("--seed", type=int, default=0, help="seed of the shards, the initial model and every client's "
-                                                        "training")
+    o.add_argument("--seed", type=int_at_least(0), default=0,
+                   help="seed of the shards, the initial model and every client's training")
     o.add_argument("--device", default="cuda" if _cuda() else "cpu", help="torch device the clients train on")
     o.add_argument("--out", default="runs/federated",
                    help="output folder: checkpoint.pt and metrics.json (every round), results.json, "
                         "<model>/model.pt (readable by imer-fast eval / recover)")
     o.add_argument("--resume", action="store_true", help="continue after the last finished round in --out")
+    o.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds an earlier one (default: refused)")
     o.add_argument("--eval-patterns", default="all",
                    help="availability patterns evaluated on the test split, comma-separated (all: the seven; none)")
     o.add_argument("--no-pattern-eval", action="store_true", help="skip the per-pattern evaluation")
@@ -139,19 +144,21 @@ def _config(args):
 
 def run_federated(args) -> int:
     """Run the ``federated`` command parsed by :func:`add_federated_parser`'s parser."""
-    from ..cli import load_corpus
+    from ..cli import load_corpus, prepare_out
     from ..train.report import plot_results, results_table
+    from .rounds import NoUsableRepliesError
     from .simulation import make_schedule, run_simulation
 
     config = _config(args)
     corpus = load_corpus(args)
+    prepare_out(args)
     mode = "local only" if args.local_only else "federated"
     print(f"{mode} FedDISC on {corpus.name}: clients {', '.join(config.clients)}, {config.schedule} schedule of "
           f"{make_schedule(config).total_rounds} rounds x {config.local_epochs} local epoch(s); "
           f"{len(corpus.split('train'))} train / {len(corpus.split('test'))} test dialogues", flush=True)
     try:
         result = run_simulation(corpus, config)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, NoUsableRepliesError) as err:
         raise SystemExit(f"imer-fast federated: {err}")
     clients = result["clients"]
     for cid, c in clients.items():

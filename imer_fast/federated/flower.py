@@ -60,7 +60,7 @@ from ..train.feddisc import FedDISCConfig
 from ..train.trainer import TrainerConfig
 from .aggregation import ClientUpdate, feddisc_partition
 from .rounds import (CHECKPOINT, RoundServer, SimulatedClient, client_info, local_config, make_clients, new_model,
-                     pool_scaling, scaling_reply, site_client, train_stage)
+                     pool_scaling, scaling_reply, site_client, train_stage, unscaled_modalities)
 from .simulation import FederatedConfig, SimulationHooks
 
 __all__ = ["DEFAULT_RUN_CONFIG", "ERROR_CODES", "FedDISCStrategy", "IDENTIFY", "SCALING", "SITE_DATA_KEYS", "Settings",
@@ -604,9 +604,10 @@ class FedDISCStrategy(FedAvg):
 
     # ---- scaling ------------------------------------------------------------------------------
 
-    def refit_scaling(self, grid: Grid, round_number: int, states: Dict[str, Dict[str, Tensor]]) -> None:
+    def refit_scaling(self, grid: Grid, round_number: int, states: Dict[str, Dict[str, Tensor]]) -> List[str]:
         """Ask every connected client for its scaling statistics under the global projections and pool
-        them (partition order) into ``states["global"]``."""
+        them (partition order) into ``states["global"]``. Returns the held modalities that no reply
+        covered: the server refits again before the next round until every one is covered."""
         connected = self.connected(grid)
         arrays = state_to_record(states["global"])
         messages = [Message(RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": round_number})}),
@@ -631,13 +632,18 @@ class FedDISCStrategy(FedAvg):
             if pid not in stats:
                 dropped.setdefault(self.config.client_ids[pid], "no reply" if pid in connected else "not connected")
         self.scaling_dropped = dropped
+        held = [m for m in MODALITIES if any(m in self._modalities(pid) for pid in range(len(self.config.clients)))]
+        replies = [stats[pid] for pid in sorted(stats)]
+        missing = unscaled_modalities(replies, held)
         if not stats:
             log.warning("FedDISCStrategy: round %d: no scaling statistics came back (%s); the scaling keeps its "
-                        "previous values", round_number, dropped)
-            return
+                        "previous values and is refitted before the next round", round_number, dropped)
+            return missing
         if dropped:
-            log.warning("FedDISCStrategy: round %d: scaling pooled without %s", round_number, sorted(dropped))
-        states["global"].update(pool_scaling(states["global"], [stats[pid] for pid in sorted(stats)]))
+            log.warning("FedDISCStrategy: round %d: scaling pooled without %s%s", round_number, sorted(dropped),
+                        f"; no statistics for {missing}, refitted before the next round" if missing else "")
+        states["global"].update(pool_scaling(states["global"], replies, held))
+        return missing
 
     # ---- rounds ---------------------------------------------------------------------------------
 

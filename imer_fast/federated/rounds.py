@@ -45,10 +45,12 @@ from .schedule import AlternatingFrozenSchedule, SequentialSchedule
 if TYPE_CHECKING:   # pragma: no cover - annotations only (simulation imports this module)
     from .simulation import FederatedConfig, SimulationHooks
 
-__all__ = ["CHECKPOINT", "FORMAT", "METRICS", "RESULTS", "SCALING_KEYS", "STAGE_OF_PHASE", "RoundServer",
+__all__ = ["CHECKPOINT", "FORMAT", "METRICS", "RESULTS", "SCALING_KEYS", "STAGE_OF_PHASE", "NoUsableRepliesError",
+           "RoundServer",
            "SimulatedClient", "client_config", "client_info", "clone_state", "config_dict", "first_classifier_round",
            "local_config", "make_clients", "make_schedule", "new_model", "pool_scaling", "report_dict",
-           "scaling_reply", "scaling_stale", "scaling_statistics", "shard_corpus", "site_client", "train_stage"]
+           "scaling_reply", "scaling_stale", "scaling_statistics", "shard_corpus", "site_client", "train_stage",
+           "unscaled_modalities"]
 
 STAGE_OF_PHASE = {"extractor": "extractor", "recovery": "generator", "classifier": "classifier"}
 """The FedDISCRun stage (``schedule="release"``) a round of each phase trains."""
@@ -156,6 +158,10 @@ def client_info(client: SimulatedClient) -> Dict:
             "valid_dialogues": len(client.corpus.splits.get("valid", [])), "train_utterances": client.num_samples}
 
 
+class NoUsableRepliesError(RuntimeError):
+    """A federated round in which no client's update could be aggregated."""
+
+
 # ---- states and latent scaling ------------------------------------------------------------------
 
 
@@ -173,19 +179,30 @@ def scaling_statistics(run: FedDISCRun, modalities) -> Dict[str, Dict]:
     return run.model.recovery.scaling_statistics(batches, [m for m in MODALITIES if m in modalities])
 
 
-def pool_scaling(state: Mapping[str, Tensor], replies: Sequence[Dict[str, Dict]]) -> Dict[str, Tensor]:
+def pool_scaling(state: Mapping[str, Tensor], replies: Sequence[Dict[str, Dict]],
+                 expected: Sequence[str] = MODALITIES) -> Dict[str, Tensor]:
     """The scaling buffers of ``state`` refitted to the pooled statistics of ``replies``
-    (``pooled_scaling``: what ``fit_scaling`` gives on the pooled data); a modality nobody holds keeps its
-    values. Sums run in the order of ``replies`` (client order, for a result independent of the engine)."""
+    (``pooled_scaling``: what ``fit_scaling`` gives on the pooled data); a modality without statistics
+    keeps its values. ``scaling_fitted`` becomes true once every ``expected`` modality (those the clients
+    hold) has been fitted, now or before: a modality whose holders all failed to reply at the first fit
+    keeps its placeholder range and must not pass for fitted. Sums run in the order of ``replies``
+    (client order, for a result independent of the engine)."""
     out = {k: state[k].clone() for k in SCALING_KEYS if k in state}
-    for m, fitted in pooled_scaling(replies).items():
+    pooled = pooled_scaling(replies)
+    for m, fitted in pooled.items():
         i = MODALITIES.index(m)
         out["recovery.latent_min"][i], out["recovery.latent_max"][i] = fitted["min"], fitted["max"]
         if "recovery.latent_mean" in out:
             out["recovery.latent_mean"][i] = fitted["mean"].to(out["recovery.latent_mean"].dtype)
             out["recovery.latent_std"][i] = fitted["std"].to(out["recovery.latent_std"].dtype)
-    out["recovery.scaling_fitted"].fill_(True)
+    out["recovery.scaling_fitted"].fill_(bool(state["recovery.scaling_fitted"]) or all(m in pooled for m in expected))
     return out
+
+
+def unscaled_modalities(replies: Sequence[Dict[str, Dict]], expected: Sequence[str]) -> List[str]:
+    """The ``expected`` modalities that no scaling reply covers (refit again before the next round)."""
+    covered = {m for reply in replies for m in reply}
+    return [m for m in expected if m not in covered]
 
 
 def scaling_stale(schedule, round_number: int) -> bool:
@@ -300,6 +317,7 @@ class RoundServer:
         self.model = new_model(corpus, config, self.base)   # one worker model, reloaded per use
         self.initial = clone_state(self.model.state_dict())
         self.partition = feddisc_partition(self.model.feature_dims)
+        self.scaling_missing: List[str] = []   # modalities the last scaling refit got no statistics for
 
     # ---- states ---------------------------------------------------------------------------------
 
@@ -317,17 +335,21 @@ class RoundServer:
     # ---- rounds ---------------------------------------------------------------------------------
 
     def begin_round(self, round_number: int, states: Dict[str, Dict[str, Tensor]],
-                    refit: Callable[[int, Dict[str, Dict[str, Tensor]]], None]):
+                    refit: Callable[[int, Dict[str, Dict[str, Tensor]]], List[str]]):
         """Round ``round_number``'s plan and its record so far, after the state transitions before it:
-        the scaling refit (``refit(round, states)`` when the projections changed since the last fit) and
-        the classifier warm start (first classifier round). Returns ``(plan, record, scaling_seconds)``;
-        fill ``record["clients"]`` (client id -> info) before :meth:`end_round`."""
+        the scaling refit (``refit(round, states)``, which returns the modalities it got no statistics
+        for, when the projections changed since the last fit or the last fit missed a modality) and the
+        classifier warm start (first classifier round). Returns ``(plan, record, scaling_seconds)``; fill
+        ``record["clients"]`` (client id -> info) before :meth:`end_round`."""
         plan = self.schedule.plan(round_number)
         record = {"round": round_number, "phase": plan.phase, "trainable": sorted(plan.trainable)}
         start = time.perf_counter()
-        scaling = plan.phase != "extractor" and scaling_stale(self.schedule, round_number)
+        scaling = plan.phase != "extractor" and (scaling_stale(self.schedule, round_number)
+                                                 or bool(self.scaling_missing))
         if scaling:
-            refit(round_number, states)
+            self.scaling_missing = list(refit(round_number, states))
+            if self.scaling_missing:
+                record["scaling_missing"] = list(self.scaling_missing)
         scaling_seconds = time.perf_counter() - start
         warm = self.config.feddisc.warm_start_classifier and first_classifier_round(self.schedule, round_number)
         if warm:
@@ -351,6 +373,13 @@ class RoundServer:
         if cfg.federate:
             result = aggregate(states["global"], updates, self.partition, trainable=plan.trainable,
                                weighted=cfg.weighted, min_replies=cfg.min_replies, on_invalid=cfg.on_invalid)
+            if len(result.report.dropped) == len(updates):
+                # Every client failed or was left out: going on would finish the schedule and write results
+                # for a model no round changed. The checkpoint holds the previous round, so --resume redoes it.
+                reasons = {**dict(dropped or {}), **result.report.dropped}
+                raise NoUsableRepliesError(
+                    f"federated round {round_number} ({plan.phase}): no client's update could be used ({reasons}); "
+                    f"the run stops, its checkpoint holds round {round_number - 1}: fix the cause and resume")
             states["global"] = result.state
             record["aggregation"] = report_dict(result, dropped)
         aggregation_seconds = time.perf_counter() - start
@@ -397,18 +426,22 @@ class RoundServer:
         if set(states) != expected:
             raise ValueError(f"federated simulation: the checkpoint at {path} holds states {sorted(states)}; "
                              f"expected {sorted(expected)}")
-        return int(saved["round"]), list(saved["history"]), states
+        history = list(saved["history"])
+        refits = [h for h in history if h.get("scaling_refitted")]
+        self.scaling_missing = list(refits[-1].get("scaling_missing", [])) if refits else []
+        return int(saved["round"]), history, states
 
     # ---- evaluation -----------------------------------------------------------------------------
 
     def finish(self, states, history, clients: Mapping[str, Dict],
-               refit: Callable[[int, Dict[str, Dict[str, Tensor]]], None]) -> Dict:
-        """Refit a stale scaling (the run ended on extractor rounds), evaluate every state on the test
-        split, save the models and ``results.json``. ``clients``: client id -> :func:`client_info`."""
+               refit: Callable[[int, Dict[str, Dict[str, Tensor]]], List[str]]) -> Dict:
+        """Refit a stale scaling (the run ended on extractor rounds, or the last fit missed a modality),
+        evaluate every state on the test split, save the models and ``results.json``. ``clients``: client
+        id -> :func:`client_info`."""
         cfg = self.config
         total = self.schedule.total_rounds
-        if scaling_stale(self.schedule, total + 1):   # the run ended on extractor rounds
-            refit(total + 1, states)
+        if scaling_stale(self.schedule, total + 1) or self.scaling_missing:   # ended on extractor rounds, or
+            self.scaling_missing = list(refit(total + 1, states))             # the last fit missed a modality
         results = {"config": config_dict(cfg), "corpus": self.corpus.name, "mode": "federated" if cfg.federate
                    else "local", "rounds": total, "clients": {cid: dict(info) for cid, info in clients.items()},
                    "train_seconds": sum(sum(h["seconds"].values()) for h in history), "models": {}}

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor
 
@@ -133,6 +133,12 @@ class FederatedConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"FederatedConfig: {name} must be an int >= 1; got {value!r}")
+        holders = {m: sum(bool(pattern_mask(p)[i]) for p in self.clients) for i, m in enumerate(MODALITIES)}
+        fewest = min(holders, key=holders.get)
+        if self.federate and self.min_replies > holders[fewest]:
+            raise ValueError(f"FederatedConfig: min_replies = {self.min_replies} exceeds the {holders[fewest]} clients "
+                             f"holding {fewest} (clients {list(self.clients)}): its generator, projection and DGN "
+                             f"input columns, averaged over their holders only, would never be aggregated")
         if self.on_invalid not in ON_INVALID:
             raise ValueError(f"FederatedConfig: on_invalid must be one of {ON_INVALID}; got {self.on_invalid!r}")
         if self.shard not in SHARD_MODES:
@@ -192,6 +198,10 @@ class SimulationHooks:
 
 # ---- the simulation ---------------------------------------------------------------------------
 
+
+class ClientTrainingError(ValueError):
+    """A client's local training failed (with ``on_invalid="raise"``, or in a local-only run)."""
+
 # the names these helpers had before they moved to :mod:`.rounds` (shared with the Flower apps)
 _clone, _scaling_statistics, _pool_scaling = clone_state, scaling_statistics, pool_scaling
 _scaling_stale, _first_classifier_round = scaling_stale, first_classifier_round
@@ -222,16 +232,18 @@ class _Simulation(RoundServer):
 
     # ---- state transitions before a round --------------------------------------------------------
 
-    def refit_scaling(self, round_number: int, states: Dict[str, Dict[str, Tensor]]) -> None:
+    def refit_scaling(self, round_number: int, states: Dict[str, Dict[str, Tensor]]) -> List[str]:
         """Refit the scaling of every state in ``states`` (key "global": pooled over all clients;
-        otherwise a client id: over that client alone)."""
+        otherwise a client id: over that client alone). Every client answers in process, so no modality
+        is left without statistics (the returned list is empty)."""
         if "global" in states:
             replies = [self.scaling_reply(c, round_number, states["global"]) for c in self.clients]
             states["global"].update(pool_scaling(states["global"], replies))
-            return
+            return []
         for client in self.clients:
             reply = self.scaling_reply(client, round_number, states[client.id])
-            states[client.id].update(pool_scaling(states[client.id], [reply]))
+            states[client.id].update(pool_scaling(states[client.id], [reply], sorted(client.modalities)))
+        return []
 
     # ---- rounds ---------------------------------------------------------------------------------
 
@@ -241,10 +253,17 @@ class _Simulation(RoundServer):
         done, history, states = self.restore() if cfg.resume else (0, [], self.fresh_states())
         for r in range(done + 1, total + 1):
             plan, record, scaling_seconds = self.begin_round(r, states, self.refit_scaling)
-            replies = []
+            replies, dropped = [], {}
             for client in self.clients:
                 start_state = states["global"] if cfg.federate else states[client.id]
-                reply, info = self.train_client(client, r, plan, start_state)
+                try:
+                    reply, info = self.train_client(client, r, plan, start_state)
+                except Exception as err:  # as on Flower, where a raising ClientApp becomes an error reply
+                    if not (cfg.federate and cfg.on_invalid == "drop"):
+                        raise ClientTrainingError(f"federated round {r} ({plan.phase}): client {client.id} failed: "
+                                                  f"{type(err).__name__}: {err}") from err
+                    dropped[client.id] = f"local training raised {type(err).__name__}: {err}"
+                    continue
                 if self.hooks.reply is not None:
                     reply = self.hooks.reply(r, client.id, reply)
                 record["clients"][client.id] = info
@@ -252,7 +271,8 @@ class _Simulation(RoundServer):
                     replies.append(ClientUpdate(client.id, reply, client.num_samples, client.modalities))
                 else:
                     states[client.id] = reply
-            self.end_round(r, plan, record, states, replies if cfg.federate else None, history, scaling_seconds)
+            self.end_round(r, plan, record, states, replies if cfg.federate else None, history, scaling_seconds,
+                           dropped)
         return self.finish(states, history, {c.id: client_info(c) for c in self.clients}, self.refit_scaling)
 
 

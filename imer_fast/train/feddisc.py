@@ -91,7 +91,7 @@ class FedDISCConfig:
             raise ValueError(f"FedDISC: preset must be one of {sorted(PRESETS)}; got {self.preset!r}")
         for name, least in (("batch_size", 1), ("generator_batch_size", 1), ("recovery_samples", 1),
                             ("afa_cycles", 1), ("extractor_epochs", 0), ("generator_epochs", 0),
-                            ("classifier_epochs", 0)):
+                            ("classifier_epochs", 0), ("window_past", -1), ("window_future", -1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"FedDISC: {name} must be an int >= {least}; got {value!r}")

@@ -58,6 +58,9 @@ PRESETS = {
                   text_dropout=0.0),
 }
 RUN_SETTINGS = ("text_dropout",)  # preset entries the run applies, not the model
+# IMDer's ScoreNet reads 32-channel latents (its first level is as wide as the latent), so with the score
+# generator the small preset keeps its short latent but widens it to 32 channels.
+GENERATOR_PRESETS = {("small", "score"): dict(latent_channels=32)}
 DEFAULT_RATES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 GROUPS = ("recovery", "discriminator", "reconstructor", "fusion")
 
@@ -101,6 +104,7 @@ def _model(feature_dims, task: str, num_classes: int, config: RoHyDRConfig, reco
     if config.preset not in PRESETS:
         raise ValueError(f"RoHyDR: preset must be one of {sorted(PRESETS)}; got {config.preset!r}")
     preset = {k: v for k, v in PRESETS[config.preset].items() if k not in RUN_SETTINGS}
+    preset.update(GENERATOR_PRESETS.get((config.preset, config.generator), {}))
     for name in ("sampling_steps", "prediction"):
         if getattr(config, name) is not None:
             preset[name] = getattr(config, name)

@@ -84,6 +84,29 @@ class TrainerConfig:
     resume: bool = False
     progress: bool = True
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse values that would fail (or train nothing) only once training runs: a federated run would
+        otherwise drop every client round after round."""
+        for name, positive in (("lr", True), ("weight_decay", False), ("grad_clip", False)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                    value < 0 or (positive and value == 0):
+                bound = "> 0" if positive else ">= 0" + (" (0 disables clipping)" if name == "grad_clip" else "")
+                raise ValueError(f"Trainer: {name} must be a finite number {bound}; got {value!r}")
+        if self.clip_mode not in ("norm", "value"):
+            raise ValueError(f"Trainer: clip_mode must be 'norm' or 'value'; got {self.clip_mode!r}")
+        for name, least in (("patience", 1), ("lr_patience", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"Trainer: {name} must be an int >= {least} (epochs without validation "
+                                 f"improvement); got {value!r}")
+        if isinstance(self.lr_factor, bool) or not isinstance(self.lr_factor, (int, float)) or \
+                not 0 < self.lr_factor < 1:
+            raise ValueError(f"Trainer: lr_factor must be a number in (0, 1); got {self.lr_factor!r}")
+
 
 class Trainer:
     def __init__(self, model: nn.Module, stages: List[Stage], config: TrainerConfig,
@@ -94,16 +117,7 @@ class Trainer:
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"Trainer: stage names must be unique; got {names}")
-        if config.clip_mode not in ("norm", "value"):
-            raise ValueError(f"Trainer: clip_mode must be 'norm' or 'value'; got {config.clip_mode!r}")
-        if isinstance(config.grad_clip, bool) or not isinstance(config.grad_clip, (int, float)) or \
-                not config.grad_clip >= 0:
-            raise ValueError(f"Trainer: grad_clip must be a number >= 0 (0 disables clipping); got {config.grad_clip!r}")
-        for name, least in (("patience", 1), ("lr_patience", 0)):
-            value = getattr(config, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"Trainer: {name} must be an int >= {least} (epochs without validation "
-                                 f"improvement); got {value!r}")
+        config.validate()  # again: a config's fields may have been set after it was built
         self.model, self.stages, self.config = model, stages, config
         self.out_dir = Path(config.out_dir) if config.out_dir else None
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
