@@ -36,20 +36,46 @@ def int_at_least(low: int):
 
 
 def _feature_dirs(items: List[str]) -> Dict[str, str]:
+    from .data import canonical_modality
+
     dirs = {}
     for item in items:
         if "=" not in item:
             raise SystemExit(f"--feature-dir: expected MODALITY=PATH (e.g. text=feats/deberta); got {item!r}")
-        modality, path = item.split("=", 1)
+        name, path = item.split("=", 1)
+        try:
+            modality = canonical_modality(name)
+        except ValueError as err:
+            raise SystemExit(f"--feature-dir {item}: {err}")
+        if modality in dirs:
+            raise SystemExit(f"--feature-dir: {modality} is given twice ({dirs[modality]!r} and {path!r})")
         dirs[modality] = path
     return dirs
 
 
+# The data flags and the --data kinds that read them (with their defaults): another kind would ignore them.
+_DATA_FLAGS = {"label_path": ("gcnet",), "feature_dir": ("gcnet",), "path": ("dialoguegcn", "mmsa"),
+               "num_classes": ("gcnet", "dialoguegcn", "mmsa"), "scale": ("synthetic",),
+               "feature_dim": ("synthetic",), "data_seed": ("synthetic",), "modality_noise": ("synthetic",)}
+_DATA_DEFAULTS = {"label_path": None, "feature_dir": [], "path": None, "num_classes": None, "scale": 1.0,
+                  "feature_dim": None, "data_seed": 0, "modality_noise": 1.0}
+
+
+def _refuse_data_flags_the_kind_ignores(args, kind: str) -> None:
+    ignored = ["--" + name.replace("_", "-") for name, kinds in _DATA_FLAGS.items()
+               if kind not in kinds and getattr(args, name) != _DATA_DEFAULTS[name]]
+    if ignored:
+        raise SystemExit(f"{', '.join(ignored)}: not used by --data {args.data}")
+
+
 def load_corpus(args):
-    """The corpus named by --data: synthetic-<name>, gcnet (with --label-path and --feature-dir) or
-    dialoguegcn (with --path)."""
+    """The corpus named by --data: synthetic-<name>, gcnet (with --label-path and --feature-dir),
+    dialoguegcn (with --path to IEMOCAP_features.pkl) or mmsa (with --path to MMSA's aligned_50.pkl)."""
     from . import data
 
+    kind = "synthetic" if args.data.startswith("synthetic-") else args.data
+    if kind in ("synthetic", "gcnet", "dialoguegcn", "mmsa"):
+        _refuse_data_flags_the_kind_ignores(args, kind)
     if args.data.startswith("synthetic-"):
         name = args.data[len("synthetic-"):]
         if name not in data.SYNTHETIC_NAMES:
@@ -75,17 +101,26 @@ def load_corpus(args):
             return data.read_dialoguegcn(args.path, num_classes=args.num_classes)
         except (ValueError, FileNotFoundError) as err:
             raise SystemExit(f"--data dialoguegcn: {err}")
-    raise SystemExit(f"--data: expected synthetic-<name>, gcnet or dialoguegcn; got {args.data!r}")
+    if args.data == "mmsa":
+        if not args.path:
+            raise SystemExit("--data mmsa needs --path to MMSA's aligned_50.pkl / unaligned_50.pkl (MOSI, MOSEI)")
+        try:
+            label_key = "regression_labels" if args.num_classes is None else "classification_labels"
+            return data.read_mmsa(args.path, label_key=label_key).to_corpus(num_classes=args.num_classes)
+        except (ValueError, FileNotFoundError) as err:
+            raise SystemExit(f"--data mmsa: {err}")
+    raise SystemExit(f"--data: expected synthetic-<name>, gcnet, dialoguegcn or mmsa; got {args.data!r}")
 
 
 def _add_data(p) -> None:
     p.add_argument("--data", default="synthetic-iemocap6",
-                   help="synthetic-{iemocap6,iemocap4,mosi,mosei} (bundled generator), gcnet or dialoguegcn")
+                   help="synthetic-{iemocap6,iemocap4,mosi,mosei} (bundled generator), gcnet, dialoguegcn or mmsa")
     p.add_argument("--label-path", help="gcnet: the label pickle")
     p.add_argument("--feature-dir", action="append", default=[], help="gcnet: MODALITY=FOLDER of per-utterance .npy")
-    p.add_argument("--path", help="dialoguegcn: IEMOCAP_features.pkl")
+    p.add_argument("--path", help="dialoguegcn: IEMOCAP_features.pkl; mmsa: aligned_50.pkl (or unaligned_50.pkl)")
     p.add_argument("--num-classes", type=int_at_least(2), default=None,
-                   help="gcnet / dialoguegcn: number of classes (default: inferred from the labels present)")
+                   help="gcnet / dialoguegcn: number of classes (default: inferred from the labels present); mmsa: "
+                        "read the classification labels with this many classes (default: the regression labels)")
     p.add_argument("--scale", type=float, default=1.0, help="synthetic: fraction of the real corpus's dialogues")
     p.add_argument("--feature-dim", type=int_at_least(1), default=None,
                    help="synthetic: one feature width for every modality (default: GCNet's 1024/512/1024)")

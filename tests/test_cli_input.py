@@ -96,3 +96,41 @@ def test_every_rohydr_preset_builds_each_generator(generator):
         assert sum(p.numel() for p in model.parameters()) > 0
         del model
     torch.manual_seed(0)
+
+
+def _data_args(**given):
+    from argparse import Namespace
+
+    from imer_fast.cli import _DATA_DEFAULTS
+
+    return Namespace(**{**_DATA_DEFAULTS, **given})
+
+
+def test_data_flags_that_the_data_kind_ignores_are_refused(tmp_path):
+    from imer_fast.cli import load_corpus
+
+    with pytest.raises(SystemExit, match="--scale, --feature-dim: not used by --data gcnet"):
+        load_corpus(_data_args(data="gcnet", scale=0.5, feature_dim=64))
+    with pytest.raises(SystemExit, match="--num-classes: not used by --data synthetic-iemocap6"):
+        load_corpus(_data_args(data="synthetic-iemocap6", num_classes=4))
+    with pytest.raises(SystemExit, match="--label-path: not used by --data dialoguegcn"):
+        load_corpus(_data_args(data="dialoguegcn", path="x.pkl", label_path="labels.pkl"))
+
+
+def test_a_modality_given_twice_to_feature_dir_is_refused():
+    from imer_fast.cli import load_corpus
+
+    with pytest.raises(SystemExit, match="--feature-dir: text is given twice \\('a' and 'b'\\)"):
+        load_corpus(_data_args(data="gcnet", label_path="l.pkl", feature_dir=["text=a", "l=b"]))
+    with pytest.raises(SystemExit, match="--feature-dir smell=c: .*expected one of"):
+        load_corpus(_data_args(data="gcnet", label_path="l.pkl", feature_dir=["smell=c"]))
+
+
+def test_mmsa_files_load_from_the_command_line(tmp_path):
+    from imer_fast.cli import load_corpus
+    from imer_fast.data import assert_corpus_equal, read_mmsa, write_synthetic
+
+    path = write_synthetic("mosi", tmp_path, formats=("mmsa",), scale=0.05, feature_dims=4)["mmsa"]["path"]
+    assert_corpus_equal(load_corpus(_data_args(data="mmsa", path=str(path))), read_mmsa(path).to_corpus())
+    with pytest.raises(SystemExit, match="--data mmsa needs --path"):
+        load_corpus(_data_args(data="mmsa"))

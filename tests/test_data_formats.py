@@ -420,3 +420,62 @@ def test_write_synthetic_all_formats_agree(tmp_path):
     assert corpus_differences(corpus, m, atol=1e-5) == []
     with pytest.raises(ValueError, match="unknown format"):
         write_synthetic("mosi", tmp_path, formats=("csv",))
+
+
+def test_non_finite_features_are_refused_with_the_utterance_named(tmp_path):
+    """A NaN would survive the missing-modality masks (0 * NaN is NaN) into the model input."""
+    from imer_fast.data import Dialogue
+
+    features = {"text": np.zeros((3, 2), np.float32), "video": np.zeros((3, 2), np.float32)}
+    features["video"][1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"Dialogue 'd'.features\['video'\]: utterance 1 \('d_1'\) holds a "
+                                         r"non-finite value \(nan\); 1 utterance"):
+        Dialogue("d", features, np.zeros(3), np.zeros(3, np.int64), utterance_ids=["d_0", "d_1", "d_2"])
+    label, folders, utts = _hand_gcnet(tmp_path)
+    for m, d in (("text", 4), ("audio", 3), ("video", 2)):
+        for u in utts + ["dlgA_u1"]:
+            np.save(folders[m] / f"{u}.npy", np.zeros(d, np.float32))
+    np.save(folders["audio"] / "dlgB_002.npy", np.array([0.0, np.inf, 0.0], np.float32))
+    with pytest.raises(ValueError, match=r"features\['audio'\]: utterance 2 \('dlgB_002'\) holds a non-finite value "
+                                         r"\(inf\)"):
+        read_gcnet(label, folders)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_feature_file_is_named(tmp_path, damage):
+    label, folders, utts = _hand_gcnet(tmp_path)
+    for m, d in (("text", 4), ("audio", 3), ("video", 2)):
+        for u in utts + ["dlgA_u1"]:
+            np.save(folders[m] / f"{u}.npy", np.zeros(d, np.float32))
+    bad = folders["video"] / "dlgB_001.npy"
+    bad.write_bytes(bad.read_bytes()[:-3] if damage == "truncated" else b"")
+    with pytest.raises(ValueError, match=rf"feature file '.*dlgB_001.npy' of utterance 'dlgB_001' \(video\) cannot "
+                                         rf"be read: \w+Error"):
+        read_gcnet(label, folders)
+
+
+def _mmsa_split(n=3, t=4):
+    return {"text": np.zeros((n, t, 3), np.float32), "audio": np.zeros((n, t, 2), np.float32),
+            "vision": np.zeros((n, t, 2), np.float32), "id": np.array([f"v$_${i}" for i in range(n)]),
+            "regression_labels": np.zeros(n, np.float32), "classification_labels": np.arange(n)}
+
+
+def test_mmsa_reader_checks_labels_and_lengths_against_the_clips(tmp_path):
+    (tmp_path / "MOSI").mkdir()
+    path = tmp_path / "MOSI" / "aligned_50.pkl"
+    cases = [
+        (dict(regression_labels=np.zeros(2, np.float32)), "'regression_labels': expected 3 labels \\(one per 'id'\\), "
+                                                          "got 2", "regression_labels"),
+        (dict(classification_labels=np.array([0.5, 1.7, 2.0])), "class labels must be integers; clip 'v\\$_\\$0' has "
+                                                                "0.5", "classification_labels"),
+        (dict(audio_lengths=np.array([4, 0, 5])), "'audio_lengths': lengths must lie in \\[0, 4\\] .* clip "
+                                                  "'v\\$_\\$2' has 5", "regression_labels"),
+        (dict(vision_lengths=np.array([-1, 1, 1]), audio_lengths=np.array([1, 1, 1])), "'vision_lengths': .* has -1",
+         "regression_labels"),
+    ]
+    for change, message, label_key in cases:
+        _dump({"train": dict(_mmsa_split(), **change)}, path)
+        with pytest.raises(ValueError, match=message):
+            read_mmsa(path, label_key=label_key)
+    _dump({"train": _mmsa_split()}, path)
+    assert read_mmsa(path, label_key="classification_labels").split("train").labels.tolist() == [0, 1, 2]

@@ -71,6 +71,19 @@ def canonical_modality(name: str) -> str:
     return _MODALITY_ALIASES[key]
 
 
+def _require_finite(x: np.ndarray, where: str, utterance_ids: Optional[List[str]]) -> None:
+    """A NaN or inf from a failed feature extraction would survive the missing-modality masks (0 * NaN is
+    NaN) and poison the model input even where its modality counts as missing: refused at the source."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return
+    row = int(np.flatnonzero(~finite.all(axis=1))[0])
+    value = x[row][~finite[row]][0]
+    name = f" ({utterance_ids[row]!r})" if utterance_ids is not None else ""
+    raise ValueError(f"{where}: utterance {row}{name} holds a non-finite value ({value}); "
+                     f"{int((~finite.all(axis=1)).sum())} utterance(s) affected in all")
+
+
 def _as_labels(labels, where: str) -> np.ndarray:
     arr = np.asarray(labels)
     if arr.ndim != 1:
@@ -169,6 +182,8 @@ class Dialogue:
                                  f"got shape {arr.shape}")
             extras[k] = arr
         self.extras = extras
+        for m, x in feats.items():   # after utterance_ids, which name the bad utterance
+            _require_finite(x, f"{where}.features[{m!r}]", self.utterance_ids)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

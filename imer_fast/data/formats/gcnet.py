@@ -97,6 +97,16 @@ def _face_party(file_name: str, sub: Path, utterance: str, modality: str) -> str
                      f"{file_name!r} names neither party; IEMOCAP face files contain 'F' or 'M'")
 
 
+def _load_npy(path: Path, utterance: str, modality: str) -> np.ndarray:
+    """One feature file; a damaged one (an interrupted extraction: truncated, empty, pickled objects) is
+    named, since a corpus has tens of thousands of them."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as err:   # numpy raises ValueError, EOFError, OSError ... depending on the damage
+        raise ValueError(f"feature file {str(path)!r} of utterance {utterance!r} ({modality}) cannot be read: "
+                         f"{type(err).__name__}: {err}") from err
+
+
 def load_utterance_feature(folder: PathLike, utterance: str, modality: str = "?",
                            speaker: Optional[str] = None) -> Optional[np.ndarray]:
     """Load and pool the feature of one utterance from a GCNet feature folder.
@@ -113,12 +123,12 @@ def load_utterance_feature(folder: PathLike, utterance: str, modality: str = "?"
     folder = Path(folder)
     path = folder / f"{utterance}.npy"
     if path.is_file():
-        return _pool(np.load(path, allow_pickle=False), utterance, folder, modality)
+        return _pool(_load_npy(path, utterance, modality), utterance, folder, modality)
     sub = folder / utterance
     if sub.is_dir():
         rows, dims = [], set()
         for f in sorted(sub.glob("*.npy")):
-            x = np.asarray(np.load(f, allow_pickle=False), dtype=np.float64)
+            x = np.asarray(_load_npy(f, utterance, modality), dtype=np.float64)
             while x.ndim > 2 and x.shape[0] == 1:
                 x = x[0]
             if x.ndim == 1:

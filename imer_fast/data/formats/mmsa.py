@@ -329,15 +329,26 @@ def read_mmsa(path: PathLike, name: Optional[str] = None, *,
         if missing:
             raise ValueError(f"{what}: split {sname!r} lacks keys {missing}; expected {required} "
                              f"(got {sorted(sp)})")
-        label_dtype = np.float32 if label_key == "regression_labels" else np.int64
-        labels = numeric_array(sp[label_key], label_dtype, f"{what}: split {sname!r}: {label_key!r}").reshape(-1)
-        n = labels.shape[0]
+        ids = [to_str(i) for i in np.asarray(sp["id"]).reshape(-1)]
+        n = len(ids)   # every other array of the split is checked against the clip ids
+        labels = numeric_array(sp[label_key], np.float64, f"{what}: split {sname!r}: {label_key!r}").reshape(-1)
+        if labels.shape[0] != n:
+            raise ValueError(f"{what}: split {sname!r}: {label_key!r}: expected {n} labels (one per 'id'), got "
+                             f"{labels.shape[0]}")
+        if label_key == "classification_labels":
+            fractional = np.flatnonzero(labels != np.round(labels))
+            if fractional.size:
+                raise ValueError(f"{what}: split {sname!r}: {label_key!r}: class labels must be integers; clip "
+                                 f"{ids[fractional[0]]!r} has {labels[fractional[0]]}")
+            labels = labels.astype(np.int64)
+        else:
+            labels = labels.astype(np.float32)
         feats = {}
         for m, key in MMSA_KEY.items():
             # numeric_array copies: the -inf cleaning below must not touch `data`
             x = numeric_array(sp[key], np.float32, f"{what}: split {sname!r}: {key!r}")
             if x.ndim != 3 or x.shape[0] != n:
-                raise ValueError(f"{what}: split {sname!r}: {key!r}: expected shape [N={n}, T, D], "
+                raise ValueError(f"{what}: split {sname!r}: {key!r}: expected shape [N={n} (one per 'id'), T, D], "
                                  f"got {x.shape}")
             if m != "text":
                 x[np.isneginf(x)] = 0.0
@@ -364,12 +375,14 @@ def read_mmsa(path: PathLike, name: Optional[str] = None, *,
                 if ln.shape[0] != n:
                     raise ValueError(f"{what}: split {sname!r}: {key!r}: expected {n} lengths, got "
                                      f"{ln.shape[0]}")
+                steps = feats[m].shape[1]
+                bad = np.flatnonzero((ln < 0) | (ln > steps))
+                if bad.size:
+                    raise ValueError(f"{what}: split {sname!r}: {key!r}: lengths must lie in [0, {steps}] (the "
+                                     f"sequences' length); clip {ids[bad[0]]!r} has {ln[bad[0]]}")
                 lengths[m] = ln
             else:
                 lengths[m] = text_len.copy()
-        ids = [to_str(i) for i in np.asarray(sp["id"]).reshape(-1)]
-        if len(ids) != n:
-            raise ValueError(f"{what}: split {sname!r}: 'id': expected {n} ids, got {len(ids)}")
         raw = [to_str(t) for t in np.asarray(sp["raw_text"]).reshape(-1)] if "raw_text" in sp \
             else [""] * n
         splits[sname] = MMSASplit(features=feats, lengths=lengths, labels=labels, ids=ids,
