@@ -9,6 +9,10 @@ PYTHON ?= python3
 VENV ?= .venv
 VENV_FLAGS ?=
 TORCH_SPEC ?= torch==2.13.0
+# Where the pinned torch comes from: empty = pip's configured sources (this project's machines keep the CPU
+# wheel locally); elsewhere TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build instead of
+# PyPI's default CUDA-bundled one.
+TORCH_INDEX ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.imer_fast-installed
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh)
@@ -17,7 +21,7 @@ SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu
 
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	$(if $(TORCH_SPEC),$(PY) -m pip install --quiet "$(TORCH_SPEC)")
+	$(if $(TORCH_SPEC),$(PY) -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)")
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 

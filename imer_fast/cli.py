@@ -613,18 +613,27 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
+def backend_probes(device) -> Dict[str, tuple]:
+    """Small float32 arguments of every op's selection function (``backends.explain(op, *args)``)."""
+    import torch
+
+    x = lambda *shape: torch.zeros(*shape, device=device)  # noqa: E731
+    return {"attention": (x(1, 1, 1, 8),), "build_dialogue_graph": (torch.zeros(1, dtype=torch.long, device=device),),
+            "counter_normal": (torch.zeros((), dtype=torch.int64, device=device),),
+            "group_norm_film_silu": (x(1, 4, 4), 2), "mult_layer": (x(1, 1, 8), 2),
+            "relational_csr": (torch.zeros(2, 0, dtype=torch.long, device=device),), "rgcn_conv": (x(1, 1),),
+            "sampler_step": (x(1, 4),), "stable_layer_norm": (x(1, 4),), "timestep_embedding": (x(1), x(4)),
+            "winograd_conv1d": (x(1, 4, 8),)}
+
+
 def cmd_backends(args) -> int:
     import torch
 
     from . import backends, ops  # noqa: F401
 
-    device = torch.device(_device(args.device))
-    x = torch.zeros(1, 1, device=device)
-    lengths = torch.zeros(1, dtype=torch.long, device=device)
-    for op, probe in (("build_dialogue_graph", lengths), ("relational_csr", torch.zeros(2, 0, dtype=torch.long,
-                                                                                         device=device)),
-                      ("rgcn_conv", x)):
-        print(backends.explain(op, probe))
+    probes = backend_probes(torch.device(_device(args.device)))
+    for op in backends.registered_ops():
+        print(backends.explain(op, *probes[op]))
     return 0
 
 
@@ -667,7 +676,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--formats", default="gcnet,dialoguegcn,mmsa", help="comma-separated formats to write")
     s.add_argument("--seed", type=int_at_least(0), default=0, help="generator seed")
     s.add_argument("--scale", type=float, default=1.0, help="fraction of the real corpus's dialogues")
-    b = sub.add_parser("backends", help="show which backend each op selects and why")
+    b = sub.add_parser("backends", help="show which backend each op selects (for float32 inputs) and why")
     b.add_argument("--device", default="cpu", help="torch device whose backends to show")
     args = parser.parse_args(argv)
     commands = {"train": cmd_train, "eval": cmd_eval, "recover": cmd_recover, "synthesize": cmd_synthesize,

@@ -134,3 +134,11 @@ def test_mmsa_files_load_from_the_command_line(tmp_path):
     assert_corpus_equal(load_corpus(_data_args(data="mmsa", path=str(path))), read_mmsa(path).to_corpus())
     with pytest.raises(SystemExit, match="--data mmsa needs --path"):
         load_corpus(_data_args(data="mmsa"))
+
+
+def test_backends_command_explains_every_registered_op(capsys):
+    from imer_fast import backends
+
+    assert main(["backends"]) == 0
+    shown = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert shown == backends.registered_ops() and len(shown) >= 11

@@ -67,6 +67,16 @@ def test_fit_scaling_maps_training_latents_to_unit_interval():
     assert bool(fresh.scaling_fitted) and torch.equal(fresh.latent_min, model.latent_min)
 
 
+def test_fit_scaling_refuses_padded_batches_with_a_hint():
+    model = small_model()
+    features, _, _ = synthetic(6, torch.Generator().manual_seed(0))
+    padded = {m: x.reshape(2, 3, -1) for m, x in features.items()}     # a DialogueBatch's [B, L, D]
+    with pytest.raises(ValueError, match="availability must be a bool tensor \\[N, 3\\]; got \\(2, 3, 3\\) "
+                                         "torch.bool .*pass its .packed\\(\\) features"):
+        model.fit_scaling([(padded, torch.ones(2, 3, 3, dtype=torch.bool))])
+    assert not bool(model.scaling_fitted)
+
+
 def test_scaling_required_before_loss_or_recover():
     model = small_model()
     features, _, logits = synthetic(4, torch.Generator().manual_seed(0))

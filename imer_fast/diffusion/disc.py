@@ -233,8 +233,9 @@ class DISCDiffusion(nn.Module):
                 entry["sum"] = torch.zeros(self.latent_shape, dtype=torch.float64, device=self.latent_min.device)
                 entry["squares"] = torch.zeros_like(entry["sum"])
         for features, availability in batches:
+            self._check_availability(features, availability)
             for m, entry in stats.items():
-                rows = availability[:, MODALITIES.index(m)].to(torch.bool)
+                rows = availability[:, MODALITIES.index(m)]
                 if bool(rows.any()):
                     z = self.project(m, features[m][rows])
                     entry["count"] += int(z.shape[0])
@@ -279,7 +280,7 @@ class DISCDiffusion(nn.Module):
     def _require_scaling(self) -> None:
         if not bool(self.scaling_fitted):
             raise RuntimeError("DISCDiffusion: the latent scaling is not set; call fit_scaling(train batches) "
-                               "or pass latent_range")
+                               "(in a FedDISC model: model.recovery.fit_scaling) or pass latent_range")
 
     # ---- conditioning ---------------------------------------------------------------------------
 
@@ -461,7 +462,8 @@ class DISCDiffusion(nn.Module):
                 or availability.shape[1] != len(MODALITIES):
             got = f"{tuple(availability.shape)} {availability.dtype}" if isinstance(availability, Tensor) else \
                 type(availability).__name__
-            raise ValueError(f"DISCDiffusion: availability must be a bool tensor [N, {len(MODALITIES)}]; got {got}")
+            raise ValueError(f"DISCDiffusion: availability must be a bool tensor [N, {len(MODALITIES)}]; got {got} (a "
+                             f"DialogueBatch is padded [B, L, ...]: pass its .packed() features and availability)")
         n = availability.shape[0]
         for m in self.modalities:
             if m not in features:
