@@ -86,3 +86,23 @@ def test_corpus_queries_and_comparison():
     assert canonical_modality("l") == "text" and canonical_modality("vision") == "video"
     with pytest.raises(ValueError, match="modality"):
         canonical_modality("smell")
+
+
+def test_with_modalities_keeps_the_dialogues_and_draws_masks_over_the_kept_modalities():
+    from imer_fast.data import make_loader, make_synthetic
+
+    corpus = make_synthetic("iemocap4", scale=0.05, feature_dims=8)
+    two = corpus.with_modalities(["audio", "l"])          # aliases allowed; canonical order kept
+    assert two.feature_dims == {"text": 8, "audio": 8} and two.splits == corpus.splits
+    for did, d in two.dialogues.items():
+        assert set(d.features) == {"text", "audio"}
+        np.testing.assert_array_equal(d.features["audio"], corpus.dialogues[did].features["audio"])
+        np.testing.assert_array_equal(d.labels, corpus.dialogues[did].labels)
+    available = np.concatenate([b.packed().availability.numpy()
+                                for b in make_loader(two, "train", 4, missing="gcnet:0.5", seed=0)])
+    assert not available[:, 2].any() and available[:, :2].any(axis=1).all()   # no utterance left without both
+    assert available[:, :2].mean() == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="with_modalities: expected distinct modalities among \\('text', 'audio'\\)"):
+        two.with_modalities(["video"])
+    with pytest.raises(ValueError, match="with_modalities"):
+        corpus.with_modalities(["text", "text"])

@@ -21,6 +21,7 @@ are built, so the unmasked features are always available as reconstruction groun
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional
 
@@ -378,6 +379,25 @@ class Corpus:
             feature_dims=dict(self.feature_dims), num_speakers=self.num_speakers,
             metadata=dict(self.metadata),
         )
+
+    def with_modalities(self, modalities: Iterable[str], name: Optional[str] = None) -> "Corpus":
+        """The same dialogues with only ``modalities``' features (names or aliases). Missing-modality
+        masks are drawn over a corpus's modalities, so this is how a model of fewer modalities (DRKF's
+        audio + text) gets GCNet's masks over its own modalities rather than over all three."""
+        keep = [canonical_modality(m) for m in modalities]
+        unknown = [m for m in keep if m not in self.feature_dims]
+        if not keep or unknown or len(set(keep)) != len(keep):
+            raise ValueError(f"with_modalities: expected distinct modalities among {self.modalities} of corpus "
+                             f"{self.name!r}; got {list(modalities)}")
+        dialogues = {i: dataclasses.replace(d, features={m: d.features[m] for m in keep})
+                     for i, d in self.dialogues.items()}
+        return Corpus(name=name or self.name, dialogues=dialogues,
+                      splits={s: list(ids) for s, ids in self.splits.items()}, task=self.task,
+                      num_classes=self.num_classes,
+                      label_names=None if self.label_names is None else list(self.label_names),
+                      feature_dims={m: self.feature_dims[m] for m in MODALITIES if m in keep},
+                      num_speakers=self.num_speakers,
+                      metadata=dict(self.metadata))
 
     def __repr__(self) -> str:  # concise: the default dataclass repr would print every array
         split_txt = ", ".join(f"{s}={len(v)}" for s, v in self.splits.items())
