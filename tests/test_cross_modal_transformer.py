@@ -168,6 +168,25 @@ def test_odd_embed_dims(attn_backend, embed_dim, heads):
     assert_match(run(ours, x), run(ref, x))
 
 
+@pytest.mark.parametrize("mode", ["self", "cross"])
+def test_without_positions_as_rohydrs_copy_of_the_encoder(mode):
+    """RoHyDR's encoder defaults to position_embedding=False: inputs only scaled, no embed_positions entry."""
+    torch.manual_seed(0)
+    ours = CrossModalTransformer(16, 4, 2, attn_mask=True, position_embedding=False)
+    assert not any("embed_positions" in k for k in ours.state_dict())
+    ref = ReferenceTransformerEncoder(16, 4, 2, attn_mask=True, position_embedding=False)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    with pytest.raises(RuntimeError, match="embed_positions"):   # a release MulT state has the positions buffer
+        CrossModalTransformer(16, 4, 2, position_embedding=False).load_state_dict(
+            ReferenceTransformerEncoder(16, 4, 2).state_dict(), strict=True)
+    x, xk = make_inputs(7, 5, 3, 16)
+    args = (x,) if mode == "self" else (x, xk, xk)
+    assert_match(run(ours, *args), run(ref, *args))
+    with_positions = CrossModalTransformer(16, 4, 2, attn_mask=True)
+    with_positions.load_state_dict(ours.state_dict(), strict=False)
+    assert not torch.allclose(with_positions(*args), ours(*args), atol=1e-3)   # the positions do matter
+
+
 def test_positions_follow_the_release():
     """Position t + 1, or the zero row where the (unscaled) first feature is exactly +-0; sin then cos."""
     ours, ref = SinusoidalPositionalEmbedding(7), ReferenceSinusoidalPositionalEmbedding(7)

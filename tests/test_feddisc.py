@@ -113,6 +113,27 @@ def test_release_classifier_checkpoint_loads(corpus):
         model.load_release_classifier({**release, "label_embedding.weight": torch.zeros(6, 32)})
 
 
+def test_a_release_classifier_with_deeper_memory_encoders_loads_when_built_so(corpus):
+    """The release's classifier gives its memory encoders max(nlevels, 3) layers: 3 against 2 cross-modal
+    ones in a MOSI checkpoint (nlevels 2)."""
+    mult = dict(TINY["mult"], layers=2)
+    donor = FedDISC(corpus.feature_dims, corpus.num_classes, **dict(TINY, mult=mult),
+                    classifier_mult=dict(mem_layers=3))
+    assert len(donor.classifier.trans_l_mem.layers) == 3 and len(donor.classifier.trans_l_with_a.layers) == 2
+    assert len(donor.pseudo.trans_l_mem.layers) == 2          # the pseudo-labeller's: max(nlevels, 2)
+    release = {k[len("classifier."):]: v for k, v in donor.state_dict().items() if k.startswith("classifier.")}
+    release.update({k[len("recovery."):]: v for k, v in donor.state_dict().items()
+                    if k.startswith("recovery.") and k.split(".")[1].startswith(("score_", "proj_"))})
+    shallow = FedDISC(corpus.feature_dims, corpus.num_classes, **dict(TINY, mult=mult))
+    with pytest.raises(ValueError, match="memory encoders have 3 layers, this model's 2 .* "
+                                         "classifier_mult=dict\\(mem_layers=3\\)"):
+        shallow.load_release_classifier(release)
+    deep = FedDISC(corpus.feature_dims, corpus.num_classes, **dict(TINY, mult=mult), classifier_mult=dict(mem_layers=3))
+    deep.load_release_classifier(release)
+    deepest = (deep.classifier.trans_v_mem.layers[2], donor.classifier.trans_v_mem.layers[2])
+    assert torch.equal(deepest[0].fc1.weight, deepest[1].fc1.weight)
+
+
 def test_bad_input_names_the_argument(corpus):
     with pytest.raises(ValueError, match="feature_dims.*video"):
         FedDISC({"text": 4, "audio": 4}, 6)

@@ -55,6 +55,11 @@ def test_state_dict_follows_the_release_names_and_shapes():
     assert disc == {"discriminator.model.0.weight": (192,), "discriminator.model.1.weight": (128, 192),
                     "discriminator.model.3.weight": (64, 128), "discriminator.model.5.weight": (1, 64)}
     assert model.trans_l_with_a.attn_dropout == 0.5 and model.output_dropout == 0.5
+    # RoHyDR's encoders (subNets_adv) add no positions: scaled inputs only, no embed_positions buffer
+    assert not [k for k in state if "embed_positions" in k]
+    assert all(getattr(model, f"trans_{s}").embed_positions is None
+               for s in ("l_with_a", "l_with_v", "a_with_l", "a_with_v", "v_with_l", "v_with_a", "l_mem", "a_mem",
+                         "v_mem"))
     z = model.project("text", torch.randn(2, 50, 768))
     assert z.shape == (2, 32, 48)  # T = 50 -> 48 steps
 

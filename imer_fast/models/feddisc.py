@@ -44,6 +44,12 @@ class PseudoLabels:
     context: Tensor   # [N, H]: the DGN's hidden state (dialogue context)
 
 
+def _encoder_depth(state: Mapping[str, Tensor], encoder: str) -> int:
+    """How many layers ``encoder`` (e.g. ``trans_l_mem``) has in a state_dict."""
+    prefix = f"{encoder}.layers."
+    return len({key[len(prefix):].split(".", 1)[0] for key in state if key.startswith(prefix)})
+
+
 class FedDISC(nn.Module):
     """FedDISC recovery + classification (module doc).
 
@@ -63,6 +69,8 @@ class FedDISC(nn.Module):
         timesteps, sampler, sampling_steps: diffusion process and recovery sampler (release: 1,000 steps,
             DDIM 50 "quad").
         mult: keyword overrides of both MulT heads (see :class:`MulTClassifier`).
+        classifier_mult: further overrides of the classifier head alone (a release checkpoint of
+            ``nlevels`` 2, MOSI's: ``mult=dict(num_heads=4, layers=2), classifier_mult=dict(mem_layers=3)``).
         dgn_hidden, dgn_graph_hidden, window_past, window_future, dgn_dropout: the Dialogue Graph
             Network (release: 100, 50, 6, 6, 0.5; LSTM base, no matching attention).
         layers: "fused" (imer_fast modules) or "reference" (the eager release twins, for benchmarks).
@@ -74,7 +82,8 @@ class FedDISC(nn.Module):
                  condition_observed: bool = False, prediction: str = "eps", scaling: str = "minmax",
                  recovery_samples: int = 1,
                  unet: Optional[Mapping] = None, timesteps: int = 1000, sampler: str = "ddim",
-                 sampling_steps: int = 50, mult: Optional[Mapping] = None, dgn_hidden: int = 100,
+                 sampling_steps: int = 50, mult: Optional[Mapping] = None,
+                 classifier_mult: Optional[Mapping] = None, dgn_hidden: int = 100,
                  dgn_graph_hidden: Optional[int] = None, window_past: int = 6, window_future: int = 6,
                  dgn_dropout: float = 0.5, layers: str = "fused"):
         super().__init__()
@@ -109,7 +118,8 @@ class FedDISC(nn.Module):
             prediction=prediction, scaling=scaling, timesteps=timesteps, unet=unet,
             sampler=sampler, sampling_steps=sampling_steps, unet_cls=self.layers.unet,
             build_generators=recovery == "diffusion")
-        self.classifier = MulTClassifier(latent_channels, latent_length, num_classes, **mult_kwargs)
+        self.classifier = MulTClassifier(latent_channels, latent_length, num_classes,
+                                         **{**mult_kwargs, **dict(classifier_mult or {})})
 
     @property
     def feature_dims(self) -> Dict[str, int]:
@@ -193,6 +203,13 @@ class FedDISC(nn.Module):
         if unknown:
             raise ValueError(f"FedDISC.load_release_classifier: keys that are not part of FedDISC_train_class: "
                              f"{unknown[:5]}")
+        depths = {name: _encoder_depth(source, "trans_l_mem") for name, source in
+                  (("checkpoint", classifier), ("model", self.classifier.state_dict()))}
+        if depths["checkpoint"] != depths["model"]:
+            raise ValueError(f"FedDISC.load_release_classifier: the checkpoint's memory encoders have "
+                             f"{depths['checkpoint']} layers, this model's {depths['model']} (the release gives them "
+                             f"max(nlevels, 3)): build the model with classifier_mult=dict(mem_layers="
+                             f"{depths['checkpoint']})")
         self.classifier.load_state_dict(classifier, strict=True)
         missing = self.recovery.load_release_generators(recovery)
         if missing:

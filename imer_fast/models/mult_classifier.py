@@ -30,7 +30,11 @@ class MulTClassifier(nn.Module):
         latent_channels, latent_length: latent shape (release 32 × 48); the cross encoders have width
             ``latent_channels`` and the memory encoders ``2 · latent_channels``.
         num_classes: output width (release: 6 for IEMOCAP-6; 1 for regression).
-        num_heads, layers: MulT settings (release 8 heads, ``max(nlevels, 3) = 4`` layers).
+        num_heads, layers: MulT settings: the cross-modal encoders' depth is the release's ``nlevels``
+            (IEMOCAP 4 with 8 heads; MOSI 2 with 4 heads).
+        mem_layers: the memory encoders' depth (None: ``layers``). The release's classifier gives them
+            ``max(nlevels, 3)`` layers and its pseudo-labeller ``max(nlevels, 2)``: equal to ``layers``
+            for IEMOCAP's 4, not for MOSI's 2 (3 in a ``FedDISC_train_class`` checkpoint).
         attn_dropout, attn_dropout_a, attn_dropout_v: attention dropout by the release's type rule
             (queries-then-keys ``la``/``va`` use ``_a``, ``lv``/``av`` use ``_v``, the rest ``attn_dropout``).
         relu_dropout, res_dropout, embed_dropout, output_dropout: as the release (0, 0, 0.2, 0.5).
@@ -39,7 +43,8 @@ class MulTClassifier(nn.Module):
     """
 
     def __init__(self, latent_channels: int = 32, latent_length: int = 48, num_classes: int = 6, *,
-                 num_heads: int = 8, layers: int = 4, attn_dropout: float = 0.2, attn_dropout_a: float = 0.5,
+                 num_heads: int = 8, layers: int = 4, mem_layers: Optional[int] = None,
+                 attn_dropout: float = 0.2, attn_dropout_a: float = 0.5,
                  attn_dropout_v: float = 0.2, relu_dropout: float = 0.0, res_dropout: float = 0.0,
                  embed_dropout: float = 0.2, output_dropout: float = 0.5, attn_mask: bool = True,
                  transformer_cls: Type[nn.Module] = CrossModalTransformer):
@@ -55,16 +60,17 @@ class MulTClassifier(nn.Module):
             self.register_parameter(f"prompt{s}_nm", nn.Parameter(torch.zeros(latent_channels, latent_length)))
         dropout_by_keys = {"l": attn_dropout, "a": attn_dropout_a, "v": attn_dropout_v}
 
-        def encoder(width: int, p: float) -> nn.Module:
-            return transformer_cls(embed_dim=width, num_heads=num_heads, layers=layers, attn_dropout=p,
+        def encoder(width: int, p: float, depth: int) -> nn.Module:
+            return transformer_cls(embed_dim=width, num_heads=num_heads, layers=depth, attn_dropout=p,
                                    relu_dropout=relu_dropout, res_dropout=res_dropout, embed_dropout=embed_dropout,
                                    attn_mask=attn_mask)
 
         for q, k in (("l", "a"), ("l", "v"), ("a", "l"), ("a", "v"), ("v", "l"), ("v", "a")):
             # The release picks an encoder's attention dropout by its key modality.
-            self.add_module(f"trans_{q}_with_{k}", encoder(latent_channels, dropout_by_keys[k]))
+            self.add_module(f"trans_{q}_with_{k}", encoder(latent_channels, dropout_by_keys[k], layers))
         for s in ("l", "a", "v"):
-            self.add_module(f"trans_{s}_mem", encoder(2 * latent_channels, attn_dropout))
+            self.add_module(f"trans_{s}_mem", encoder(2 * latent_channels, attn_dropout,
+                                                      layers if mem_layers is None else mem_layers))
         fused = 6 * latent_channels
         self.proj1_3 = nn.Linear(fused, fused)
         self.proj2_3 = nn.Linear(fused, fused)

@@ -192,7 +192,8 @@ class RoHyDR(nn.Module):
             return self.layers.transformer(embed_dim=width, num_heads=settings["num_heads"], layers=depth,
                                            attn_dropout=p, relu_dropout=settings["relu_dropout"],
                                            res_dropout=settings["res_dropout"],
-                                           embed_dropout=settings["embed_dropout"], attn_mask=settings["attn_mask"])
+                                           embed_dropout=settings["embed_dropout"], attn_mask=settings["attn_mask"],
+                                           position_embedding=False)   # as the release's encoders
 
         for q, k in (("l", "a"), ("l", "v"), ("a", "l"), ("a", "v"), ("v", "l"), ("v", "a")):
             self.add_module(f"trans_{q}_with_{k}", encoder(c, by_keys[k], settings["layers"]))

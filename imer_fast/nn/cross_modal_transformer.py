@@ -340,7 +340,9 @@ class CrossModalTransformerLayer(nn.Module):
 
 class CrossModalTransformer(nn.Module):
     """Drop-in for MulT's ``TransformerEncoder(embed_dim, num_heads, layers, attn_dropout=0.0,
-    relu_dropout=0.0, res_dropout=0.0, embed_dropout=0.0, attn_mask=False)`` (module doc).
+    relu_dropout=0.0, res_dropout=0.0, embed_dropout=0.0, attn_mask=False)`` (module doc), and with
+    ``position_embedding=False`` for RoHyDR's copy, which adds no positions (its default; no
+    ``embed_positions`` entry in the state_dict then).
 
     ``forward(x_in [Lq, B, E], x_in_k=None, x_in_v=None, *, key_padding_mask=None, lengths=None)``
     returns [Lq, B, E]: self-attention layers, or cross-modal ones (queries from ``x_in``, keys from
@@ -348,7 +350,7 @@ class CrossModalTransformer(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, layers: int, attn_dropout: float = 0.0,
                  relu_dropout: float = 0.0, res_dropout: float = 0.0, embed_dropout: float = 0.0,
-                 attn_mask: bool = False):
+                 attn_mask: bool = False, position_embedding: bool = True):
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"{_NAME}: embed_dim ({embed_dim}) must be positive and divisible by num_heads "
@@ -357,7 +359,7 @@ class CrossModalTransformer(nn.Module):
         self.attn_dropout = attn_dropout
         self.embed_dim = embed_dim
         self.embed_scale = math.sqrt(embed_dim)
-        self.embed_positions = SinusoidalPositionalEmbedding(embed_dim)
+        self.embed_positions = SinusoidalPositionalEmbedding(embed_dim) if position_embedding else None
         self.attn_mask = attn_mask
         self.layers = nn.ModuleList([
             CrossModalTransformerLayer(embed_dim, num_heads=num_heads, attn_dropout=attn_dropout,
@@ -369,7 +371,10 @@ class CrossModalTransformer(nn.Module):
         self.layer_norm = nn.LayerNorm(embed_dim)
 
     def _embed(self, x_in: Tensor) -> Tensor:
-        x = self.embed_positions.embed(x_in, self.embed_scale)
+        if self.embed_positions is not None:
+            x = self.embed_positions.embed(x_in, self.embed_scale)
+        else:
+            x = (x_in * self.embed_scale).contiguous()
         if self.training and self.dropout > 0.0:
             x = F.dropout(x, p=self.dropout, training=True)
         return x

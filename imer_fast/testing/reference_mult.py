@@ -232,13 +232,14 @@ class ReferenceTransformerEncoder(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, layers: int, attn_dropout: float = 0.0,
                  relu_dropout: float = 0.0, res_dropout: float = 0.0, embed_dropout: float = 0.0,
-                 attn_mask: bool = False):
+                 attn_mask: bool = False, position_embedding: bool = True):
         super().__init__()
         self.dropout = embed_dropout
         self.attn_dropout = attn_dropout
         self.embed_dim = embed_dim
         self.embed_scale = math.sqrt(embed_dim)
-        self.embed_positions = ReferenceSinusoidalPositionalEmbedding(embed_dim)
+        # RoHyDR's copy of the encoder defaults to no positions
+        self.embed_positions = ReferenceSinusoidalPositionalEmbedding(embed_dim) if position_embedding else None
         self.attn_mask = attn_mask
         self.layers = nn.ModuleList([
             ReferenceTransformerEncoderLayer(embed_dim, num_heads=num_heads, attn_dropout=attn_dropout,
@@ -251,7 +252,8 @@ class ReferenceTransformerEncoder(nn.Module):
 
     def _embed(self, x_in: Tensor) -> Tensor:
         x = self.embed_scale * x_in
-        x += self.embed_positions(x_in.transpose(0, 1)[:, :, 0]).transpose(0, 1)
+        if self.embed_positions is not None:
+            x += self.embed_positions(x_in.transpose(0, 1)[:, :, 0]).transpose(0, 1)
         return x
 
     def forward(self, x_in: Tensor, x_in_k: Optional[Tensor] = None, x_in_v: Optional[Tensor] = None,
@@ -259,10 +261,7 @@ class ReferenceTransformerEncoder(nn.Module):
         x = F.dropout(self._embed(x_in), p=self.dropout, training=self.training)
         cross = x_in_k is not None and x_in_v is not None
         if cross:
-            x_k = self.embed_scale * x_in_k
-            x_v = self.embed_scale * x_in_v
-            x_k += self.embed_positions(x_in_k.transpose(0, 1)[:, :, 0]).transpose(0, 1)
-            x_v += self.embed_positions(x_in_v.transpose(0, 1)[:, :, 0]).transpose(0, 1)
+            x_k, x_v = self._embed(x_in_k), self._embed(x_in_v)
             x_k = F.dropout(x_k, p=self.dropout, training=self.training)
             x_v = F.dropout(x_v, p=self.dropout, training=self.training)
         intermediates = [x]
