@@ -51,8 +51,8 @@ def checkpoint_system(path) -> str:
         raise ValueError(f"{path} is the trainer's resume checkpoint; pass the model.pt written next to it")
     name = state.get("model") if isinstance(state, dict) else None
     if name == "dgn":
-        raise ValueError(f"{path} is a Dialogue Graph Network written by imer-fast train --model dgn, which reports its "
-                         f"test metrics in metrics.json; eval and recover read the recovery systems' model.pt "
+        raise ValueError(f"{path} is a Dialogue Graph Network written by imer-fast train --model dgn, which reports "
+                         f"its test metrics in metrics.json; eval and recover read the recovery systems' model.pt "
                          f"({', '.join(sorted(FACTORIES))})")
     if not isinstance(name, str) or name not in FACTORIES:
         shown = repr(name) if name is None or isinstance(name, str) else f"a {type(name).__name__}"
