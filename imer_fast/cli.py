@@ -57,13 +57,11 @@ def _feature_dirs(items: List[str]) -> Dict[str, str]:
 _DATA_FLAGS = {"label_path": ("gcnet",), "feature_dir": ("gcnet",), "path": ("dialoguegcn", "mmsa"),
                "num_classes": ("gcnet", "dialoguegcn", "mmsa"), "scale": ("synthetic",),
                "feature_dim": ("synthetic",), "data_seed": ("synthetic",), "modality_noise": ("synthetic",)}
-_DATA_DEFAULTS = {"label_path": None, "feature_dir": [], "path": None, "num_classes": None, "scale": 1.0,
-                  "feature_dim": None, "data_seed": 0, "modality_noise": 1.0}
 
 
 def _refuse_data_flags_the_kind_ignores(args, kind: str) -> None:
     ignored = ["--" + name.replace("_", "-") for name, kinds in _DATA_FLAGS.items()
-               if kind not in kinds and getattr(args, name) != _DATA_DEFAULTS[name]]
+               if kind not in kinds and getattr(args, name) != args.data_defaults[name]]
     if ignored:
         raise SystemExit(f"{', '.join(ignored)}: not used by --data {args.data}")
 
@@ -113,21 +111,27 @@ def load_corpus(args):
 
 
 def _add_data(p) -> None:
-    p.add_argument("--data", default="synthetic-iemocap6",
-                   help="synthetic-{iemocap6,iemocap4,mosi,mosei} (bundled generator), gcnet, dialoguegcn or mmsa")
-    p.add_argument("--label-path", help="gcnet: the label pickle")
-    p.add_argument("--feature-dir", action="append", default=[], help="gcnet: MODALITY=FOLDER of per-utterance .npy")
-    p.add_argument("--path", help="dialoguegcn: IEMOCAP_features.pkl; mmsa: aligned_50.pkl (or unaligned_50.pkl)")
-    p.add_argument("--num-classes", type=int_at_least(2), default=None,
-                   help="gcnet / dialoguegcn: number of classes (default: inferred from the labels present); mmsa: "
-                        "read the classification labels with this many classes (default: the regression labels)")
-    p.add_argument("--scale", type=float, default=1.0, help="synthetic: fraction of the real corpus's dialogues")
-    p.add_argument("--feature-dim", type=int_at_least(1), default=None,
-                   help="synthetic: one feature width for every modality (default: GCNet's 1024/512/1024)")
-    p.add_argument("--data-seed", type=int_at_least(0), default=0, help="synthetic: generator seed")
-    p.add_argument("--modality-noise", type=float, default=1.0,
-                   help="synthetic: amplitude of each modality's private noise (1: the default corpus, where "
-                        "modalities predict each other weakly; smaller: more redundant modalities)")
+    added = [
+        p.add_argument("--data", default="synthetic-iemocap6",
+                       help="synthetic-{iemocap6,iemocap4,mosi,mosei} (bundled generator), gcnet, dialoguegcn or mmsa"),
+        p.add_argument("--label-path", help="gcnet: the label pickle"),
+        p.add_argument("--feature-dir", action="append", default=[],
+                       help="gcnet: MODALITY=FOLDER of per-utterance .npy"),
+        p.add_argument("--path", help="dialoguegcn: IEMOCAP_features.pkl; mmsa: aligned_50.pkl (or unaligned_50.pkl)"),
+        p.add_argument("--num-classes", type=int_at_least(2), default=None,
+                       help="gcnet / dialoguegcn: number of classes (default: inferred from the labels present); "
+                            "mmsa: read the classification labels with this many classes (default: the regression "
+                            "labels)"),
+        p.add_argument("--scale", type=float, default=1.0, help="synthetic: fraction of the real corpus's dialogues"),
+        p.add_argument("--feature-dim", type=int_at_least(1), default=None,
+                       help="synthetic: one feature width for every modality (default: GCNet's 1024/512/1024)"),
+        p.add_argument("--data-seed", type=int_at_least(0), default=0, help="synthetic: generator seed"),
+        p.add_argument("--modality-noise", type=float, default=1.0,
+                       help="synthetic: amplitude of each modality's private noise (1: the default corpus, where "
+                            "modalities predict each other weakly; smaller: more redundant modalities)"),
+    ]
+    # what _refuse_data_flags_the_kind_ignores compares with
+    p.set_defaults(data_defaults={a.dest: a.default for a in added})
 
 
 def _add_train(sub):

@@ -99,11 +99,15 @@ def test_every_rohydr_preset_builds_each_generator(generator):
 
 
 def _data_args(**given):
-    from argparse import Namespace
+    import argparse
 
-    from imer_fast.cli import _DATA_DEFAULTS
+    from imer_fast.cli import _add_data
 
-    return Namespace(**{**_DATA_DEFAULTS, **given})
+    parser = argparse.ArgumentParser()
+    _add_data(parser)
+    args = parser.parse_args([])
+    vars(args).update(given)
+    return args
 
 
 def test_data_flags_that_the_data_kind_ignores_are_refused(tmp_path):
