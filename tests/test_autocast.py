@@ -4,11 +4,16 @@ Every operator computes in float32 there (its inputs cast, autocast off inside i
 normalisations do. Checked on the CPU's autocast, which goes through the same registrations as CUDA's
 (``torch.library.register_autocast`` for both device types); the CUDA run is in tests/test_gpu_modules.py.
 """
+import functools
+
 import torch
 
 from imer_fast.diffusion.disc import DISCDiffusion
+from imer_fast.nn import CrossModalTransformer
 from imer_fast.nn.cond_cross_attention import CondCrossAttention
+from imer_fast.nn.score_net import ScoreNet
 from imer_fast.ops import attention, ddim_step, group_norm_film_silu, stable_layer_norm
+from imer_fast.testing.reference_imder import ReferenceScoreNet, marginal_prob_std
 
 
 def autocast():
@@ -71,6 +76,35 @@ def test_condition_cross_attention_and_disc_diffusion_train_under_autocast():
         recovered = model.recover(features, availability, randn(6, 3, seed=31), seed=1)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(v.float()).all() for v in recovered.values())
+
+
+def test_mult_encoder_takes_bf16_inputs_with_fp32_parameters_and_matches_fp32():
+    """MulT fed by a bf16 Conv1d under autocast (as the classifiers do): the fused layer casts like the other
+    operators instead of refusing its fp32 LayerNorm weights."""
+    torch.manual_seed(0)
+    encoder = CrossModalTransformer(16, 4, layers=2, attn_mask=True).eval()
+    x, context = randn(7, 3, 16, seed=14, dtype=torch.bfloat16), randn(5, 3, 16, seed=15, dtype=torch.bfloat16)
+    with autocast():
+        cross = encoder(x, context, context)
+        own = encoder(x)
+    assert cross.dtype == own.dtype == torch.float32
+    torch.testing.assert_close(cross, encoder(x.float(), context.float(), context.float()))
+    torch.testing.assert_close(own, encoder(x.float()))
+
+
+def test_score_net_runs_under_autocast_as_the_release_does():
+    """The condition (fp32) meets bf16 conv activations in the cross-modal layers of every level."""
+    std = functools.partial(marginal_prob_std, sigma=25.0)
+    torch.manual_seed(0)
+    ours = ScoreNet(std, channels=[32, 32, 64, 64], embed_dim=64)
+    reference = ReferenceScoreNet(std, channels=[32, 32, 64, 64], embed_dim=64)
+    reference.load_state_dict(ours.state_dict())
+    x, cond, t = randn(2, 32, 16, seed=16), randn(2, 32, 16, seed=17), torch.tensor([0.3, 0.7])
+    with autocast():
+        got, want = ours(x, t, cond), reference(x, t, cond)
+    assert torch.isfinite(got).all()
+    # Both run bf16 convolutions; the MulT blocks of ours compute in fp32, so agree to bf16 precision only.
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.1, atol=0.1 * want.float().abs().max().item())
 
 
 def test_float64_is_left_alone():

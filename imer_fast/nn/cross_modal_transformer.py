@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops._runtime import under_autocast
 from ..ops.attention import MASK_KINDS, attention
 from ..ops.mult_layer import MultLayerWeights, mult_layer
 
@@ -137,6 +138,16 @@ class SinusoidalPositionalEmbedding(nn.Module):
 
 def _describe(t) -> str:
     return f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+
+
+def _autocast_sequences(x, k, v) -> tuple:
+    """The inputs in one dtype under autocast (float32, as the fused layers compute there), so the
+    dtype checks below compare like with like; keys that are the values stay one tensor."""
+    if not isinstance(x, Tensor):
+        return x, k, v
+    shared = v is k
+    x, k, v = under_autocast(x, k, v)
+    return x, k, (k if shared else v)
 
 
 def _check_sequence(who: str, name: str, t, embed_dim: int, like: Optional[Tensor] = None,
@@ -248,6 +259,7 @@ class PackedMultiheadAttention(nn.Module):
     def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None, *,
                 key_mask: Optional[Tensor] = None, future_mask: bool = False) -> Tensor:
         who = f"{_NAME}.self_attn"
+        query, key, value = _autocast_sequences(query, key, value)
         _check_sequence(who, "query", query, self.embed_dim)
         if (key is None) != (value is None):
             raise ValueError(f"{who}: give both key and value, or neither (self-attention)")
@@ -317,6 +329,7 @@ class CrossModalTransformerLayer(nn.Module):
                 key_padding_mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Tensor:
         who = f"{_NAME}Layer"
         e = self.embed_dim
+        x, x_k, x_v = _autocast_sequences(x, x_k, x_v)
         _check_sequence(who, "x", x, e)
         if (x_k is None) != (x_v is None):
             raise ValueError(f"{who}: give both x_k and x_v (cross-modal attention) or neither (self-attention); "
@@ -382,6 +395,7 @@ class CrossModalTransformer(nn.Module):
     def forward(self, x_in: Tensor, x_in_k: Optional[Tensor] = None, x_in_v: Optional[Tensor] = None, *,
                 key_padding_mask: Optional[Tensor] = None, lengths: Optional[Tensor] = None) -> Tensor:
         e = self.embed_dim
+        x_in, x_in_k, x_in_v = _autocast_sequences(x_in, x_in_k, x_in_v)
         _check_sequence(_NAME, "x_in", x_in, e)
         lq, batch = x_in.shape[0], x_in.shape[1]
         cross = x_in_k is not None and x_in_v is not None

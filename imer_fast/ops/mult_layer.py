@@ -247,8 +247,11 @@ def mult_layer(x: Tensor, xk: Optional[Tensor], xv: Optional[Tensor], weights: M
     ``xk`` alone gives shared keys and values (one k/v projection); ``scale`` defaults to
     ``head_dim ** -0.5``. With ``dropout_p > 0`` and no ``dropout_seed`` the attention-dropout seed is
     drawn from torch's default generator."""
-    w = MultLayerWeights(*weights)
-    keeps = (attn_res_keep, relu_keep, ffn_res_keep)
+    shared_kv = xv is xk
+    x, xk, xv, *cast = _runtime.under_autocast(x, xk, xv, *weights, attn_res_keep, relu_keep, ffn_res_keep)
+    xv = xk if shared_kv else xv  # one cast tensor for shared keys and values: one k/v projection
+    w = MultLayerWeights(*cast[:len(MultLayerWeights._fields)])
+    attn_res_keep, relu_keep, ffn_res_keep = keeps = tuple(cast[len(MultLayerWeights._fields):])
     _check_inputs(x, xk, xv, w, batch, num_heads, key_mask, keeps, mask_kind, dropout_p)
     scale = (x.shape[1] // num_heads) ** -0.5 if scale is None else float(scale)
     if dropout_p > 0.0 and dropout_seed is None:
