@@ -181,6 +181,11 @@ def test_errors_name_the_argument():
         ve_em_step(x, x, g=1.0, step_size=0.1, seed=SEED, offset=-1)
     with pytest.raises(ValueError, match=r"std must be a float or a \[B\] tensor"):
         add_scaled_noise(x, torch.ones(3), seed=SEED)
+    with pytest.raises(ValueError, match="std must be a floating tensor; got torch.int64"):
+        add_scaled_noise(x, torch.ones(2, dtype=torch.int64), seed=SEED)
+    for g, step_size, bad in ((float("nan"), 0.1, "g"), (1.0, float("inf"), "step_size")):
+        with pytest.raises(ValueError, match=f"{bad} .*must be finite"):
+            ve_em_step(x, x, g=g, step_size=step_size, seed=SEED)
     with pytest.raises(ValueError, match="noise is torch.float64"):
         add_scaled_noise(x, 1.0, noise=x.double())
     with pytest.raises(ValueError, match="shape must have non-negative sizes"):

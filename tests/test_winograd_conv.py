@@ -75,6 +75,16 @@ def test_float32_within_rounding_of_conv1d(backend, tile, factor):
     assert err_ours < 2e-5 * exact.abs().max(), err_ours
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_are_computed_in_float32_and_rounded_once(dtype):
+    x, w, b = _case(4, 64, 64, 48, dtype=torch.float32)
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    out = winograd_conv1d(x, winograd_weight(w, 6), b)
+    assert out.dtype == dtype
+    want = winograd_conv1d(x.float(), winograd_weight(w, 6).float(), b.float()).to(dtype)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
 def test_output_is_channels_last_and_input_layout_does_not_matter(backend):
     x, w, b = _case(3, 8, 5, 10)
     weight_tf = winograd_weight(w)

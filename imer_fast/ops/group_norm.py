@@ -51,9 +51,10 @@ def group_norm_film_silu_ref(x: Tensor, num_groups: int, weight: Optional[Tensor
     """The eager sequence (module doc) with torch ops: add, group norm, FiLM, F.silu.
 
     The group norm is aten's (what ``F.group_norm`` runs) with three edge cases made to agree with the
-    kernels: a group of one element normalises to 0 (``F.group_norm`` refuses it in training), a bias
-    without a weight gets a ones weight (torch 2.13's CPU backward of ``group_norm(x, G, None, bias)``
-    fails), and empty groups (no spatial positions) give zero parameter gradients (aten's are NaN)."""
+    kernels: a group of one element normalises to 0 with ``eps > 0`` (``F.group_norm`` refuses it in
+    training), a bias without a weight gets a ones weight (torch 2.13's CPU backward of
+    ``group_norm(x, G, None, bias)`` fails), and empty groups (no spatial positions) give zero parameter
+    gradients (aten's are NaN)."""
     compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     h = x.to(compute)
     extra = (1,) * (x.dim() - 2)

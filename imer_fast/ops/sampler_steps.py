@@ -286,8 +286,10 @@ def ve_em_step(x: Tensor, score: Tensor, *, g: float, step_size: float, noise: O
     mean = x + g²·score·dt, x_next = mean + sqrt(dt)·g·z. Returns (x_next, mean)."""
     op = "imer_fast.ve_em_step: "
     x, score, noise = _runtime.under_autocast(x, score, noise)
-    if not step_size >= 0.0:
-        raise ValueError(f"{op}step_size must be >= 0; got {step_size!r}")
+    if not (step_size >= 0.0 and math.isfinite(step_size)):
+        raise ValueError(f"{op}step_size must be finite and >= 0; got {step_size!r}")
+    if not math.isfinite(g):
+        raise ValueError(f"{op}g (the diffusion coefficient) must be finite; got {g!r}")
     diffusion = math.sqrt(step_size) * g
     _check(op, x, (("score", score),), noise, seed, offset, diffusion != 0.0)
     args = (x, score, float(g * g * step_size), float(diffusion), noise, None if noise is not None else seed, offset)
@@ -306,6 +308,8 @@ def add_scaled_noise(x: Tensor, std: Union[float, Tensor], *, noise: Optional[Te
                              f"{x.shape[0] if x.dim() else 'n/a'}; got {tuple(std.shape)}")
         if std.device != x.device:
             raise ValueError(f"{op}std is on {std.device} but x is on {x.device}")
+        if not std.is_floating_point():
+            raise ValueError(f"{op}std must be a floating tensor; got {std.dtype}")
         args = (x, std, 0.0, noise, None if noise is not None else seed, offset)
     else:
         args = (x, None, float(std), noise, None if noise is not None else seed, offset)

@@ -24,7 +24,8 @@ The operator takes the transformed weight (its first dimension picks n), so a sa
 the same denoiser 50–1,000 times transforms each weight once (:class:`imer_fast.nn.conditional_unet.Conv1d`
 caches it inside :func:`imer_fast.nn.conditional_unet.reuse_transformed_weights`). It returns
 [B, Co, L] stored channels-last ([B, L, Co] in memory), as oneDNN's convolution does for
-channels-last input. float32 and float64.
+channels-last input. float32 and float64 kernels; :func:`winograd_conv1d` computes float16 / bfloat16 in
+float32 and rounds the result once.
 
 Gradients (written with torch ops, so they are differentiable again): ``dM_k = Σ_i AT[i, k] gy_i``,
 ``dm_k = dM_k @ weight_tf[k]ᵀ``, ``dd_j = Σ_k BT[k, j] dm_k`` added back to the tile's input rows
@@ -241,6 +242,9 @@ def winograd_conv1d(x: Tensor, weight_tf: Tensor, bias: Optional[Tensor] = None,
     shortcut) is added in the output transform, in that order: the same floats as the separate add."""
     x, weight_tf, bias, residual = _runtime.under_autocast(x, weight_tf, bias, residual)
     _check(x, weight_tf, bias, residual)
+    if x.dtype in (torch.float16, torch.bfloat16):  # computed in float32 and rounded once, as the other ops
+        wide = (t.float() if t is not None else None for t in (x, weight_tf, bias, residual))
+        return winograd_conv1d(*wide).to(x.dtype)
     if select_winograd_conv1d_backend(x).backend == "reference":
         return winograd_conv1d_ref(x, weight_tf, bias, residual)
     return torch.ops.imer_fast.winograd_conv1d(x, weight_tf, bias, residual)
