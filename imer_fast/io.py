@@ -3,6 +3,7 @@ never destroys the previous version (write to a temporary file in the same folde
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -41,7 +42,20 @@ def _target_mode(path: Path) -> int:
 
 
 def atomic_write_json(path: PathLike, obj: Any) -> Path:
-    return atomic_write(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True))
+    """Strict JSON: NaN and infinities (a metric with nothing to measure) are written as null, which every
+    parser reads; ``json.dump``'s bare ``NaN`` tokens are not JSON."""
+    return atomic_write(path, lambda f: json.dump(_finite_or_none(obj), f, indent=2, sort_keys=True,
+                                                  allow_nan=False))
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
 
 
 def atomic_torch_save(path: PathLike, obj: Any) -> Path:

@@ -109,6 +109,48 @@ def test_early_stopping_restores_the_best_epoch():
     assert torch.equal(model.a.weight, snapshots[1])
 
 
+def _scripted_run(values, epochs, patience, **config):
+    torch.manual_seed(0)
+    model = Toy()
+    values, snapshots = iter(values), []
+
+    def validate():
+        snapshots.append(model.a.weight.detach().clone())
+        return {"loss": next(values)}
+
+    stage = make_stages(model, epochs=epochs)[0]
+    stage.validate = validate
+    history = Trainer(model, [stage], TrainerConfig(progress=False, lr=1e-2, patience=patience, **config)).run()
+    return model, history, snapshots
+
+
+def test_a_non_finite_validation_value_never_becomes_the_best():
+    nan = float("nan")
+    model, history, snapshots = _scripted_run([nan, 0.5, 0.4, 0.3, nan, nan, nan, 0.35], epochs=8, patience=3)
+    assert len(history) == 7  # the NaN epochs after the best (0.3, epoch 4) are bad epochs
+    assert torch.equal(model.a.weight, snapshots[3])
+    assert [h["lr"] for h in history] == [1e-2] * 7  # NaN is no plateau: the schedule is not stepped
+
+
+def test_a_stage_with_nothing_to_validate_runs_all_its_epochs_and_keeps_the_last_weights(tmp_path):
+    model, history, snapshots = _scripted_run([float("nan")] * 5, epochs=5, patience=2, out_dir=str(tmp_path))
+    assert len(history) == 5
+    assert not torch.equal(model.a.weight, snapshots[0])
+    json.loads((tmp_path / "metrics.json").read_text(), parse_constant=pytest.fail)  # strict JSON: null, no NaN
+    assert json.loads((tmp_path / "metrics.json").read_text())["history"][0]["valid"]["loss"] is None
+
+
+def test_an_epoch_that_trains_nothing_warns_and_records_no_loss(tmp_path):
+    torch.manual_seed(0)
+    model = Toy()
+    stage = make_stages(model, epochs=2)[0]
+    stage.train_step = lambda batch, epoch: (None, 0)  # every batch skipped (e.g. all its utterances missing)
+    with pytest.warns(RuntimeWarning, match=r"stage 'a1' epoch 1 trained nothing: all 4 batches were skipped"):
+        history = Trainer(model, [stage], TrainerConfig(progress=True, lr=1e-2, out_dir=str(tmp_path))).run()
+    assert [h["train_loss"] for h in history] == [None, None]
+    assert [h["skipped_batches"] for h in history] == [4, 4]
+
+
 def test_resume_does_not_reopen_a_stage_that_stopped_early(tmp_path, monkeypatch):
     import imer_fast.train.trainer as trainer_module
 
@@ -351,8 +393,13 @@ def test_update_of_several_groups_steps_each_from_one_backward():
     model = Toy()
     stage = make_update_stage(model, [], epochs=1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    stage.train_step = lambda idx, epoch, update: (
-        update(("a", "b"), ((model(idx.float()[:, None].repeat(1, 4)) - 1) ** 2).mean()), 1)
+
+    def train_step(idx, epoch, update):
+        loss = ((model(idx.float()[:, None].repeat(1, 4)) - 1) ** 2).mean()
+        update(("a", "b"), loss)
+        return loss.detach(), 1
+
+    stage.train_step = train_step
     Trainer(model, [stage], TrainerConfig(progress=False, lr=1e-2)).run()
     after = model.state_dict()
     assert not torch.equal(before["a.weight"], after["a.weight"]) and not torch.equal(before["b.weight"],

@@ -15,6 +15,7 @@ import copy
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
@@ -293,24 +294,37 @@ class Trainer:
         if stage.monitor not in val:
             raise KeyError(f"Trainer: stage {stage.name!r} monitors {stage.monitor!r} but validate() returned "
                            f"{sorted(val)}")
-        value = val[stage.monitor] if stage.mode == "min" else -val[stage.monitor]
-        for group in groups:  # the schedulers minimise: the validation loss, else the monitor made lower-is-better
-            self.schedulers[group].step(val.get("loss", value))
-        best = self.position["best_value"]
-        if best is None or value < best - 1e-6:
-            self.position.update(best_value=value, bad_epochs=0,
-                                 best=copy.deepcopy(self.model.state_dict()))
-        else:
-            self.position["bad_epochs"] += 1
+        value = float(val[stage.monitor] if stage.mode == "min" else -val[stage.monitor])
+        plateau = float(val.get("loss", value))
+        if math.isfinite(plateau):  # NaN: nothing was measured (e.g. no missing entry to recover), no plateau
+            for group in groups:  # the schedulers minimise: the validation loss, else the monitor lower-is-better
+                self.schedulers[group].step(plateau)
+        self._select(value)
         self.position["epoch"] = epoch + 1
-        entry = {"stage": stage.name, "epoch": epoch + 1, "train_loss": total / max(count, 1),
+        if count == 0:
+            warnings.warn(f"Trainer: stage {stage.name!r} epoch {epoch + 1} trained nothing: all "
+                          f"{skipped_batches} batches were skipped (no utterance had what the stage trains on; "
+                          f"check the missing-modality protocol)", RuntimeWarning, stacklevel=2)
+        entry = {"stage": stage.name, "epoch": epoch + 1, "train_loss": total / count if count else None,
                  "utterances": count, "skipped_batches": skipped_batches,
-                 "lr": self.optimizers[groups[0]].param_groups[0]["lr"], "seconds": time.perf_counter() - start, "valid": val}
+                 "lr": self.optimizers[groups[0]].param_groups[0]["lr"], "seconds": time.perf_counter() - start,
+                 "valid": val}
         self.history.append(entry)
         if cfg.progress:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
-            print(f"{stage.name:>14} epoch {epoch + 1:3d}  loss {entry['train_loss']:.4f}  valid {shown}  "
+            loss = "n/a" if entry["train_loss"] is None else f"{entry['train_loss']:.4f}"
+            print(f"{stage.name:>14} epoch {epoch + 1:3d}  loss {loss}  valid {shown}  "
                   f"({entry['seconds']:.1f}s)", flush=True)
+
+    def _select(self, value: float) -> None:
+        """Early stopping's bookkeeping for one epoch's monitored value (lower is better). A non-finite value
+        never becomes the best: after a finite best it counts as a bad epoch; before one (nothing measured
+        yet, e.g. a validation set without missing entries) it counts as neither, so the stage runs on."""
+        best = self.position["best_value"]
+        if math.isfinite(value) and (best is None or value < best - 1e-6):
+            self.position.update(best_value=value, bad_epochs=0, best=copy.deepcopy(self.model.state_dict()))
+        elif math.isfinite(value) or best is not None:
+            self.position["bad_epochs"] += 1
 
 
 def variant_config(config: TrainerConfig, out_dir: Optional[Path], name: str, first: bool) -> TrainerConfig:
