@@ -97,6 +97,11 @@ def test_modality_absent_everywhere_is_refused_before_generators(corpus):
         run.fit_scaling()
 
 
+def test_diffusion_recovery_refuses_a_training_protocol_that_never_shows_a_modality(corpus):
+    with pytest.raises(ValueError, match=r"DRKF: the training protocol missing='fixed:t' never makes \['audio'\]"):
+        train_drkf(corpus, tiny_config(missing="fixed:t"))
+
+
 def test_all_missing_utterances_are_skipped_and_counted(corpus):
     config = tiny_config(missing="fixed:v")  # neither audio nor text: nothing for DRKF to learn from
     run = DRKFRun(build_model(corpus, config), corpus, config)

@@ -106,6 +106,12 @@ def test_labels_out_of_range_get_a_clear_error(corpus, tmp_path):
         run.extractor_step(batch, 0)
 
 
+def test_a_training_protocol_that_never_shows_a_modality_is_refused_before_any_stage(corpus, tmp_path):
+    with pytest.raises(ValueError, match=r"FedDISC: the training protocol missing='fixed:ta' never makes \['video'\]"):
+        train_feddisc(corpus, tiny_config(tmp_path, missing="fixed:ta"))
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_corpus_without_a_modality_is_refused(corpus, tmp_path):
     dialogues = {k: dataclasses.replace(d, features={m: f for m, f in d.features.items() if m != "video"})
                  for k, d in corpus.dialogues.items()}

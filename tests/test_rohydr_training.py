@@ -239,6 +239,8 @@ def test_checkpoint_round_trip_and_refusal(trained, corpus, tmp_path):
 def test_bad_settings_are_refused(corpus):
     with pytest.raises(ValueError, match="RoHyDR: lambda_c must lie in"):
         RoHyDRRun(build_model(corpus, tiny_config()), corpus, tiny_config(lambda_c=1.5))
+    with pytest.raises(ValueError, match=r"RoHyDR: the training protocol missing='fixed:ta' never makes \['video'\]"):
+        train_rohydr(corpus, tiny_config(missing="fixed:ta"))
     with pytest.raises(ValueError, match="RoHyDR: preset"):
         build_model(corpus, tiny_config(preset="huge"))
     with pytest.raises(ValueError, match=r"RoHyDR: text_dropout must lie in \[0, 1\); got 1.0"):

@@ -58,6 +58,12 @@ def test_cli_rejects_bad_options(tmp_path):
         main(["train", "--data", "gcnet", "--out", str(tmp_path)])
 
 
+def test_dgn_names_a_modality_the_corpus_lacks():
+    corpus = make_synthetic("iemocap4", seed=0, scale=0.1, feature_dims=12).with_modalities(["audio", "text"])
+    with pytest.raises(ValueError, match=r"train_dgn: the corpus .* has no \['video'\] features"):
+        train_dgn(corpus, DGNConfig(epochs=1, hidden=16, progress=False))
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "metrics.json"
     atomic_write_json(path, {"ok": 1})

@@ -87,6 +87,11 @@ def train_dgn(corpus: Corpus, config: DGNConfig) -> Dict:
     """Train, evaluate, write ``metrics.json`` (per epoch, atomically) and ``model.pt`` to out_dir."""
     if corpus.task != "classification":
         raise ValueError(f"train_dgn: the corpus must be a classification corpus; got task={corpus.task!r}")
+    absent = [m for m in GCNET_ORDER if m not in corpus.feature_dims]
+    if absent:
+        raise ValueError(f"train_dgn: the corpus {corpus.name!r} has no {absent} features; the Dialogue Graph "
+                         f"Network reads all of {list(GCNET_ORDER)} (a missing-modality protocol decides which "
+                         f"are seen)")
     torch.manual_seed(config.seed)
     model = build_model(corpus, config).to(config.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

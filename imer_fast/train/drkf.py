@@ -39,7 +39,7 @@ from ..io import atomic_torch_save, atomic_write_json
 from ..models.dialogue_context import DialogueLayout
 from ..models.drkf import DRKF, RELEASE_LOSS_WEIGHTS, Tokens, ordered_pairs, pair_targets
 from .report import rate_key
-from .run import SystemRun, read_model_checkpoint, run_settings
+from .run import SystemRun, read_model_checkpoint, require_trainable_generators, run_settings
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 PRESETS = {
@@ -374,6 +374,7 @@ def train_drkf(corpus: Corpus, config: DRKFConfig, baseline: bool = True) -> Dic
     test split per pattern and missing rate, and write ``metrics.json`` / ``results.json`` / ``model.pt``
     (atomically) under ``config.trainer.out_dir``."""
     _check(corpus, config)
+    require_trainable_generators("DRKF", config.missing, config.modalities, config.recovery)
     corpus = with_validation(corpus, config.valid_fraction, config.trainer.seed)
     out_dir = Path(config.trainer.out_dir) if config.trainer.out_dir else None
     results: Dict = {"config": _config_dict(config), "corpus": corpus.name, "systems": {}}

@@ -37,7 +37,7 @@ from ..data import Corpus, classification_report, evaluate_patterns
 from ..io import atomic_torch_save, atomic_write_json
 from ..models import FedDISC
 from .report import rate_key
-from .run import SystemRun, read_model_checkpoint, run_settings
+from .run import SystemRun, read_model_checkpoint, require_trainable_generators, run_settings
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 SCHEDULES = ("release", "afa")
@@ -136,8 +136,8 @@ def _model(feature_dims, num_classes: int, num_speakers: int, config: FedDISCCon
 def _check_corpus(corpus: Corpus) -> None:
     for m in ("text", "audio", "video"):
         if m not in corpus.feature_dims:
-            raise ValueError(f"FedDISC: the corpus {corpus.name!r} has no {m!r} features; FedDISC needs a width "
-                             f"for every modality (give zero features and an availability of False instead)")
+            raise ValueError(f"FedDISC: the corpus {corpus.name!r} has no {m!r} features; FedDISC needs the "
+                             f"features of every modality (a missing-modality protocol decides which are seen)")
     if not corpus.splits.get("train"):
         raise ValueError(f"FedDISC: the corpus {corpus.name!r} has no training dialogues")
 
@@ -390,6 +390,7 @@ def train_feddisc(corpus: Corpus, config: FedDISCConfig, baseline: bool = True) 
     on the test split per pattern and missing rate, and write ``metrics.json`` / ``results.json`` /
     ``model.pt`` (atomically) under ``config.trainer.out_dir``."""
     _check_corpus(corpus)
+    require_trainable_generators("FedDISC", config.missing, ("text", "audio", "video"), config.recovery)
     corpus = with_validation(corpus, config.valid_fraction, config.trainer.seed)
     out_dir = Path(config.trainer.out_dir) if config.trainer.out_dir else None
     results: Dict = {"config": _config_dict(config), "corpus": corpus.name, "systems": {}}

@@ -42,7 +42,7 @@ from ..data import MODALITIES, Corpus, classification_report, evaluate_patterns,
 from ..io import atomic_torch_save, atomic_write_json
 from ..models.rohydr import RECOVERY_MODULE_PREFIXES, RoHyDR
 from .report import rate_key
-from .run import SystemRun, read_model_checkpoint, run_settings
+from .run import SystemRun, read_model_checkpoint, require_trainable_generators, run_settings
 from .trainer import Stage, Trainer, TrainerConfig, variant_config, with_validation
 
 PRESETS = {
@@ -411,6 +411,7 @@ def train_rohydr(corpus: Corpus, config: RoHyDRConfig, baseline: bool = True) ->
     evaluate both on the test split per pattern and missing rate, and write ``metrics.json`` /
     ``results.json`` / ``model.pt`` (atomically) under ``config.trainer.out_dir``."""
     _check_corpus(corpus)
+    require_trainable_generators("RoHyDR", config.missing, MODALITIES, config.recovery)
     corpus = with_validation(corpus, config.valid_fraction, config.trainer.seed)
     out_dir = Path(config.trainer.out_dir) if config.trainer.out_dir else None
     results: Dict = {"config": _config_dict(config), "corpus": corpus.name, "systems": {}}

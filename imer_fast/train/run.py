@@ -6,7 +6,24 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..data import make_loader
+from ..data.missing import FixedAvailability, make_protocol
 from .trainer import TrainerConfig
+
+
+def require_trainable_generators(system: str, missing, modalities, recovery: str) -> None:
+    """Diffusion recovery learns each modality from its available training entries: refuse, before any
+    stage runs, a training protocol that never makes one available (the generator stage would fail
+    after the first stage had trained)."""
+    if recovery != "diffusion":
+        return
+    protocol = make_protocol(missing)
+    unseen = [m for m in modalities if m not in protocol.modalities] if isinstance(protocol,
+                                                                                   FixedAvailability) else []
+    if unseen:
+        raise ValueError(f"{system}: the training protocol missing={protocol.spec!r} never makes {unseen} "
+                         f"available, so diffusion recovery has nothing to learn {'it' if len(unseen) == 1 else 'them'}"
+                         f" from; train with a protocol that shows every modality (e.g. 'gcnet:0.3') - every "
+                         f"fixed pattern is evaluated anyway - or use recovery='zero'")
 
 
 def read_model_checkpoint(path, model: str, title: str, device: str = "cpu") -> Tuple[Dict, Dict, TrainerConfig]:
