@@ -79,6 +79,20 @@ def test_classification_label_sets_and_empty():
         f1_score(P, Y, "micro")
     with pytest.raises(ValueError, match="sample_weight"):
         accuracy(P, Y, sample_weight=-np.ones(7))
+    with pytest.raises(ValueError, match=r"preds: class indices must be whole numbers .* \[0.9, 1.6\]"):
+        accuracy(np.array([0.9, 1.6]), np.array([1, 2]))  # truncating would score 0.9 as class 0
+    assert accuracy(np.array([1.0, 2.0]), np.array([1, 2])) == 1.0
+
+
+def test_half_precision_tensors_are_accepted():
+    import torch
+
+    logits = torch.tensor([[0.1, 2.0], [3.0, -1.0], [0.0, 0.5]])
+    labels = torch.tensor([1, 0, 0])
+    for dtype in (torch.bfloat16, torch.float16):
+        assert accuracy(logits.to(dtype), labels) == pytest.approx(2 / 3)
+        a, b = logits[:, 0].to(dtype), logits[:, 1].to(dtype)
+        assert mae(a, b) == pytest.approx(mae(a.float(), b.float()))
 
 
 YR = np.array([-1.2, 0.0, 0.4, 2.6, -3.0, 1.0])

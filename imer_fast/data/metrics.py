@@ -21,9 +21,10 @@ Inputs may be numpy arrays, lists or (CPU/GPU) torch tensors of any matching sha
 ``[B, L]`` labels with ``[B, L]`` predictions or ``[B, L, C]`` logits (classification predictions
 with one more dimension than the labels are arg-maxed). ``mask`` (True = keep) and
 ``sample_weight`` broadcast to the label shape from the same number of dimensions (a scalar weight
-too): a ``[B]`` mask for ``[B, L]`` labels is an error, not aligned with the last axis. Classification labels ``< 0`` (the ``-100``
-padding of :class:`~imer_fast.data.batching.DialogueBatch`) are always ignored. Metrics of an empty
-selection are NaN.
+too): a ``[B]`` mask for ``[B, L]`` labels is an error, not aligned with the last axis. Classification
+labels ``< 0`` (the ``-100`` padding of :class:`~imer_fast.data.batching.DialogueBatch`) are always
+ignored. Metrics of an empty selection are NaN. Class predictions and labels given as floats must be whole numbers (refused, not
+truncated); half-precision tensors are widened to float32.
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def _np(x) -> np.ndarray:
         x = x.detach()
         if hasattr(x, "cpu"):
             x = x.cpu()
+        if x.is_floating_point() and x.element_size() < 4:  # numpy has no bfloat16; float16 widened alike
+            x = x.float()
         x = x.numpy()
     return np.asarray(x)
 
@@ -82,6 +85,11 @@ def _select(preds, labels, mask, sample_weight, classification: bool
             raise ValueError("sample_weight: expected non-negative weights")
     p, y, w = p[keep], y[keep], w[keep]
     if classification:
+        for name, values in (("preds", p), ("labels", y)):
+            whole = values == np.round(values) if np.issubdtype(values.dtype, np.floating) else True
+            if not np.all(whole):
+                raise ValueError(f"{name}: class indices must be whole numbers (or give logits with a class "
+                                 f"axis); got non-integral values such as {values[~whole][:3].tolist()}")
         p, y = p.astype(np.int64), y.astype(np.int64)
     else:
         p, y = p.astype(np.float64), y.astype(np.float64)

@@ -11,7 +11,8 @@ PATTERN_ORDER = ("t", "a", "v", "ta", "tv", "av", "tav")
 
 def rate_key(rate: float) -> str:
     """The evaluation key of a GCNet missing rate: ``rate:0.3`` (one decimal, as the rates of the papers),
-    ``rate:0.25`` when a rate needs more, so that no two rates share a key."""
+    ``rate:0.25`` when a rate needs more (``%g``: six significant digits, so rates closer than that, such
+    as 0.3 and 0.1 + 0.2, share a key)."""
     return f"rate:{rate:.1f}" if round(rate, 1) == rate else f"rate:{rate:g}"
 
 
