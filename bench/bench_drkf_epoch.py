@@ -50,10 +50,9 @@ def runs(corpus, device):
 
 def one_epoch(run: DRKFRun, stage: str, device):
     model = run.model
-    if stage == "eval":
+    if stage == "eval":  # the trainer's evaluation pass: eval mode, the training protocol, metrics included
         with torch.no_grad():
-            for batch in run.loader("test"):
-                model.predict_batch(batch, seed=0)
+            run.evaluate("test")
         sync(device)
         return
     optimizer = adamw(model.parameter_groups()[GROUPS[stage]], lr=1e-5, weight_decay=0.01)  # the trainer's

@@ -53,10 +53,9 @@ def runs(corpus, device):
 
 def one_epoch(run: FedDISCRun, stage: str, device):
     model = run.model
-    if stage == "eval":
+    if stage == "eval":  # the trainer's evaluation pass: eval mode, the training protocol, metrics included
         with torch.no_grad():
-            for batch in run.loader("test"):
-                model(batch, seed=0)
+            run.evaluate("test")
         sync(device)
         return
     groups = model.parameter_groups()

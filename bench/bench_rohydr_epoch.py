@@ -48,10 +48,9 @@ def runs(corpus, device):
 
 def one_epoch(run: RoHyDRRun, stage: str, device):
     model = run.model
-    if stage == "eval":
+    if stage == "eval":  # the trainer's evaluation pass: eval mode, the training protocol, metrics included
         with torch.no_grad():
-            for batch in run.loader("test"):
-                model(batch, seed=0)
+            run.evaluate("test")
         sync(device)
         return
     optimisers = {g: adamw(ps, lr=1e-5, weight_decay=0.01) for g, ps in model.parameter_groups().items()}

@@ -12,7 +12,7 @@ The release's shapes: latent and condition [B, 32, 48], default widths (32, 64, 
 Providers: imer_fast (``ScoreNet``, ``ve_sde_loss``, ``euler_maruyama_sampler`` — in counter-noise
 ``seed`` mode and in torch-``generator`` mode), the eager release-semantics reference
 (``imer_fast.testing.reference_imder``) and ``torch.compile`` of the reference network (the
-reference loss and sampler driving the compiled network). With ``--benchmark-disable`` (a check run)
+reference loss and sampler driving the compiled network; default mode, and reduce-overhead on CUDA). With ``--benchmark-disable`` (a check run)
 the compiled providers and the sampling group are skipped: they take minutes, not seconds.
 """
 import functools
@@ -36,7 +36,7 @@ SIGMA = 25.0
 SDE = VESDE(SIGMA)
 REF_STD = functools.partial(marginal_prob_std, sigma=SIGMA)
 REF_G = functools.partial(diffusion_coeff, sigma=SIGMA)
-PROVIDERS = ("imer_fast", "eager release", "compiled release")
+PROVIDERS = ("imer_fast", "eager release", "compiled release", "compiled reduce-overhead release")
 SAMPLE_STEPS = 100
 
 
@@ -51,12 +51,15 @@ def nets(device):
     reference = ReferenceScoreNet(REF_STD).to(device)
     ours = ScoreNet(SDE.marginal_prob_std).to(device)
     ours.load_state_dict(reference.state_dict(), strict=True)
-    return {"imer_fast": ours, "eager release": reference, "compiled release": torch.compile(reference)}
+    return {"imer_fast": ours, "eager release": reference, "compiled release": torch.compile(reference),
+            "compiled reduce-overhead release": torch.compile(reference, mode="reduce-overhead")}
 
 
 def _provider(request, nets, provider):
-    if provider == "compiled release" and _checking(request.config):
+    if provider.startswith("compiled") and _checking(request.config):
         pytest.skip("torch.compile providers are benchmarks, not checks")
+    if "reduce-overhead" in provider and next(nets["eager release"].parameters()).device.type != "cuda":
+        pytest.skip("reduce-overhead adds CUDA graphs: on a CPU it is the default mode")
     return nets[provider]
 
 
@@ -111,7 +114,8 @@ def test_loss_forward_backward(benchmark, request, nets, device, provider):
     _bench(benchmark, run)
 
 
-SAMPLERS = ("imer_fast seed", "imer_fast generator", "eager release", "compiled release")
+SAMPLERS = ("imer_fast seed", "imer_fast generator", "eager release", "compiled release",
+            "compiled reduce-overhead release")
 
 
 @pytest.mark.benchmark(group="EM-100 sampling")
@@ -127,7 +131,7 @@ def test_em_sampling(benchmark, request, nets, device, sampler):
             return euler_maruyama_sampler(nets["imer_fast"], SDE.marginal_prob_std, SDE.diffusion_coeff, 32,
                                           SAMPLE_STEPS, condition=condition, **noise)
     else:
-        model = nets[sampler]
+        model = _provider(request, nets, sampler)
 
         def sample():
             return reference_euler_maruyama_sampler(model, REF_STD, REF_G, 32, SAMPLE_STEPS, device=device,

@@ -4,7 +4,8 @@ Shapes of the FedDISC U-Net's residual-block convolutions (channels-last activat
 keeps them on the CPU), forward only (the sampler path), fp32, batch 32 and 256. Providers:
 ``imer_fast`` (``winograd_conv1d`` with the transformed kernel made once, as inside
 ``reuse_transformed_weights``), ``eager`` (``winograd_conv1d_ref``, the same transforms in torch ops),
-``direct`` (``F.conv1d``: oneDNN's convolution on the CPU, cuDNN on a GPU — the best library here),
+``direct`` (``F.conv1d``: oneDNN's convolution on the CPU, cuDNN on a GPU — the best library here) on
+the same channels-last input and, as ``direct channels-first``, on a contiguous copy (the release's layout),
 ``compiled`` (``torch.compile`` of the direct convolution).
 
     python -m pytest bench/bench_winograd_conv.py --benchmark-only
@@ -26,7 +27,7 @@ CASES = {  # name: (C, Co, L)
     "level3 C256 L6": (256, 256, 6),
 }
 BATCHES = (32, 256)
-PROVIDERS = ("imer_fast", "eager", "direct", "compiled")
+PROVIDERS = ("imer_fast", "eager", "direct", "direct channels-first", "compiled")
 
 
 def _inputs(name, batch, device):
@@ -51,6 +52,9 @@ def test_forward(benchmark, device, name, batch, provider):
         fn = lambda: winograd_conv1d_ref(x, weight_tf, bias)  # noqa: E731
     elif provider == "direct":
         fn = lambda: F.conv1d(x, weight, bias, padding=1)  # noqa: E731
+    elif provider == "direct channels-first":  # the release U-Net's layout, oneDNN's / cuDNN's own choice
+        x_first = x.contiguous()
+        fn = lambda: F.conv1d(x_first, weight, bias, padding=1)  # noqa: E731
     else:
         compiled = torch.compile(F.conv1d)
         fn = lambda: compiled(x, weight, bias, padding=1)  # noqa: E731

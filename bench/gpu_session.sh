@@ -2,7 +2,7 @@
 # Every GPU check of imer_fast in one call that fits a 10-minute command: build, GPU tests, then the
 # benchmarks behind the H100/H200 targets, each step time-boxed so that a slow one cannot starve the rest.
 #
-#   OUT=/some/folder bash bench/gpu_session.sh        # on a CUDA machine whose python3 has torch + triton
+#   OUT=/some/folder IMER_FAST_CODE=<rev> bash bench/gpu_session.sh   # on a CUDA machine with torch + triton
 #
 # Results land flat in $OUT (default bench/results/gpu-session): env.txt, install.log, tests.log, and
 # one JSON per benchmark (pytest-benchmark JSON condensed by bench/summarize.py, sampler throughput from
@@ -25,6 +25,9 @@ OUT=${OUT:-bench/results/gpu-session}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 DRY_RUN=${DRY_RUN:-0}
+# The revision the results JSON record: the device machine gets a copy without .git, so pass it in
+# (IMER_FAST_CODE=$(git rev-parse --short HEAD) on the machine that sends the tree).
+export IMER_FAST_CODE=${IMER_FAST_CODE:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (set IMER_FAST_CODE)")}
 status=0
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to the deadline), log, remember a failure
@@ -50,7 +53,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to the dead
   $PY -c "import platform, torch, triton; print('python', platform.python_version(), 'torch', torch.__version__,
 'cuda', torch.version.cuda, 'triton', triton.__version__, 'device',
 torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-  git rev-parse HEAD 2>/dev/null || echo "code: not a git checkout (record the revision by hand)"
+  echo "code: $IMER_FAST_CODE"
   $PY -c "import pytest, pytest_benchmark, numpy" 2>/dev/null \
     || echo "MISSING: pytest, pytest-benchmark or numpy (the install step below uses --no-deps)"
 } > "$OUT/env.txt" 2>&1

@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,30 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLERS = {"ddim50": 50, "ddpm1000": 1000, "em100": 100}
 IMPLEMENTATIONS = ("ours", "reference", "compiled")
 NUM_CLASSES, CHANNELS, LENGTH = 6, 32, 48
+
+
+def code_revision() -> str:
+    """$IMER_FAST_CODE (bench/gpu_session.sh sets it), else the checkout's revision (+dirty), else None."""
+    if os.environ.get("IMER_FAST_CODE"):
+        return os.environ["IMER_FAST_CODE"]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def device_label(device: torch.device) -> str:
@@ -174,21 +199,28 @@ def main(argv=None) -> dict:
                 rows.append(row)
                 print(f"{kind:9s} {impl:9s} B={batch:5d} {per_step_us:10.1f} us/step "
                       f"{row['latents_per_s']:10.1f} latents/s" + (" (graph)" if graphed[impl] else ""), flush=True)
+                _write(args, device, argv, rows)  # after every row: a time-boxed run keeps what it measured
                 if args.trace is not None:
                     args.trace.mkdir(parents=True, exist_ok=True)
                     with torch.profiler.profile() as prof, torch.no_grad():
                         run()
                         sync(device)
                     prof.export_chrome_trace(str(args.trace / f"{kind}_{impl}_B{batch}.json"))
+    result, out = _write(args, device, argv, rows)
+    print(f"wrote {out}")
+    return result
+
+
+def _write(args, device, argv, rows):
     label = device_label(device)
-    result = {"device": label, "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "versions": versions(), "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])),
-              "rows": rows}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else _cpu_model()
+    result = {"device": label, "device_name": name, "threads": torch.get_num_threads(), "versions": versions(),
+              "code": code_revision(),
+              "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv or sys.argv[1:])), "rows": rows}
     out = args.out or ROOT / "bench" / "results" / label / "sampler_profile.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
-    return result
+    return result, out
 
 
 def _graph_of(kind, batch, steps, device, cond):

@@ -6,10 +6,13 @@
 Several raw files (repeated runs) may be given: each case then lists every run's median and their
 median, so the spread of a shared machine stays visible. The device and thread count are those the
 benchmark process recorded (bench/conftest.py), and ``code`` is the git revision pytest-benchmark
-recorded for each run (with "+dirty" when the tree had uncommitted changes).
+recorded for each run (with "+dirty" when the tree had uncommitted changes); where it recorded none (a
+copy without .git, such as the GPU machine's), ``--code`` or the ``IMER_FAST_CODE`` variable, which
+bench/gpu_session.sh sets.
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -55,6 +58,8 @@ def main(argv=None) -> int:
     parser.add_argument("raw", nargs="+", help="pytest-benchmark --benchmark-json files")
     parser.add_argument("out", help="results file to write")
     parser.add_argument("--command", required=True, help="the command that produced the raw files")
+    parser.add_argument("--code", default=os.environ.get("IMER_FAST_CODE"),
+                        help="code revision when pytest-benchmark recorded none (default: $IMER_FAST_CODE)")
     args = parser.parse_args(argv)
     runs = defaultdict(list)
     groups, extra = {}, {}
@@ -68,7 +73,7 @@ def main(argv=None) -> int:
             device = machine["torch_device"] + (f", {machine['torch_threads']} threads"
                                                 if "CPU" in machine["torch_device"] else "")
         commit = data.get("commit_info", {})
-        if commit.get("id"):
+        if commit.get("id") and commit["id"] != "unversioned":
             code = commit["id"][:7] + ("+dirty" if commit.get("dirty") else "")
             if code not in codes:
                 codes.append(code)
@@ -84,7 +89,7 @@ def main(argv=None) -> int:
         if name in extra:
             cases[name]["extra_info"] = extra[name]
     result = {"device": device or device_name(), "cpu": cpu, "versions": versions(), "command": args.command,
-              "code": ", ".join(codes) or None, "runs": len(args.raw), "cases": cases}
+              "code": ", ".join(codes) or args.code, "runs": len(args.raw), "cases": cases}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     json.dump(result, sys.stdout, indent=2)
