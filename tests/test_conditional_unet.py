@@ -101,6 +101,8 @@ def test_errors_name_the_argument():
         ours(x, t.float(), y)
     with pytest.raises(ValueError, match=r"y must be \[B = 3, label_num = 3\]"):
         ours(x, t, y[:, :2])
+    with pytest.raises(ValueError, match="y is torch.float64 but the model's parameters are torch.float32"):
+        ours(x, t, y.double())
     bad = x.clone()
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="x contains NaN"):

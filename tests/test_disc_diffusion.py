@@ -225,6 +225,22 @@ def test_bad_inputs_are_named():
         model.recover(features, ok, nan_logits)
     with pytest.raises(ValueError, match="steps must be an int >= 1; got 0"):
         model.recover(features, ok, logits, steps=0)
+    inf_logits = logits.clone()
+    inf_logits[0, 1] = float("inf")
+    with pytest.raises(ValueError, match="pseudo_logits for 'text' contain NaN or inf"):
+        model.recover(features, ok, inf_logits)
+    with pytest.raises(ValueError, match=r"features\['text'\] is torch.float64 but the model is torch.float32"):
+        model.recover(dict(features, text=features["text"].double()), ok, logits)
+    with pytest.raises(ValueError, match="samples must be an int >= 1; got True"):
+        model.recover(features, ok, logits, samples=True)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[-2\*\*63, 2\*\*63\)"):
+        model.recover(features, ok, logits, seed=2 ** 63)
+    missing = ok.clone()
+    missing[:, 0] = False
+    huge = model.recover(features, missing, logits, seed=2 ** 62)  # per-modality seeds derived without overflow
+    assert torch.isfinite(huge["text"]).all()
+    double_logits = model.recover(features, missing, logits.double(), seed=1)  # any float logits: softmax in fp32
+    torch.testing.assert_close(double_logits["text"], model.recover(features, missing, logits, seed=1)["text"])
     with pytest.raises(ValueError, match="steps does not apply to sampler='ddpm'"):
         model.recover(features, ok, logits, sampler="ddpm", steps=5)
 
@@ -232,12 +248,30 @@ def test_bad_inputs_are_named():
 def test_sampler_settings_fail_at_construction_not_at_recovery():
     with pytest.raises(ValueError, match="ddim_discr_method must be one of"):
         small_model(ddim_discr_method="linear")
-    with pytest.raises(ValueError, match="ddim_eta must be >= 0"):
-        small_model(ddim_eta=-1.0)
+    for eta in (-1.0, 1.5):  # eta > 1 is no DDIM process (the release's square root goes NaN)
+        with pytest.raises(ValueError, match=r"ddim_eta must be in \[0, 1\]"):
+            small_model(ddim_eta=eta)
+    with pytest.raises(ValueError, match=r"latent_length=6 must be divisible by 4"):
+        small_model(latent_length=6, unet=dict(SMALL_UNET, channel_mult=(1, 2, 2)))
+    with pytest.raises(ValueError, match=r"unet must not set \['label_num'\]"):
+        small_model(unet=dict(SMALL_UNET, label_num=99))
     with pytest.raises(ValueError, match=r"sampling_steps=500 does not fit the sampler 'ddim'"):
         small_model(sampling_steps=500)
     with pytest.raises(ValueError, match="sampling_steps must be an int >= 1"):
         small_model(sampling_steps=0)
+
+
+def test_speaker_and_context_conditions_are_checked():
+    model = small_model(num_speakers=2, context_dim=3)
+    logits = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=r"speaker ids must lie in \[0, num_speakers = 2\); got range \[0, 2\]"):
+        model.condition("text", logits, speakers=torch.tensor([0, 1, 2, 0]), context=torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="speakers must be an integer tensor"):
+        model.condition("text", logits, speakers=torch.tensor([0.7, 1.0, 0.0, 0.0]), context=torch.zeros(4, 3))
+    context = torch.zeros(4, 3)
+    context[2, 1] = float("inf")
+    with pytest.raises(ValueError, match="context contains NaN or inf"):
+        model.condition("text", logits, speakers=torch.tensor([0, 1, 1, 0]), context=context)
 
 
 def test_standard_scaling_is_the_per_element_mean_and_std_of_present_latents():

@@ -113,6 +113,15 @@ def test_bad_input_names_the_argument():
         model(torch.randn(2, 6, 5), torch.tensor([1]), torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="DiT1d: condition must be"):
         model(torch.randn(2, 6, 5), torch.tensor([1, 2]), torch.randn(2, 4, 4))
+    x, t, condition = torch.randn(2, 6, 5), torch.tensor([1, 2]), torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="DiT1d: x is torch.float64 but the model's parameters are torch.float32"):
+        model(x.double(), t, condition.double())
+    for bad_x, name in ((x.clone().fill_(float("nan")), "x"), (x, "condition")):
+        bad_c = condition.clone()
+        if name == "condition":
+            bad_c[1, 0, 0] = float("inf")
+        with pytest.raises(ValueError, match=f"DiT1d: {name} contains NaN or inf"):
+            model(bad_x, t, bad_c)
     with pytest.raises(ValueError, match="hidden_size .* divisible by num_heads"):
         DiT1d(hidden_size=30, num_heads=4)
     with pytest.raises(ValueError, match="positions"):

@@ -244,6 +244,27 @@ def test_bad_arguments_are_named():
         diffusion.ddim_sample(model, torch.zeros(2, 3), 8, 2, 4, noise=torch.zeros(2, 4, 9))
     with pytest.raises(ValueError, match="either generator"):
         diffusion.ddim_sample(model, torch.zeros(2, 3), 8, 2, 4, generator=torch.Generator(), seed=1)
+    y = torch.zeros(2, 3)
+    for bad in (3.0, True):  # a float or bool step count is a mistake, not something to round
+        with pytest.raises(ValueError, match="ddim_timesteps must be an int"):
+            diffusion.ddim_sample(model, y, 8, 2, 4, ddim_timesteps=bad)
+    with pytest.raises(ValueError, match="num_steps must be an int"):
+        diffusion.sample(model, y, 8, 2, 4, num_steps=2.5)
+    with pytest.raises(ValueError, match="steps must be an int"):
+        diffusion.dpm_solver_sample(model, y, 8, 2, 4, steps=2.5)
+    with pytest.raises(ValueError, match="timesteps must be an int"):
+        GaussianDiffusion(True, "cosine")
+    with pytest.raises(ValueError, match=r"ddim_eta must be in \[0, 1\]"):
+        diffusion.ddim_sample(model, y, 8, 2, 4, ddim_eta=1.5)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator; got int"):
+        diffusion.ddim_sample(model, y, 8, 2, 4, generator=3)
+    with pytest.raises(ValueError, match=r"seed must fit in int64"):
+        diffusion.ddim_sample(model, y, 8, 2, 4, seed=2 ** 63)
+    with pytest.raises(ValueError, match=r"p_sample: noise must have x_t's shape \(2, 4, 8\)"):
+        diffusion.p_sample(model, x0, torch.tensor([3, 3]), y, noise=torch.zeros(1, 4, 8))
+    numpy_steps = diffusion.ddim_sample(model, y, 8, 2, 4, ddim_timesteps=np.int64(5), seed=0)
+    torch.testing.assert_close(numpy_steps, diffusion.ddim_sample(model, y, 8, 2, 4, ddim_timesteps=5, seed=0),
+                               rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"noise must have x_start's shape \(2, 4, 8\)"):
         diffusion.q_sample(x0, torch.tensor([0, 1]), noise=torch.zeros(1, 4, 8))
     for method in (diffusion.q_mean_variance, lambda x, t: diffusion.predict_start_from_noise(x, t, x),

@@ -157,6 +157,8 @@ def test_input_errors_name_the_argument():
         model(x[0], t)
     with pytest.raises(ValueError, match="x must be a floating tensor"):
         model(x.long(), t)
+    with pytest.raises(ValueError, match="x is torch.float64 but the model's parameters are torch.float32"):
+        model(x.double(), t.double())
     with pytest.raises(ValueError, match="length of x"):
         model(x[:, :, :12], t)
     with pytest.raises(ValueError, match="t must be a floating tensor"):

@@ -68,7 +68,7 @@ def test_variance_grows_at_the_rate_of_the_squared_diffusion():
     torch.testing.assert_close(slope, SDE.diffusion_coeff(t) ** 2, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("sigma", [1, 1.0, 0.0, -25.0, True, "25"])
+@pytest.mark.parametrize("sigma", [1, 1.0, 0.0, -25.0, True, "25", float("inf"), float("nan")])
 def test_vesde_rejects_bad_sigma(sigma):
     with pytest.raises(ValueError, match="sigma must be"):
         VESDE(sigma)
@@ -144,6 +144,8 @@ def test_loss_errors_name_the_argument():
         ve_sde_loss(model, x, SDE.marginal_prob_std, condition=cond.double())
     with pytest.raises(ValueError, match="eps must be"):
         ve_sde_loss(model, x, SDE.marginal_prob_std, eps=0.0)
+    with pytest.raises(ValueError, match=r"x has no samples \(B = 0\)"):
+        ve_sde_loss(model, x[:0], SDE.marginal_prob_std)
 
 
 # ---- sampler -------------------------------------------------------------------------------------

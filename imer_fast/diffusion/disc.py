@@ -87,6 +87,11 @@ def pooled_scaling(parts: Sequence[Mapping[str, Mapping]]) -> Dict[str, Dict]:
     return out
 
 
+def _wrap_int64(value: int) -> int:
+    """``value`` wrapped into int64 (two's complement), so derived seeds stay valid seeds."""
+    return (value + 2 ** 63) % 2 ** 64 - 2 ** 63
+
+
 class DISCDiffusion(nn.Module):
     """Conditional-diffusion recovery of missing modalities (module doc).
 
@@ -149,8 +154,8 @@ class DISCDiffusion(nn.Module):
         if ddim_discr_method not in DDIM_DISCRETIZATIONS:
             raise ValueError(f"DISCDiffusion: ddim_discr_method must be one of {DDIM_DISCRETIZATIONS}; got "
                              f"{ddim_discr_method!r}")
-        if not ddim_eta >= 0:
-            raise ValueError(f"DISCDiffusion: ddim_eta must be >= 0; got {ddim_eta!r}")
+        if not 0 <= ddim_eta <= 1:
+            raise ValueError(f"DISCDiffusion: ddim_eta must be in [0, 1]; got {ddim_eta!r}")
         if latent_range is not None and scaling != "minmax":
             raise ValueError(f"DISCDiffusion: latent_range fixes the release's min-max scaling; it needs "
                              f"scaling='minmax', got scaling={scaling!r}")
@@ -169,6 +174,10 @@ class DISCDiffusion(nn.Module):
         self.clip_denoised = scaling == "minmax" if clip_denoised is None else bool(clip_denoised)
         self.train_projection = train_projection
         unet_kwargs = dict(unet or {})
+        owned = sorted(set(unet_kwargs) & {"in_channels", "out_channels", "label_num"})
+        if owned:
+            raise ValueError(f"DISCDiffusion: unet must not set {owned}: the latent (latent_channels) and the "
+                             f"condition (num_classes and the conditioning options) fix them")
         unet_kwargs.update(in_channels=latent_channels, out_channels=latent_channels, label_num=self.condition_dim)
         for m in self.modalities:
             self.add_module(PROJECTION_NAMES[m], nn.Sequential(nn.Linear(self.feature_dims[m], latent_channels * latent_length)))
@@ -176,6 +185,10 @@ class DISCDiffusion(nn.Module):
         # gets the same projections.
         for m in self.modalities if build_generators else ():
             self.add_module(GENERATOR_NAMES[m], unet_cls(**unet_kwargs))
+            multiple = getattr(getattr(self, GENERATOR_NAMES[m]), "length_multiple", 1)
+            if latent_length % multiple:  # here, not at the first loss after the model was built and moved
+                raise ValueError(f"DISCDiffusion: latent_length={latent_length} must be divisible by {multiple} "
+                                 f"for the U-Net to downsample it (2^(len(channel_mult) - 1))")
         self.has_generators = build_generators
         self.diffusion = GaussianDiffusion(timesteps=timesteps, beta_schedule=beta_schedule)
         self._check_steps(sampler, sampling_steps, "sampling_steps")  # here, not after a whole training run
@@ -277,6 +290,10 @@ class DISCDiffusion(nn.Module):
         lo, hi = self.latent_min[i], self.latent_max[i]
         return (z + 1) / 2 * (hi - lo) + lo
 
+    def _dtype(self) -> torch.dtype:
+        """The model's floating dtype (its projections')."""
+        return getattr(self, PROJECTION_NAMES[self.modalities[0]])[0].weight.dtype
+
     def _require_scaling(self) -> None:
         if not bool(self.scaling_fitted):
             raise RuntimeError("DISCDiffusion: the latent scaling is not set; call fit_scaling(train batches) "
@@ -292,17 +309,26 @@ class DISCDiffusion(nn.Module):
         if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] != self.num_classes:
             got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
             raise ValueError(f"DISCDiffusion: pseudo_logits for {modality!r} must be [N, {self.num_classes}]; got {got}")
-        parts = [F.softmax(logits / self.temperature, dim=1)]
+        parts = [F.softmax(logits.to(self._dtype()) / self.temperature, dim=1)]  # any float logits (AMP's bf16)
         n = logits.shape[0]
         if self.num_speakers:
-            if speakers is None or speakers.shape != (n,):
-                raise ValueError(f"DISCDiffusion: speakers must be an int tensor [{n}] (num_speakers="
-                                 f"{self.num_speakers}); got {None if speakers is None else tuple(speakers.shape)}")
+            if (not isinstance(speakers, Tensor) or speakers.shape != (n,) or speakers.is_floating_point()
+                    or speakers.is_complex() or speakers.dtype == torch.bool):
+                got = f"{tuple(speakers.shape)} {speakers.dtype}" if isinstance(speakers, Tensor) else speakers
+                raise ValueError(f"DISCDiffusion: speakers must be an integer tensor [{n}] (num_speakers="
+                                 f"{self.num_speakers}); got {got}")
+            if n and not torch.compiler.is_compiling():
+                low, high = (int(v) for v in torch.aminmax(speakers))
+                if low < 0 or high >= self.num_speakers:
+                    raise ValueError(f"DISCDiffusion: speaker ids must lie in [0, num_speakers = "
+                                     f"{self.num_speakers}); got range [{low}, {high}]")
             parts.append(F.one_hot(speakers.long(), self.num_speakers).to(parts[0].dtype))
         if self.context_dim:
             if context is None or context.shape != (n, self.context_dim):
                 raise ValueError(f"DISCDiffusion: context must be [{n}, {self.context_dim}]; "
                                  f"got {None if context is None else tuple(context.shape)}")
+            if not torch.compiler.is_compiling() and not bool(torch.isfinite(context).all()):
+                raise ValueError("DISCDiffusion: context contains NaN or inf")
             parts.append(context.to(parts[0].dtype))
         if self.condition_observed:
             if observed is None or observed.shape != (n, self.observed_dim):
@@ -372,8 +398,10 @@ class DISCDiffusion(nn.Module):
         Only the missing (utterance, modality) entries are generated, for any availability pattern;
         the condition uses ``pseudo_logits`` (predictions), never labels.
         """
-        if not isinstance(samples, int) or samples < 1:
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"DISCDiffusion: samples must be an int >= 1; got {samples!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 63):
+            raise ValueError(f"DISCDiffusion: seed must be an int in [-2**63, 2**63); got {seed!r}")
         self._require_scaling()
         self._check_availability(features, availability)
         self._check_logits(pseudo_logits, availability.shape[0])
@@ -392,7 +420,7 @@ class DISCDiffusion(nn.Module):
             missing = (~present).nonzero().flatten()
             if missing.numel():
                 cond = self._conditions(m, pseudo_logits, speakers, context, features, availability)[missing]
-                sample_seed = None if seed is None else seed * len(MODALITIES) + k
+                sample_seed = None if seed is None else _wrap_int64(seed * len(MODALITIES) + k)
                 x = self._sample(m, cond.repeat(samples, 1), sampler, steps, generator, sample_seed)
                 x = x.view(samples, missing.numel(), *x.shape[1:]).mean(0)
                 latent = latent.index_copy(0, missing, self._unscale(m, x).to(latent.dtype))
@@ -454,8 +482,8 @@ class DISCDiffusion(nn.Module):
                 got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
                 raise ValueError(f"DISCDiffusion: pseudo_logits for {m!r} must be [N, {self.num_classes}] with "
                                  f"N = {n}; got {got}")
-            if not torch.compiler.is_compiling() and bool(torch.isnan(logits).any()):
-                raise ValueError(f"DISCDiffusion: pseudo_logits for {m!r} contain NaN")
+            if not torch.compiler.is_compiling() and not bool(torch.isfinite(logits).all()):
+                raise ValueError(f"DISCDiffusion: pseudo_logits for {m!r} contain NaN or inf")
 
     def _check_availability(self, features: Mapping[str, Tensor], availability: Tensor) -> None:
         if not isinstance(availability, Tensor) or availability.dtype != torch.bool or availability.dim() != 2 \
@@ -470,8 +498,11 @@ class DISCDiffusion(nn.Module):
                 raise ValueError(f"DISCDiffusion: features has no {m!r} entry (zeros where unavailable)")
             if features[m].shape[0] != n:
                 raise ValueError(f"DISCDiffusion: features[{m!r}] must have N={n} rows; got {tuple(features[m].shape)}")
-            if torch.isnan(features[m]).any():
-                raise ValueError(f"DISCDiffusion: features[{m!r}] contains NaN")
+            if features[m].dtype != self._dtype() and not torch.is_autocast_enabled(features[m].device.type):
+                raise ValueError(f"DISCDiffusion: features[{m!r}] is {features[m].dtype} but the model is "
+                                 f"{self._dtype()} (cast one to the other)")
+            if not bool(torch.isfinite(features[m]).all()):
+                raise ValueError(f"DISCDiffusion: features[{m!r}] contains NaN or inf")
 
     # ---- checkpoints ----------------------------------------------------------------------------
 

@@ -80,6 +80,7 @@ def ddim_timestep_sequence(timesteps: int, ddim_timesteps: int, method: str) -> 
     """
     if method not in DDIM_DISCRETIZATIONS:
         raise ValueError(f"ddim_discr_method must be one of {DDIM_DISCRETIZATIONS}; got {method!r}")
+    ddim_timesteps = count("ddim_timesteps", ddim_timesteps, low=None)
     if not 1 <= ddim_timesteps <= timesteps:
         raise ValueError(f"ddim_timesteps must be in [1, timesteps={timesteps}]; got {ddim_timesteps}")
     if method == "uniform":
@@ -102,6 +103,7 @@ def dpm_solver_timesteps(alphas_cumprod: Tensor, steps: int, spacing: str) -> Li
     if spacing not in DPM_SOLVER_SPACINGS:
         raise ValueError(f"spacing must be one of {DPM_SOLVER_SPACINGS}; got {spacing!r}")
     T = alphas_cumprod.numel()
+    steps = count("steps", steps, low=None)
     if not 1 <= steps < T:
         raise ValueError(f"steps must be in [1, timesteps - 1 = {T - 1}]; got {steps}")
     if spacing == "time_uniform":
@@ -115,6 +117,16 @@ def dpm_solver_timesteps(alphas_cumprod: Tensor, steps: int, spacing: str) -> Li
         if not out or t != out[-1]:
             out.append(int(t))
     return out
+
+
+def count(name: str, value, low: Optional[int] = 1) -> int:
+    """``value`` as a Python int (>= ``low`` unless None: the caller names the range): ints and numpy
+    integers, never bools or floats (a float step count is a mistake to name, not to round)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}; got {value}")
+    return int(value)
 
 
 def _check_prediction(prediction: str) -> None:
@@ -131,8 +143,7 @@ class GaussianDiffusion:
     """DDPM forward process and samplers; drop-in for the FedDISC release's ``GaussianDiffusion``."""
 
     def __init__(self, timesteps: int = 1000, beta_schedule: str = "linear"):
-        if not isinstance(timesteps, int) or timesteps < 1:
-            raise ValueError(f"timesteps must be a positive int; got {timesteps!r}")
+        timesteps = count("timesteps", timesteps)
         if beta_schedule == "linear":
             betas = linear_beta_schedule(timesteps)
         elif beta_schedule == "cosine":
@@ -247,6 +258,9 @@ class GaussianDiffusion:
         """One ancestral step x_t → x_{t−1}; ``t`` may differ across the batch (this general path runs
         on the eager schedule gathers; :meth:`sample` uses the fused step)."""
         self._check_t(t, x_t.shape[0])
+        if noise is not None and (not isinstance(noise, Tensor) or noise.shape != x_t.shape):
+            got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+            raise ValueError(f"p_sample: noise must have x_t's shape {tuple(x_t.shape)}; got {got}")
         mean, _, log_variance = self.p_mean_variance(model, x_t, t, y, clip_denoised=clip_denoised)
         if noise is None:
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
@@ -262,7 +276,7 @@ class GaussianDiffusion:
         """Ancestral DDPM sampling over all ``timesteps`` steps from x_T ~ N(0, I); ``num_steps`` stops
         after that many reverse steps (t = T − 1 … T − num_steps), e.g. to profile a step."""
         sampler = _NoiseSource(self, model, y, (batch_size, channels, seq_len), noise, generator, seed)
-        steps = self.timesteps if num_steps is None else num_steps
+        steps = self.timesteps if num_steps is None else count("num_steps", num_steps, low=None)
         if not 1 <= steps <= self.timesteps:
             raise ValueError(f"num_steps must be in [1, timesteps={self.timesteps}]; got {num_steps}")
         x = sampler.start()
@@ -292,8 +306,9 @@ class GaussianDiffusion:
         graph of every denoiser call and step, so a loss on it trains the denoiser (and whatever built
         ``y``) through the sampler, as RoHyDR's DiT release does; memory grows with the step count."""
         seq, prev = ddim_timestep_sequence(self.timesteps, ddim_timesteps, ddim_discr_method)
-        if ddim_eta < 0:
-            raise ValueError(f"ddim_eta must be >= 0; got {ddim_eta}")
+        ddim_timesteps = int(ddim_timesteps)
+        if not 0.0 <= ddim_eta <= 1.0:  # eta > 1: sigma^2 > 1 - alpha_bar_prev, no DDIM process (NaN in the release)
+            raise ValueError(f"ddim_eta must be in [0, 1]; got {ddim_eta}")
         with torch.set_grad_enabled(bool(differentiable)):
             sampler = _NoiseSource(self, model, y, (batch_size, channels, seq_len), noise, generator, seed)
             x = sampler.start()
@@ -384,9 +399,11 @@ def _seed_tensor(seed, device: torch.device) -> Optional[Tensor]:
             raise ValueError(f"seed tensor must be a 0-d int64 tensor on {device}; "
                              f"got {tuple(seed.shape)} {seed.dtype} on {seed.device}")
         return seed
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an int or a 0-d int64 tensor; got {type(seed).__name__}")
-    return torch.tensor(seed, dtype=torch.int64, device=device)
+    if not -2 ** 63 <= seed < 2 ** 63:
+        raise ValueError(f"seed must fit in int64 [-2**63, 2**63); got {seed}")
+    return torch.tensor(int(seed), dtype=torch.int64, device=device)
 
 
 class _NoiseSource:
@@ -400,6 +417,8 @@ class _NoiseSource:
                 raise ValueError(f"{name} must be a non-negative int; got {value!r}")
         if generator is not None and seed is not None:
             raise ValueError("pass either generator (torch RNG noise) or seed (in-kernel counter noise), not both")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator; got {type(generator).__name__}")
         if not isinstance(y, Tensor) or y.dim() < 1 or y.shape[0] != batch:
             got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(f"y must be a tensor with batch_size={batch} rows; got {got}")

@@ -61,8 +61,8 @@ class VESDE:
     ``sde.diffusion_coeff`` wherever the release passes its ``functools.partial`` functions."""
 
     def __init__(self, sigma: float = 25.0):
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0 or sigma == 1:
-            raise ValueError(f"VESDE: sigma must be a positive number other than 1; got {sigma!r}")
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma < math.inf or sigma == 1:
+            raise ValueError(f"VESDE: sigma must be a finite positive number other than 1; got {sigma!r}")
         self.sigma = float(sigma)
         self._log_sigma = math.log(self.sigma)
 
@@ -93,6 +93,8 @@ def ve_sde_loss(model: Callable[..., Tensor], x: Tensor, marginal_prob_std: Time
     name = "ve_sde_loss"
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() != 3:
         raise ValueError(f"{name}: x must be a floating tensor [B, C, L]; got {_describe(x)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: x has no samples (B = 0); the mean loss of an empty batch is undefined")
     if condition is not None:
         if not isinstance(condition, Tensor) or condition.shape != x.shape:
             raise ValueError(f"{name}: condition must have x's shape {tuple(x.shape)} (it is perturbed with the "

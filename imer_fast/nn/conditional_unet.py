@@ -334,9 +334,11 @@ class ConditionalUNet1d(nn.Module):
         if length < 1:
             raise ValueError(f"ConditionalUNet1d: x must have a length L >= 1; got {tuple(x.shape)}")
         weight = self.out[-1].weight
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise ValueError(f"ConditionalUNet1d: x is {x.dtype} but the model's parameters are {weight.dtype} "
-                             f"(cast one to the other, or run under torch.autocast)")
+        if not torch.is_autocast_enabled(x.device.type):
+            for name, value in (("x", x), ("y", y)):
+                if value.dtype != weight.dtype:
+                    raise ValueError(f"ConditionalUNet1d: {name} is {value.dtype} but the model's parameters are "
+                                     f"{weight.dtype} (cast one to the other, or run under torch.autocast)")
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         if not capturing and not torch.compiler.is_compiling() and x.numel():
             nan_x, nan_y = torch.stack([torch.isnan(x).any(), torch.isnan(y).any()]).tolist()  # one host sync

@@ -207,6 +207,15 @@ class DiT1d(nn.Module):
         if condition.dtype != x.dtype or condition.device != x.device or t.device != x.device:
             raise ValueError(f"{_NAME}: condition ({condition.dtype} on {condition.device}) and t (on {t.device}) must "
                              f"match x ({x.dtype} on {x.device})")
+        weight = self.pos_embed
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{_NAME}: x is {x.dtype} but the model's parameters are {weight.dtype} (cast one to "
+                             f"the other, or run under torch.autocast)")
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        if x.numel() and not torch.compiler.is_compiling() and not capturing:
+            bad_x, bad_c = torch.stack([~torch.isfinite(x).all(), ~torch.isfinite(condition).all()]).tolist()
+            if bad_x or bad_c:
+                raise ValueError(f"{_NAME}: {'x' if bad_x else 'condition'} contains NaN or inf")
 
 
 __all__ = ["DiT1d", "DiTBlock", "FinalLayer", "POSITIONS", "TimestepEmbedder", "modulate", "sincos_positions"]

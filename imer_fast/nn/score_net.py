@@ -154,6 +154,10 @@ class ScoreNet(nn.Module):
             raise ValueError(f"{_NAME}: t must be a floating tensor [B = {batch}] of diffusion times; got {got}")
         if t.device != x.device:
             raise ValueError(f"{_NAME}: t is on {t.device} but x is on {x.device}")
+        weight = self.embed[1].weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"{_NAME}: x is {x.dtype} but the model's parameters are {weight.dtype} (cast one to "
+                             f"the other, or run under torch.autocast)")
         if condition is not None:
             c0 = self.channels[0]
             if (not isinstance(condition, Tensor) or condition.dim() != 3 or condition.shape[0] != batch
