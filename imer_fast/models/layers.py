@@ -4,6 +4,7 @@ model, parameter for parameter, used as the baseline of the end-to-end benchmark
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Type
 
@@ -24,8 +25,9 @@ def layer_set(implementation: str) -> LayerSet:
     if implementation == "fused":
         from ..nn import ConditionalUNet1d, CrossModalTransformer, DialogueGraphNetwork
 
-        return LayerSet(CrossModalTransformer, ConditionalUNet1d,
-                        lambda *args, **kwargs: DialogueGraphNetwork("LSTM", *args, **kwargs), contextlib.nullcontext)
+        # partials of module-level callables, not lambdas: a model holding its LayerSet pickles whole
+        return LayerSet(CrossModalTransformer, ConditionalUNet1d, functools.partial(DialogueGraphNetwork, "LSTM"),
+                        contextlib.nullcontext)
     if implementation == "reference":
         from .. import backends
         from ..testing.reference_feddisc import ReferenceUNetModel
@@ -33,7 +35,7 @@ def layer_set(implementation: str) -> LayerSet:
         from ..testing.reference_mult import ReferenceTransformerEncoder
 
         return LayerSet(ReferenceTransformerEncoder, ReferenceUNetModel, _reference_graph_model,
-                        lambda: backends.force("reference"))
+                        functools.partial(backends.force, "reference"))
     raise ValueError(f"layers: expected one of {IMPLEMENTATIONS}; got {implementation!r}")
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.corpus import MODALITIES
+from ..nn._checks import require_ints
 from ..nn.cross_modal_transformer import CrossModalTransformer
 
 SHORT = {"text": "l", "audio": "a", "video": "v"}  # the release's stream letters
@@ -49,6 +50,8 @@ class MulTClassifier(nn.Module):
                  embed_dropout: float = 0.2, output_dropout: float = 0.5, attn_mask: bool = True,
                  transformer_cls: Type[nn.Module] = CrossModalTransformer):
         super().__init__()
+        require_ints("MulTClassifier", 1, latent_channels=latent_channels, latent_length=latent_length,
+                     num_classes=num_classes, num_heads=num_heads, layers=layers)
         if latent_channels % num_heads:
             raise ValueError(f"MulTClassifier: latent_channels ({latent_channels}) must be divisible by num_heads "
                              f"({num_heads})")

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops._runtime import under_autocast
+from ._checks import require_ints
 from ..ops.attention import attention
 from ..ops.layer_norm import stable_layer_norm
 
@@ -90,9 +91,9 @@ class CondCrossAttention(nn.Module):
     def __init__(self, dim: int, *, context_dim: Optional[int] = None, dim_head: int = 4, heads: int = 8,
                  norm_context: bool = False, cosine_sim_attn: bool = False):
         super().__init__()
-        if dim < 1 or dim_head < 1 or heads < 1:
-            raise ValueError(f"CondCrossAttention: dim, dim_head and heads must be positive; got dim={dim}, "
-                             f"dim_head={dim_head}, heads={heads}")
+        require_ints("CondCrossAttention", 1, dim=dim, dim_head=dim_head, heads=heads)
+        if context_dim is not None:
+            require_ints("CondCrossAttention", 1, context_dim=context_dim)
         self.scale = dim_head ** -0.5 if not cosine_sim_attn else 1.0
         self.cosine_sim_attn = cosine_sim_attn
         self.cosine_sim_scale = 16 if cosine_sim_attn else 1

@@ -42,6 +42,7 @@ from ..ops.attention import attention
 from ..ops.group_norm import group_norm_film_silu
 from ..ops.timestep_embedding import sinusoidal_timestep_embedding
 from ..ops.winograd_conv import fewest_rows_tile, winograd_conv1d, winograd_weight
+from ._checks import require_ints
 from .cond_cross_attention import CondCrossAttention
 
 
@@ -251,6 +252,13 @@ class ConditionalUNet1d(nn.Module):
                  attention_resolutions: Sequence[int] = (8, 16), dropout: float = 0, channel_mult: Sequence[int] = (1, 2, 2, 2),
                  conv_resample: bool = True, num_heads: int = 4, label_num: int = 4, num_time_tokens: int = 2):
         super().__init__()
+        require_ints("ConditionalUNet1d", 1, in_channels=in_channels, model_channels=model_channels,
+                     out_channels=out_channels, num_heads=num_heads, label_num=label_num,
+                     num_time_tokens=num_time_tokens)
+        require_ints("ConditionalUNet1d", 0, num_res_blocks=num_res_blocks)
+        if not channel_mult:
+            raise ValueError("ConditionalUNet1d: channel_mult must list at least one level multiplier; got ()")
+        require_ints("ConditionalUNet1d", 1, **{f"channel_mult[{i}]": m for i, m in enumerate(channel_mult)})
         if model_channels % 32:
             raise ValueError(f"ConditionalUNet1d: model_channels must be a multiple of 32 (GroupNorm(32) heads "
                              f"the output); got {model_channels}")

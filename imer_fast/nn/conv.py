@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import DialogueGraph, RelationalGraph, graph_conv, rgcn_conv
+from ._checks import require_ints
 
 GraphLike = Union[Tensor, RelationalGraph, DialogueGraph]
 
@@ -49,6 +50,9 @@ class RGCNConv(nn.Module):
                                       f"{in_channels!r}")
         if num_bases is not None and num_blocks is not None:
             raise ValueError("RGCNConv: set at most one of num_bases and num_blocks; got both")
+        require_ints("RGCNConv", 1, in_channels=in_channels, out_channels=out_channels, num_relations=num_relations,
+                     **({"num_bases": num_bases} if num_bases is not None else {}),
+                     **({"num_blocks": num_blocks} if num_blocks is not None else {}))
         if aggr not in ("mean", "add", "sum"):
             raise ValueError(f"RGCNConv: aggr must be 'mean' or 'add'; got {aggr!r}")
         self.in_channels, self.out_channels, self.num_relations = in_channels, out_channels, num_relations
@@ -112,6 +116,7 @@ class GraphConv(nn.Module):
             raise NotImplementedError(f"GraphConv: bipartite (tuple) in_channels are not supported; got {in_channels!r}")
         if aggr not in ("add", "sum", "mean"):
             raise ValueError(f"GraphConv: aggr must be 'add' or 'mean'; got {aggr!r}")
+        require_ints("GraphConv", 1, in_channels=in_channels, out_channels=out_channels)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.aggr = "add" if aggr == "sum" else aggr
         self.lin_rel = nn.Linear(in_channels, out_channels, bias=bias)

@@ -150,6 +150,16 @@ def _autocast_sequences(x, k, v) -> tuple:
     return x, k, (k if shared else v)
 
 
+def check_dropouts(who: str, **probabilities: float) -> None:
+    """Dropout probabilities in [0, 1] (F.dropout's range); attention dropout in [0, 1): the fused
+    attention rescales kept weights by 1 / (1 - p)."""
+    for name, p in probabilities.items():
+        top_open = name == "attn_dropout"
+        inside = 0.0 <= p < 1.0 if top_open else 0.0 <= p <= 1.0
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not inside:
+            raise ValueError(f"{who}: {name} must lie in [0, 1{')' if top_open else ']'}; got {p!r}")
+
+
 def _check_sequence(who: str, name: str, t, embed_dim: int, like: Optional[Tensor] = None,
                     like_name: str = "") -> None:
     if not isinstance(t, Tensor) or t.dim() != 3 or not t.is_floating_point():
@@ -289,6 +299,7 @@ class CrossModalTransformerLayer(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int = 4, attn_dropout: float = 0.1, relu_dropout: float = 0.1,
                  res_dropout: float = 0.1, attn_mask: bool = False):
         super().__init__()
+        check_dropouts(f"{_NAME}Layer", attn_dropout=attn_dropout, relu_dropout=relu_dropout, res_dropout=res_dropout)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.self_attn = PackedMultiheadAttention(embed_dim, num_heads, attn_dropout=attn_dropout)
@@ -307,9 +318,12 @@ class CrossModalTransformerLayer(nn.Module):
                                 self.fc2.weight, self.fc2.bias)
 
     def _keep(self, like: Tensor, width: int, p: float) -> Optional[Tensor]:
-        """F.dropout's factors (0 with probability p, else 1 / (1 - p)) drawn from torch's generator."""
+        """F.dropout's factors (0 with probability p, else 1 / (1 - p)) drawn from torch's generator;
+        all zeros at p = 1, as F.dropout gives."""
         if not (self.training and p > 0.0):
             return None
+        if p >= 1.0:
+            return like.new_zeros(like.shape[0], width)
         return like.new_empty(like.shape[0], width).bernoulli_(1.0 - p).div_(1.0 - p)
 
     def forward_rows(self, x: Tensor, xk: Optional[Tensor], xv: Optional[Tensor], batch: int,
@@ -347,6 +361,8 @@ class CrossModalTransformerLayer(nn.Module):
             xk = x_k.reshape(lk * batch, e)
             xv = xk if x_v is x_k else x_v.reshape(lk * batch, e)
         key_mask = key_mask_from(who, key_padding_mask, lengths, batch, lk, x.device)
+        if batch == 0:
+            return x.new_zeros(lq, 0, e)
         out = self.forward_rows(x.reshape(lq * batch, e).contiguous(), xk, xv, batch, key_mask)
         return out.view(lq, batch, e)
 
@@ -368,6 +384,10 @@ class CrossModalTransformer(nn.Module):
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"{_NAME}: embed_dim ({embed_dim}) must be positive and divisible by num_heads "
                              f"({num_heads})")
+        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+            raise ValueError(f"{_NAME}: layers must be an int >= 0; got {layers!r}")
+        check_dropouts(_NAME, attn_dropout=attn_dropout, relu_dropout=relu_dropout, res_dropout=res_dropout,
+                       embed_dropout=embed_dropout)
         self.dropout = embed_dropout
         self.attn_dropout = attn_dropout
         self.embed_dim = embed_dim
@@ -414,6 +434,8 @@ class CrossModalTransformer(nn.Module):
             shared = x_in_v is x_in_k and not (self.training and self.dropout > 0.0)
             xv = xk if shared else self._embed(x_in_v).view(lk * batch, e)
         key_mask = key_mask_from(_NAME, key_padding_mask, lengths, batch, lk, x_in.device)
+        if batch == 0:  # nothing to attend; the fused layer needs a batch
+            return x_in.new_zeros(lq, 0, e)
         x = self._embed(x_in).view(lq * batch, e)
         for layer in self.layers:
             x = layer.forward_rows(x, xk, xv, batch, key_mask)

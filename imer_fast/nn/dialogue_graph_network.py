@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import RelationalGraph, build_dialogue_graph, relation_map_from_names
+from ._checks import require_ints
 from .conv import GraphConv, RGCNConv
 
 RelationMap = Union[None, Dict[str, int], Sequence[int], Tensor]
@@ -94,8 +95,9 @@ class DialogueGraphNetwork(nn.Module):
         super().__init__()
         if base_model not in ("LSTM", "GRU"):
             raise ValueError(f"DialogueGraphNetwork: base_model must be 'LSTM' or 'GRU'; got {base_model!r}")
-        if n_speakers < 1:
-            raise ValueError(f"DialogueGraphNetwork: n_speakers must be >= 1; got {n_speakers}")
+        require_ints("DialogueGraphNetwork", 1, n_speakers=n_speakers, n_classes=n_classes, D_e=D_e,
+                     graph_hidden_size=graph_hidden_size)
+        require_ints("DialogueGraphNetwork", 0, adim=adim, tdim=tdim, vdim=vdim)
         self.base_model, self.no_cuda, self.time_attn = base_model, no_cuda, time_attn
         self.n_speakers, self.window_past, self.window_future = n_speakers, window_past, window_future
         self.input_dim = adim + tdim + vdim

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from ..ops.attention import attention
 from ..ops.layer_norm import stable_layer_norm
 from ..ops.timestep_embedding import sinusoidal_timestep_embedding
+from ._checks import require_positive
 
 _NAME = "DiT1d"
 POSITIONS = ("learned", "sinusoidal")
@@ -145,6 +146,7 @@ class DiT1d(nn.Module):
                 raise ValueError(f"{_NAME}: {name} must be a positive int; got {value!r}")
         if hidden_size % num_heads:
             raise ValueError(f"{_NAME}: hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        require_positive(_NAME, mlp_ratio=mlp_ratio)
         if positions not in POSITIONS:
             raise ValueError(f"{_NAME}: positions must be one of {POSITIONS}; got {positions!r}")
         self.in_channels, self.length, self.cond_channels = in_channels, length, cond_channels

@@ -153,7 +153,7 @@ class FusionEncoder(nn.Module):
         for name, value in (("hidden", hidden), ("layers", layers), ("heads", heads),
                             ("intermediate", intermediate), ("max_positions", max_positions),
                             ("type_vocab_size", type_vocab_size)):
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{_NAME}: {name} must be a positive int; got {value!r}")
         if hidden % heads:
             raise ValueError(f"{_NAME}: hidden ({hidden}) must be a multiple of heads ({heads})")

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ._checks import require_ints
+
 
 class ChannelAttention(nn.Module):
     """Squeeze (mean over L) → 1×1 conv C → C/r → ReLU → 1×1 conv C/r → C → sigmoid; rescales x's channels."""
 
     def __init__(self, num_channels: int, reduction: int = 16):
         super().__init__()
+        require_ints("ChannelAttention", 1, num_channels=num_channels, reduction=reduction)
         if num_channels < reduction or num_channels % reduction:
             raise ValueError(f"ChannelAttention: num_channels ({num_channels}) must be a positive multiple of "
                              f"reduction ({reduction})")

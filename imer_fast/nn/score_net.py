@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..ops.group_norm import group_norm_film_silu
 from ..ops.timestep_embedding import gaussian_fourier_embedding
+from ._checks import require_ints
 from .cross_modal_transformer import CrossModalTransformer
 
 _NAME = "ScoreNet"
@@ -98,6 +99,10 @@ class ScoreNet(nn.Module):
         super().__init__()
         if len(channels) != 4:
             raise ValueError(f"{_NAME}: channels must list 4 level widths; got {list(channels)}")
+        require_ints(_NAME, 1, **{f"channels[{i}]": c for i, c in enumerate(channels)})
+        require_ints(_NAME, 2, embed_dim=embed_dim)
+        if embed_dim % 2:
+            raise ValueError(f"{_NAME}: embed_dim must be even (sine and cosine Fourier features); got {embed_dim}")
         c0, c1, c2, c3 = channels
         self.channels = tuple(channels)
         # Created in the release's order: it fixes the state_dict order and the initial RNG draws.
