@@ -12,8 +12,9 @@ The release's shapes: latent and condition [B, 32, 48], default widths (32, 64, 
 Providers: imer_fast (``ScoreNet``, ``ve_sde_loss``, ``euler_maruyama_sampler`` — in counter-noise
 ``seed`` mode and in torch-``generator`` mode), the eager release-semantics reference
 (``imer_fast.testing.reference_imder``) and ``torch.compile`` of the reference network (the
-reference loss and sampler driving the compiled network; default mode, and reduce-overhead on CUDA). With ``--benchmark-disable`` (a check run)
-the compiled providers and the sampling group are skipped: they take minutes, not seconds.
+reference loss and sampler driving the compiled network; default mode, and reduce-overhead on CUDA).
+With ``--benchmark-disable`` (a check run) the compiled providers and the sampling group are skipped:
+they take minutes, not seconds.
 """
 import functools
 

@@ -23,8 +23,8 @@ with one more dimension than the labels are arg-maxed). ``mask`` (True = keep) a
 ``sample_weight`` broadcast to the label shape from the same number of dimensions (a scalar weight
 too): a ``[B]`` mask for ``[B, L]`` labels is an error, not aligned with the last axis. Classification
 labels ``< 0`` (the ``-100`` padding of :class:`~imer_fast.data.batching.DialogueBatch`) are always
-ignored. Metrics of an empty selection are NaN. Class predictions and labels given as floats must be whole numbers (refused, not
-truncated); half-precision tensors are widened to float32.
+ignored. Metrics of an empty selection are NaN. Class predictions and labels given as floats must be
+whole numbers (refused, not truncated); half-precision tensors are widened to float32.
 """
 from __future__ import annotations
 
