@@ -27,7 +27,8 @@ PY=${PY:-python3}
 DRY_RUN=${DRY_RUN:-0}
 # The revision the results JSON record: the device machine gets a copy without .git, so pass it in
 # (IMER_FAST_CODE=$(git rev-parse --short HEAD) on the machine that sends the tree).
-export IMER_FAST_CODE=${IMER_FAST_CODE:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (set IMER_FAST_CODE)")}
+IMER_FAST_CODE=${IMER_FAST_CODE:-$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (set IMER_FAST_CODE)")}
+export IMER_FAST_CODE
 status=0
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit (cut to the deadline), log, remember a failure
