@@ -321,6 +321,8 @@ class Trainer:
         never becomes the best: after a finite best it counts as a bad epoch; before one (nothing measured
         yet, e.g. a validation set without missing entries) it counts as neither, so the stage runs on."""
         best = self.position["best_value"]
+        if best is not None and not math.isfinite(best):  # a NaN best resumed from an older checkpoint
+            best = None
         if math.isfinite(value) and (best is None or value < best - 1e-6):
             self.position.update(best_value=value, bad_epochs=0, best=copy.deepcopy(self.model.state_dict()))
         elif math.isfinite(value) or best is not None:
