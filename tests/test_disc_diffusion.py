@@ -1,4 +1,5 @@
 """DISCDiffusion: release-compatible generators, scaling, training and label-free recovery."""
+import numpy as np
 import pytest
 import torch
 
@@ -239,6 +240,9 @@ def test_bad_inputs_are_named():
     missing[:, 0] = False
     huge = model.recover(features, missing, logits, seed=2 ** 62)  # per-modality seeds derived without overflow
     assert torch.isfinite(huge["text"]).all()
+    for same in (np.int64(5), torch.tensor(5)):  # numpy ints and 0-d int64 tensors are seeds too
+        torch.testing.assert_close(model.recover(features, missing, logits, seed=same)["text"],
+                                   model.recover(features, missing, logits, seed=5)["text"], rtol=0, atol=0)
     double_logits = model.recover(features, missing, logits.double(), seed=1)  # any float logits: softmax in fp32
     torch.testing.assert_close(double_logits["text"], model.recover(features, missing, logits, seed=1)["text"])
     with pytest.raises(ValueError, match="steps does not apply to sampler='ddpm'"):

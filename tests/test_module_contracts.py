@@ -39,6 +39,12 @@ def test_dropout_outside_its_range_is_refused_at_construction(name, value, match
         CrossModalTransformer(16, 4, 1, **{name: value})
 
 
+def test_numpy_and_tensor_numbers_are_accepted():
+    np = pytest.importorskip("numpy")
+    encoder = CrossModalTransformer(16, 4, np.int64(2), res_dropout=np.float32(0.1), attn_dropout=torch.tensor(0.1))
+    assert len(encoder.layers) == 2
+
+
 @pytest.mark.parametrize("build,match", [
     (lambda: CrossModalTransformer(16, 4, -1), "layers must be an int >= 0; got -1"),
     (lambda: ConditionalUNet1d(model_channels=32, num_res_blocks=-1), "num_res_blocks must be an int >= 0"),

@@ -1,5 +1,6 @@
 """Staged trainer: freezing, early stopping, best-weight restore, atomic checkpoints, exact resume."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -126,10 +127,12 @@ def _scripted_run(values, epochs, patience, **config):
 
 def test_a_non_finite_validation_value_never_becomes_the_best():
     nan = float("nan")
-    model, history, snapshots = _scripted_run([nan, 0.5, 0.4, 0.3, nan, nan, nan, 0.35], epochs=8, patience=3)
+    model, history, snapshots = _scripted_run([nan, 0.5, 0.4, 0.3, nan, nan, nan, 0.35], epochs=8, patience=3,
+                                              lr_patience=0)
     assert len(history) == 7  # the NaN epochs after the best (0.3, epoch 4) are bad epochs
     assert torch.equal(model.a.weight, snapshots[3])
-    assert [h["lr"] for h in history] == [1e-2] * 7  # NaN is no plateau: the schedule is not stepped
+    # NaN is no plateau: with lr_patience 0 any stepped non-improvement would cut the rate at once
+    assert [h["lr"] for h in history] == [1e-2] * 7
 
 
 def test_a_stage_with_nothing_to_validate_runs_all_its_epochs_and_keeps_the_last_weights(tmp_path):
@@ -145,10 +148,25 @@ def test_an_epoch_that_trains_nothing_warns_and_records_no_loss(tmp_path):
     model = Toy()
     stage = make_stages(model, epochs=2)[0]
     stage.train_step = lambda batch, epoch: (None, 0)  # every batch skipped (e.g. all its utterances missing)
-    with pytest.warns(RuntimeWarning, match=r"stage 'a1' epoch 1 trained nothing: all 4 batches were skipped"):
+    with pytest.warns(RuntimeWarning, match=r"stage 'a1' epoch [12] trained nothing: all 4 batches were skipped"):
         history = Trainer(model, [stage], TrainerConfig(progress=True, lr=1e-2, out_dir=str(tmp_path))).run()
     assert [h["train_loss"] for h in history] == [None, None]
     assert [h["skipped_batches"] for h in history] == [4, 4]
+
+
+def test_an_update_stage_that_steps_but_logs_no_loss_is_not_called_skipped():
+    model = Toy()
+    stage = make_update_stage(model, [], epochs=1)
+
+    def train_step(idx, epoch, update):
+        update("a", ((model(idx.float()[:, None].repeat(1, 4)) - 1) ** 2).mean())
+        return None, 1  # the docstring allows "loss to log or None"
+
+    stage.train_step = train_step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        history = Trainer(model, [stage], TrainerConfig(progress=False, lr=1e-2)).run()
+    assert history[0]["skipped_batches"] == 0 and history[0]["train_loss"] is None
 
 
 def test_resume_does_not_reopen_a_stage_that_stopped_early(tmp_path, monkeypatch):

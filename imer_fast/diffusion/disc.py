@@ -46,6 +46,7 @@ test labels; this class cannot.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -400,8 +401,15 @@ class DISCDiffusion(nn.Module):
         """
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"DISCDiffusion: samples must be an int >= 1; got {samples!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2 ** 63 <= seed < 2 ** 63):
-            raise ValueError(f"DISCDiffusion: seed must be an int in [-2**63, 2**63); got {seed!r}")
+        if isinstance(seed, Tensor):  # a 0-d int64 tensor, as the samplers take (its arithmetic wraps in int64)
+            if seed.dtype != torch.int64 or seed.dim() != 0:
+                raise ValueError(f"DISCDiffusion: a seed tensor must be a 0-d int64 tensor; got {tuple(seed.shape)} "
+                                 f"{seed.dtype}")
+        elif seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2 ** 63 <= seed < 2 ** 63:
+                raise ValueError(f"DISCDiffusion: seed must be an int in [-2**63, 2**63) or a 0-d int64 tensor; got "
+                                 f"{seed!r}")
+            seed = int(seed)
         self._require_scaling()
         self._check_availability(features, availability)
         self._check_logits(pseudo_logits, availability.shape[0])
@@ -420,7 +428,8 @@ class DISCDiffusion(nn.Module):
             missing = (~present).nonzero().flatten()
             if missing.numel():
                 cond = self._conditions(m, pseudo_logits, speakers, context, features, availability)[missing]
-                sample_seed = None if seed is None else _wrap_int64(seed * len(MODALITIES) + k)
+                sample_seed = None if seed is None else (seed * len(MODALITIES) + k if isinstance(seed, Tensor)
+                                                         else _wrap_int64(seed * len(MODALITIES) + k))
                 x = self._sample(m, cond.repeat(samples, 1), sampler, steps, generator, sample_seed)
                 x = x.view(samples, missing.numel(), *x.shape[1:]).mean(0)
                 latent = latent.index_copy(0, missing, self._unscale(m, x).to(latent.dtype))

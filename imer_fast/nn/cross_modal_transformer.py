@@ -53,6 +53,7 @@ it composes the Triton attention with cuBLAS GEMMs. Residual and ReLU dropout fa
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -154,9 +155,11 @@ def check_dropouts(who: str, **probabilities: float) -> None:
     """Dropout probabilities in [0, 1] (F.dropout's range); attention dropout in [0, 1): the fused
     attention rescales kept weights by 1 / (1 - p)."""
     for name, p in probabilities.items():
+        if isinstance(p, Tensor) and p.numel() == 1 and p.is_floating_point():
+            p = float(p)
         top_open = name == "attn_dropout"
-        inside = 0.0 <= p < 1.0 if top_open else 0.0 <= p <= 1.0
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not inside:
+        real = not isinstance(p, bool) and isinstance(p, numbers.Real)
+        if not real or not (0.0 <= p < 1.0 if top_open else 0.0 <= p <= 1.0):
             raise ValueError(f"{who}: {name} must lie in [0, 1{')' if top_open else ']'}; got {p!r}")
 
 
@@ -384,7 +387,7 @@ class CrossModalTransformer(nn.Module):
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"{_NAME}: embed_dim ({embed_dim}) must be positive and divisible by num_heads "
                              f"({num_heads})")
-        if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        if isinstance(layers, bool) or not isinstance(layers, numbers.Integral) or layers < 0:
             raise ValueError(f"{_NAME}: layers must be an int >= 0; got {layers!r}")
         check_dropouts(_NAME, attn_dropout=attn_dropout, relu_dropout=relu_dropout, res_dropout=res_dropout,
                        embed_dropout=embed_dropout)

@@ -262,8 +262,9 @@ class Trainer:
             self._optimizer(stage, group)
         self._freeze_all_but(stage)
         self._set_modes(stage)
-        start, total, count, skipped_batches = time.perf_counter(), 0.0, 0, 0
+        start, total, count, skipped_batches, stepped = time.perf_counter(), 0.0, 0, 0, [False]
         amp = cfg.amp and str(cfg.device).startswith("cuda")
+        trained_any = False
         bar = tqdm(stage.batches(epoch), desc=f"{stage.name} {epoch + 1}/{stage.epochs}",
                    disable=not cfg.progress, leave=False)
 
@@ -274,16 +275,20 @@ class Trainer:
                 raise KeyError(f"Trainer: stage {stage.name!r} has no optimiser group "
                                f"{', '.join(map(repr, unknown)) if unknown else repr(group)}; it has {groups}")
             self._step(stage, asked, loss, epoch)
+            stepped[0] = True
 
         for batch in bar:
+            stepped[0] = False
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                 if stage.updates is not None:
                     loss, n = stage.train_step(batch, epoch, update)
                 else:
                     loss, n = stage.train_step(batch, epoch)
-            if loss is None:
-                skipped_batches += 1
+            if loss is None:  # skipped, unless an update stage stepped and only has no loss to log
+                skipped_batches += 0 if stepped[0] else 1
+                trained_any = trained_any or stepped[0]
                 continue
+            trained_any = True
             if stage.updates is None:
                 self._step(stage, (stage.group,), loss, epoch)
             total, count = total + float(loss.detach()) * n, count + n
@@ -301,7 +306,7 @@ class Trainer:
                 self.schedulers[group].step(plateau)
         self._select(value)
         self.position["epoch"] = epoch + 1
-        if count == 0:
+        if not trained_any:
             warnings.warn(f"Trainer: stage {stage.name!r} epoch {epoch + 1} trained nothing: all "
                           f"{skipped_batches} batches were skipped (no utterance had what the stage trains on; "
                           f"check the missing-modality protocol)", RuntimeWarning, stacklevel=2)
@@ -323,6 +328,7 @@ class Trainer:
         best = self.position["best_value"]
         if best is not None and not math.isfinite(best):  # a NaN best resumed from an older checkpoint
             best = None
+            self.position.update(best_value=None, best=None)
         if math.isfinite(value) and (best is None or value < best - 1e-6):
             self.position.update(best_value=value, bad_epochs=0, best=copy.deepcopy(self.model.state_dict()))
         elif math.isfinite(value) or best is not None:
