@@ -128,7 +128,7 @@ def group_norm_film_silu_forward(x, weight, bias, input_bias, scale, shift, num_
     B, C = x.shape[0], x.shape[1]
     S = x.numel() // (B * C) if B * C else 0
     stat = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = torch.empty_like(x)
+    y = x.new_empty(x.shape)  # canonical strides, as the fake's (empty_like keeps a size-1 dim's odd stride)
     mean = torch.empty((B, num_groups), dtype=stat, device=x.device)
     rstd = torch.empty_like(mean)
     if B * C * S:
@@ -150,7 +150,7 @@ def group_norm_film_silu_backward(grad_y, x, weight, bias, input_bias, scale, sh
     present = [True] + [t is not None for t in (weight, bias, input_bias, scale, shift)]
     want = [bool(m) and p for m, p in zip(output_mask, present)]
     need_dx = want[0] or want[3]
-    dx = torch.empty_like(x) if need_dx else x.new_empty(0)
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     part = torch.zeros((5, B, C), dtype=acc, device=x.device)
     if B * C * S:
         cpg = C // num_groups

@@ -211,6 +211,18 @@ def test_channels_last_matches_ref_and_keeps_layout(backend, shape, groups, silu
             torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-9, msg=str(present))
 
 
+def test_outputs_have_the_fake_impls_strides_with_a_size_one_spatial_dim(backend):
+    """x [2, 8, 1] viewed with strides (8, 1, 8): contiguous in memory but with an odd stride on the size-1
+    dim; y and dx come back with the canonical strides the fake impl declares (torch.compile relies on it)."""
+    if backend == "reference":
+        pytest.skip("the reference is aten's group norm, not the op")
+    x = torch.randn(2, 1, 8).transpose(1, 2).requires_grad_()
+    assert x.stride() == (8, 1, 8)
+    y = group_norm_film_silu(x, 4)
+    (dx,) = torch.autograd.grad(y, [x], torch.ones_like(y))
+    assert y.stride() == dx.stride() == (8, 1, 1)
+
+
 def test_channels_last_float32_vector_path_equals_contiguous_path():
     x, kw = make((4, 256, 24), 32, OPTIONALS)
     got = group_norm_film_silu(channels_last(x), 32, **kw)
