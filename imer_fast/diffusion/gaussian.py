@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..nn._checks import as_int
 from ..nn.conditional_unet import reuse_transformed_weights
 from ..ops.counter_rng import counter_normal
 from ..ops.sampler_steps import ddim_step, ddpm_step
@@ -80,7 +81,7 @@ def ddim_timestep_sequence(timesteps: int, ddim_timesteps: int, method: str) -> 
     """
     if method not in DDIM_DISCRETIZATIONS:
         raise ValueError(f"ddim_discr_method must be one of {DDIM_DISCRETIZATIONS}; got {method!r}")
-    ddim_timesteps = count("ddim_timesteps", ddim_timesteps, low=None)
+    ddim_timesteps = as_int("ddim_timesteps", ddim_timesteps)
     if not 1 <= ddim_timesteps <= timesteps:
         raise ValueError(f"ddim_timesteps must be in [1, timesteps={timesteps}]; got {ddim_timesteps}")
     if method == "uniform":
@@ -103,7 +104,7 @@ def dpm_solver_timesteps(alphas_cumprod: Tensor, steps: int, spacing: str) -> Li
     if spacing not in DPM_SOLVER_SPACINGS:
         raise ValueError(f"spacing must be one of {DPM_SOLVER_SPACINGS}; got {spacing!r}")
     T = alphas_cumprod.numel()
-    steps = count("steps", steps, low=None)
+    steps = as_int("steps", steps)
     if not 1 <= steps < T:
         raise ValueError(f"steps must be in [1, timesteps - 1 = {T - 1}]; got {steps}")
     if spacing == "time_uniform":
@@ -117,16 +118,6 @@ def dpm_solver_timesteps(alphas_cumprod: Tensor, steps: int, spacing: str) -> Li
         if not out or t != out[-1]:
             out.append(int(t))
     return out
-
-
-def count(name: str, value, low: Optional[int] = 1) -> int:
-    """``value`` as a Python int (>= ``low`` unless None: the caller names the range): ints and numpy
-    integers, never bools or floats (a float step count is a mistake to name, not to round)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int; got {type(value).__name__} {value!r}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}; got {value}")
-    return int(value)
 
 
 def _check_prediction(prediction: str) -> None:
@@ -143,7 +134,7 @@ class GaussianDiffusion:
     """DDPM forward process and samplers; drop-in for the FedDISC release's ``GaussianDiffusion``."""
 
     def __init__(self, timesteps: int = 1000, beta_schedule: str = "linear"):
-        timesteps = count("timesteps", timesteps)
+        timesteps = as_int("timesteps", timesteps, minimum=1)
         if beta_schedule == "linear":
             betas = linear_beta_schedule(timesteps)
         elif beta_schedule == "cosine":
@@ -276,7 +267,7 @@ class GaussianDiffusion:
         """Ancestral DDPM sampling over all ``timesteps`` steps from x_T ~ N(0, I); ``num_steps`` stops
         after that many reverse steps (t = T − 1 … T − num_steps), e.g. to profile a step."""
         sampler = _NoiseSource(self, model, y, (batch_size, channels, seq_len), noise, generator, seed)
-        steps = self.timesteps if num_steps is None else count("num_steps", num_steps, low=None)
+        steps = self.timesteps if num_steps is None else as_int("num_steps", num_steps)
         if not 1 <= steps <= self.timesteps:
             raise ValueError(f"num_steps must be in [1, timesteps={self.timesteps}]; got {num_steps}")
         x = sampler.start()
